@@ -1,0 +1,56 @@
+"""Encoders, fusion, losses, training and evaluation for same-style product retrieval.
+
+Imports without Kafka or Faust. The encoder API is re-exported lazily, so that importing a
+light submodule (``models.data``) does not pay for importing torch and transformers.
+
+    from models import ListingInput, create_encoder
+    encoder = create_encoder("default")          # CUDA when available
+    vectors = encoder.encode([ListingInput("1", "red ceramic mug")]).image_text  # [1, 1664]
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "ConcatEncoder": "models.encoder",
+    "Embeddings": "models.encoder",
+    "Encoder": "models.encoder",
+    "EncoderConfig": "models.encoder",
+    "ListingInput": "models.encoder",
+    "NAMED_CONFIGS": "models.encoder",
+    "PreparedListing": "models.encoder",
+    "create_encoder": "models.encoder",
+    "encoder_from_spec": "models.encoder",
+    "load_config": "models.encoder",
+    "ImagePreprocessing": "models.images",
+    "decode_image": "models.images",
+    "load_image_bytes": "models.images",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from models.encoder import (
+        NAMED_CONFIGS,
+        ConcatEncoder,
+        Embeddings,
+        Encoder,
+        EncoderConfig,
+        ListingInput,
+        PreparedListing,
+        create_encoder,
+        encoder_from_spec,
+        load_config,
+    )
+    from models.images import ImagePreprocessing, decode_image, load_image_bytes
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

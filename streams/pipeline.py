@@ -1,0 +1,334 @@
+"""The work each agent does on one batch, as plain functions of bytes and objects (no Faust, no I/O).
+
+The agents in :mod:`streams.app` only move bytes between topics and call these steps in an
+executor, so the steps can be unit-tested without a broker and the event loop never blocks on the
+model or the index.
+
+Error policy: a message that cannot be processed becomes a :class:`Failure` carrying the
+:class:`~topics.errors.BadInputError` that says why; the agent dead-letters it and goes on with
+the rest of the batch. Anything else that goes wrong is a bug or an outage and propagates.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from index_store import LiveIndex
+from models import Embeddings, Encoder, ListingInput, load_image_bytes
+from topics import (DEAD_LETTERS, DUPLICATE_ALERTS, LISTING_EMBEDDINGS, LISTINGS, SIMILAR_PRODUCTS, bytes_to_vector,
+                    codec_for_topic, vector_to_bytes)
+from topics.errors import BadInputError, InvalidListingError
+
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: The supplier of listings that name none: a marketplace deduplicating its own catalogue.
+DEFAULT_SUPPLIER = "_catalogue"
+#: Order of the per-listing views kept beside the searched vector in the index.
+VIEWS = ("image", "text", "image_text")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One consumed message, as raw bytes plus where it came from."""
+
+    key: bytes | None
+    value: bytes | None
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class Failure:
+    incoming: Incoming
+    stage: str
+    error: BadInputError
+
+    def dead_letter(self) -> bytes:
+        """The dead-letter record: the original bytes, where they came from and why they failed."""
+        return codec_for_topic(DEAD_LETTERS).encode({
+            "original_key": self.incoming.key,
+            "original_value": self.incoming.value,
+            "topic": self.incoming.topic,
+            "partition": self.incoming.partition,
+            "offset": self.incoming.offset,
+            "stage": self.stage,
+            "error_type": type(self.error).__name__,
+            "error": str(self.error),
+            "failed_at": now_ms(),
+        })
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    key: bytes
+    value: bytes
+
+
+# --------------------------------------------------------------------------------------------
+# embed step: listings -> listing-embeddings
+
+
+def validate_listing(record: dict[str, Any], settings: Settings) -> None:
+    """Schema-valid is not enough: reject what cannot be embedded, with a reason a person can act on."""
+    if not record.get("listing_id"):
+        raise InvalidListingError("listing_id is empty")
+    if record.get("op", "UPSERT") == "DELETE":
+        return
+    if not (record.get("title") or "").strip():
+        raise InvalidListingError(f"listing {record['listing_id']!r} has no title")
+    text_chars = len(record.get("title") or "") + len(record.get("description") or "")
+    text_chars += sum(len(k) + len(v) for k, v in (record.get("attributes") or {}).items())
+    if text_chars > settings.max_text_chars:
+        raise InvalidListingError(
+            f"listing {record['listing_id']!r} has {text_chars:,} characters of text; "
+            f"the limit is {settings.max_text_chars:,} (SAMESTYLE_MAX_TEXT_CHARS)")
+    image = record.get("image_bytes")
+    if image is not None and len(image) > settings.max_image_bytes:
+        raise InvalidListingError(
+            f"listing {record['listing_id']!r} has a {len(image):,}-byte image; "
+            f"the limit is {settings.max_image_bytes:,} (SAMESTYLE_MAX_IMAGE_BYTES)")
+
+
+def listing_input(record: dict[str, Any], settings: Settings) -> ListingInput:
+    image = record.get("image_bytes")
+    if image is None and record.get("image_uri"):
+        image = load_image_bytes(record["image_uri"], base_dir=settings.image_base_dir,
+                                 max_bytes=settings.max_image_bytes)
+    return ListingInput(
+        listing_id=record["listing_id"],
+        title=record["title"],
+        description=record.get("description") or "",
+        attributes=dict(record.get("attributes") or {}),
+        image=image,
+        category=record.get("category"),
+    )
+
+
+class EmbedStep:
+    """listings bytes -> listing-embeddings bytes, one batched forward pass per call."""
+
+    stage = "embed"
+
+    def __init__(self, encoder: Encoder, settings: Settings) -> None:
+        self.encoder = encoder
+        self.settings = settings
+        self._listings = codec_for_topic(LISTINGS)
+        self._embeddings = codec_for_topic(LISTING_EMBEDDINGS)
+
+    def __call__(self, batch: Sequence[Incoming]) -> tuple[list[Outgoing], list[Failure]]:
+        failures: list[Failure] = []
+        # Output slots keep input order, so an upsert and a later delete of one listing stay in order.
+        slots: list[dict[str, Any] | None] = [None] * len(batch)
+        to_embed: list[tuple[int, dict[str, Any], Any]] = []
+        for i, msg in enumerate(batch):
+            try:
+                if msg.value is None:
+                    raise InvalidListingError("empty message (null value)")
+                record = self._listings.decode(msg.value)
+                validate_listing(record, self.settings)
+                if record.get("op") == "DELETE":
+                    slots[i] = self._delete_record(record)
+                    continue
+                prepared = self.encoder.prepare(listing_input(record, self.settings))
+                to_embed.append((i, record, prepared))
+            except BadInputError as exc:
+                failures.append(Failure(msg, self.stage, exc))
+        if to_embed:
+            embeddings = self.encoder.embed([p for _, _, p in to_embed])
+            embedded_at = now_ms()
+            for row, (i, record, _) in enumerate(to_embed):
+                slots[i] = self._upsert_record(record, embeddings, row, embedded_at)
+        out = []
+        for record in slots:
+            if record is not None:
+                out.append(Outgoing(record["listing_id"].encode(), self._embeddings.encode(record)))
+        return out, failures
+
+    def _upsert_record(self, record: dict[str, Any], emb: Embeddings, row: int, embedded_at: int) -> dict[str, Any]:
+        has_image = bool(emb.has_image[row])
+        return {
+            "listing_id": record["listing_id"],
+            "supplier_id": record.get("supplier_id") or DEFAULT_SUPPLIER,
+            "category": record.get("category"),
+            "title": record.get("title"),
+            "op": "UPSERT",
+            "model_version": self.encoder.version,
+            "dim": self.encoder.dim,
+            "has_image": has_image,
+            "vector_image": vector_to_bytes(emb.image[row]) if has_image else None,
+            "vector_text": vector_to_bytes(emb.text[row]),
+            "vector_image_text": vector_to_bytes(emb.image_text[row]),
+            "event_time": record["event_time"],
+            "embedded_at": embedded_at,
+        }
+
+    def _delete_record(self, record: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "listing_id": record["listing_id"],
+            "supplier_id": record.get("supplier_id") or DEFAULT_SUPPLIER,
+            "category": record.get("category"),
+            "title": None,
+            "op": "DELETE",
+            "model_version": self.encoder.version,
+            "dim": self.encoder.dim,
+            "has_image": False,
+            "vector_image": None,
+            "vector_text": None,
+            "vector_image_text": None,
+            "event_time": record["event_time"],
+            "embedded_at": now_ms(),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# index step: listing-embeddings -> live index (replica) and -> similar-products / duplicate-alerts
+
+
+@dataclass(frozen=True)
+class EmbeddingUpdate:
+    """A decoded listing-embeddings record, vectors as float32 arrays."""
+
+    listing_id: str
+    supplier_id: str
+    op: str
+    model_version: str
+    event_time: int
+    has_image: bool
+    views: np.ndarray | None  # [3, dim] image / text / image_text; None for DELETE
+    payload: dict[str, Any]
+
+    @property
+    def vector(self) -> np.ndarray:
+        assert self.views is not None
+        return self.views[2]
+
+
+def decode_embedding(value: bytes | None) -> EmbeddingUpdate:
+    if value is None:
+        raise InvalidListingError("empty message (null value)")
+    record = codec_for_topic(LISTING_EMBEDDINGS).decode(value)
+    views = None
+    if record["op"] != "DELETE":
+        dim = record["dim"]
+        text = bytes_to_vector(record["vector_text"], dim) if record["vector_text"] else None
+        image_text = bytes_to_vector(record["vector_image_text"], dim) if record["vector_image_text"] else None
+        if text is None or image_text is None:
+            raise InvalidListingError(f"listing {record['listing_id']!r}: upsert without text/image+text vectors")
+        image = bytes_to_vector(record["vector_image"], dim) if record["vector_image"] else np.zeros(dim, np.float32)
+        views = np.stack([image, text, image_text]).astype(np.float32)  # [3, dim]
+    return EmbeddingUpdate(
+        listing_id=record["listing_id"],
+        supplier_id=record["supplier_id"],
+        op=record["op"],
+        model_version=record["model_version"],
+        event_time=record["event_time"],
+        has_image=record["has_image"],
+        views=views,
+        payload={"supplier_id": record["supplier_id"], "category": record.get("category"),
+                 "title": record.get("title"), "event_time": record["event_time"],
+                 "has_image": record["has_image"]},
+    )
+
+
+def apply_updates(index: LiveIndex, updates: Sequence[EmbeddingUpdate]) -> None:
+    """Bring the index to the state the updates describe (idempotent: replaying them is harmless).
+
+    Within one partition a key's records are in order, so the last op per listing wins.
+    """
+    final: dict[str, EmbeddingUpdate] = {}
+    for update in updates:
+        final[update.listing_id] = update
+    upserts = [u for u in final.values() if u.op != "DELETE"]
+    deletes = [u.listing_id for u in final.values() if u.op == "DELETE"]
+    if deletes:
+        index.delete(deletes)
+    if upserts:
+        index.upsert([u.listing_id for u in upserts],
+                     np.stack([u.vector for u in upserts]),
+                     payloads=[u.payload for u in upserts],
+                     views=np.stack([u.views for u in upserts]))  # [n, 3, dim]
+
+
+class SearchStep:
+    """For every upsert: its top-k neighbours, and an alert for each same-supplier near copy."""
+
+    stage = "index"
+
+    def __init__(self, index: LiveIndex, settings: Settings) -> None:
+        self.index = index
+        self.settings = settings
+        self._similar = codec_for_topic(SIMILAR_PRODUCTS)
+        self._alerts = codec_for_topic(DUPLICATE_ALERTS)
+
+    def __call__(self, updates: Sequence[EmbeddingUpdate]) -> tuple[list[Outgoing], list[Outgoing]]:
+        upserts = [u for u in updates if u.op != "DELETE"]
+        if not upserts:
+            return [], []
+        queries = np.stack([u.vector for u in upserts])  # [q, dim]
+        results = self.index.search(queries, self.settings.top_k, exclude=[u.listing_id for u in upserts])
+        emitted_at = now_ms()
+        similar: list[Outgoing] = []
+        alerts: list[Outgoing] = []
+        for update, hits in zip(upserts, results):
+            neighbours = []
+            for hit in hits:
+                payload = self.index.payload(hit.listing_id)
+                if payload is None:  # deleted between search and here
+                    continue
+                neighbours.append({"listing_id": hit.listing_id, "supplier_id": payload["supplier_id"],
+                                   "score": float(hit.score)})
+                if self._is_duplicate(update, hit.listing_id, float(hit.score), payload):
+                    alerts.append(self._alert(update, hit.listing_id, float(hit.score), payload, emitted_at))
+            key = update.listing_id.encode()
+            similar.append(Outgoing(key, self._similar.encode({
+                "listing_id": update.listing_id,
+                "supplier_id": update.supplier_id,
+                "neighbours": neighbours,
+                "model_version": update.model_version,
+                "event_time": update.event_time,
+                "emitted_at": emitted_at,
+            })))
+        return similar, alerts
+
+    def _is_duplicate(self, update: EmbeddingUpdate, other_id: str, score: float, payload: dict[str, Any]) -> bool:
+        if payload["supplier_id"] != update.supplier_id or score < self.settings.duplicate_threshold:
+            return False
+        # One alert per pair: the newer listing is the duplicate of the older one, whichever of
+        # the two is searched after both are in the index.
+        return (payload["event_time"], other_id) < (update.event_time, update.listing_id)
+
+    def _alert(self, update: EmbeddingUpdate, other_id: str, score: float, payload: dict[str, Any],
+               emitted_at: int) -> Outgoing:
+        assert update.views is not None
+        other = self.index.views([other_id])[0]  # [3, dim]
+        both_images = update.has_image and bool(payload.get("has_image"))
+        view_scores = {
+            "image": float(update.views[0] @ other[0]) if both_images else None,
+            "text": float(update.views[1] @ other[1]),
+            "image_text": float(update.views[2] @ other[2]),
+        }
+        reason = (f"image+text cosine {score:.3f} >= {self.settings.duplicate_threshold:.3f} "
+                  f"with an older listing of the same supplier")
+        return Outgoing(update.listing_id.encode(), self._alerts.encode({
+            "listing_id": update.listing_id,
+            "duplicate_of": other_id,
+            "supplier_id": update.supplier_id,
+            "score": score,
+            "scores": view_scores,
+            "model_version": update.model_version,
+            "reason": reason,
+            "event_time": update.event_time,
+            "emitted_at": emitted_at,
+        }))
