@@ -86,7 +86,9 @@ def _check_float(array: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
 def _check_payload(payload: Any, listing_id: str) -> dict[str, Any]:
     """A JSON round-trip copy, so what is kept is exactly what a snapshot restores."""
     if not isinstance(payload, Mapping):
-        raise IndexStoreError(f"payload of {listing_id!r} must be a mapping, got {type(payload).__name__}")
+        raise IndexStoreError(
+            f"payload of {listing_id!r} must be a mapping, got {type(payload).__name__}"
+        )
     if not all(isinstance(key, str) for key in payload):
         raise IndexStoreError(f"payload of {listing_id!r} must have str keys")
     try:
@@ -116,6 +118,9 @@ class LiveIndex:
 
     Thread safety: every public method holds one re-entrant lock, so one call runs at a time
     (FAISS is not safe under concurrent add/remove/search). Batch queries to amortise it.
+    FAISS parallelises with OpenMP and this class leaves its thread count alone: a process that
+    shares cores with other CPU work should set it at its entry point (``OMP_NUM_THREADS`` or
+    ``faiss.omp_set_num_threads``); spinning OpenMP threads on busy cores slow small batches ~10x.
     """
 
     def __init__(
@@ -170,7 +175,7 @@ class LiveIndex:
 
     def __contains__(self, listing_id: object) -> bool:
         with self._lock:
-            return listing_id in self._slot_of
+            return isinstance(listing_id, str) and listing_id in self._slot_of
 
     def __repr__(self) -> str:
         return f"LiveIndex(dim={self.dim}, kind={self.kind!r}, n_views={self.n_views}, len={len(self)})"
@@ -265,7 +270,9 @@ class LiveIndex:
         vectors = _check_float(vectors, (n, self.dim), "upsert vectors")
         if self.n_views:
             if views is None:
-                raise IndexStoreError(f"upsert: this index keeps {self.n_views} views per id; views are required")
+                raise IndexStoreError(
+                    f"upsert: this index keeps {self.n_views} views per id; views are required"
+                )
             views = _check_float(views, (n, self.n_views, self.dim), "upsert views")
         elif views is not None:
             raise IndexStoreError("upsert: views given, but the index was created with n_views=0")
@@ -306,7 +313,9 @@ class LiveIndex:
         for partition, offset in offsets.items():
             for value in (partition, offset):
                 if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
-                    raise IndexStoreError(f"snapshot: offsets must map int >= 0 to int >= 0, got {partition!r}: {offset!r}")
+                    raise IndexStoreError(
+                        f"snapshot: offsets must map int >= 0 to int >= 0, got {partition!r}: {offset!r}"
+                    )
             clean[str(int(partition))] = int(offset)
         with self._lock:
             n = self._size
@@ -418,7 +427,13 @@ class LiveIndex:
             return np.empty((0, self.dim), dtype=np.float32)
         return self._hnsw.reconstruct_batch(self._labels[: self._size])
 
-    def _upsert(self, ids: list[str], vectors: np.ndarray, payloads: list[dict[str, Any]], views: np.ndarray | None) -> None:
+    def _upsert(
+        self,
+        ids: list[str],
+        vectors: np.ndarray,
+        payloads: list[dict[str, Any]],
+        views: np.ndarray | None,
+    ) -> None:
         n = len(ids)
         slots = np.empty(n, dtype=np.int64)
         fresh = 0
@@ -505,10 +520,16 @@ class LiveIndex:
             graph = faiss.read_index(str(graph_path))
         except RuntimeError as e:
             raise snap.corrupt(f"cannot read hnsw.faiss: {e}") from e
-        if not isinstance(graph, faiss.IndexHNSWFlat) or graph.d != self.dim or graph.metric_type != faiss.METRIC_INNER_PRODUCT:
+        if (
+            not isinstance(graph, faiss.IndexHNSWFlat)
+            or graph.d != self.dim
+            or graph.metric_type != faiss.METRIC_INNER_PRODUCT
+        ):
             raise snap.corrupt("hnsw.faiss is not an inner-product HNSW graph of this dim")
         if owner.dtype != np.int64 or owner.shape != (graph.ntotal,):
-            raise snap.corrupt(f"hnsw_slots.npy is {owner.dtype}{list(owner.shape)} for a graph of {graph.ntotal}")
+            raise snap.corrupt(
+                f"hnsw_slots.npy is {owner.dtype}{list(owner.shape)} for a graph of {graph.ntotal}"
+            )
         live = np.flatnonzero(owner >= 0)
         if live.size != self._size or not np.array_equal(np.sort(owner[live]), np.arange(self._size)):
             raise snap.corrupt("hnsw_slots.npy does not map the graph onto the listing ids")
@@ -519,11 +540,15 @@ class LiveIndex:
         self._owner = np.ascontiguousarray(owner)
         self._labels = labels
 
-    def _search_flat(self, queries: np.ndarray, k: int, exclude: Sequence[str | None]) -> list[list[Hit]]:
+    def _search_flat(
+        self, queries: np.ndarray, k: int, exclude: Sequence[str | None]
+    ) -> list[list[Hit]]:
         extra = any(e is not None and e in self._slot_of for e in exclude)
         want = min(k + extra, self._size)
         # _vectors[:size] is a contiguous view: faiss.knn reads it in place, no copy per batch.
-        scores, slots = faiss.knn(queries, self._vectors[: self._size], want, metric=faiss.METRIC_INNER_PRODUCT)
+        scores, slots = faiss.knn(
+            queries, self._vectors[: self._size], want, metric=faiss.METRIC_INNER_PRODUCT
+        )
         return [self._hits(scores[q], slots[q], k, exclude[q]) for q in range(len(queries))]
 
     def _hits(self, scores: np.ndarray, slots: np.ndarray, k: int, exclude: str | None) -> list[Hit]:
@@ -539,7 +564,9 @@ class LiveIndex:
                 break
         return hits
 
-    def _search_hnsw(self, queries: np.ndarray, k: int, exclude: Sequence[str | None]) -> list[list[Hit]]:
+    def _search_hnsw(
+        self, queries: np.ndarray, k: int, exclude: Sequence[str | None]
+    ) -> list[list[Hit]]:
         total = self._hnsw.ntotal
         # What each query can get at most: k, or every live listing but the excluded one.
         target = [min(k, self._size - (e is not None and e in self._slot_of)) for e in exclude]

@@ -122,7 +122,7 @@ def write_snapshot(
             os.fsync(f.fileno())
         os.replace(pointer, root / CURRENT)
         _fsync_dir(root)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # faiss.write_index raises RuntimeError
         raise IndexStoreError(f"cannot write index snapshot under {root}: {e}") from e
     for old in root.iterdir():
         if _NAME.match(old.name) and old.name != name:
@@ -190,5 +190,7 @@ class SnapshotReader:
         except (OSError, ValueError) as e:
             raise self.corrupt(f"cannot load {fname}: {e}") from e
         if array.dtype != dtype or array.shape != shape:
-            raise self.corrupt(f"{fname} is {array.dtype}{list(array.shape)}, expected {np.dtype(dtype)}{list(shape)}")
+            raise self.corrupt(
+                f"{fname} is {array.dtype}{list(array.shape)}, expected {np.dtype(dtype)}{list(shape)}"
+            )
         return np.ascontiguousarray(array)

@@ -55,6 +55,7 @@ __all__ = [
     "TinyConvBackbone",
     "build_image_backbone",
     "build_text_backbone",
+    "is_local_text_spec",
     "register_image_backbone",
     "register_text_backbone",
 ]
@@ -272,6 +273,11 @@ def _find_builder(spec: str, builders: Mapping[str, Callable[..., Any]]) -> Call
         return builders[spec]
     scheme, sep, _ = spec.partition(":")
     return builders.get(scheme + sep) if sep else None
+
+
+def is_local_text_spec(spec: str) -> bool:
+    """Whether a text spec names a local model directory rather than a registered backbone."""
+    return _find_builder(spec, _TEXT_BUILDERS) is None and not spec.startswith("bundled:")
 
 
 def build_text_backbone(spec: str, config: EncoderConfig) -> HFTextBackbone:

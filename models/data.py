@@ -231,11 +231,7 @@ def cluster_pairs(
     for listing_id, cluster_id in clusters.items():
         if keep is None or listing_id in keep:
             members[cluster_id].append(listing_id)
-    return {
-        frozenset(pair)
-        for ids in members.values()
-        for pair in itertools.combinations(ids, 2)
-    }
+    return {frozenset(pair) for ids in members.values() for pair in itertools.combinations(ids, 2)}
 
 
 def pair_precision_recall(

@@ -29,7 +29,7 @@ import os
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -46,10 +46,9 @@ from models.backbones import (
     TINY,
     HFTextBackbone,
     ImageBackbone,
-    _find_builder,
-    _TEXT_BUILDERS,
     build_image_backbone,
     build_text_backbone,
+    is_local_text_spec,
 )
 from models.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, ImagePreprocessing
 from topics.errors import ConfigError, ImageError, InvalidListingError
@@ -65,6 +64,7 @@ _MAX_CHARS_PER_TOKEN = 32
 
 __all__ = [
     "ALLOW_RANDOM_WEIGHTS_ENV",
+    "ENCODER_BUILDERS",
     "NAMED_CONFIGS",
     "VIEWS",
     "ConcatEncoder",
@@ -233,7 +233,7 @@ class EncoderConfig:
             raise ConfigError(f"encoder config is missing {missing}")
         values = dict(data)
         text = values["text_backbone"]
-        if base_dir is not None and isinstance(text, str) and _is_local_path_spec(text):
+        if base_dir is not None and isinstance(text, str) and is_local_text_spec(text):
             path = Path(text.removeprefix("hf:")).expanduser()
             if not path.is_absolute():
                 values["text_backbone"] = str(Path(base_dir) / path)
@@ -252,10 +252,6 @@ class EncoderConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"encoder config {path} must be a JSON object")
         return cls.from_dict(data, base_dir=path.parent)
-
-
-def _is_local_path_spec(spec: str) -> bool:
-    return _find_builder(spec, _TEXT_BUILDERS) is None and not spec.startswith("bundled:")
 
 
 NAMED_CONFIGS: Mapping[str, EncoderConfig] = {
@@ -478,8 +474,10 @@ class ConcatEncoder(Encoder):
         )
 
 
-# Fusion name → encoder class. The trained single-stream model registers itself here.
-ENCODER_TYPES: dict[str, type[ConcatEncoder]] = {ConcatEncoder.fusion_name: ConcatEncoder}
+# Fusion name → builder of an encoder from (config, device). The trained single-stream model
+# registers its own builder here.
+EncoderBuilder = Callable[[EncoderConfig, str], Encoder]
+ENCODER_BUILDERS: dict[str, EncoderBuilder] = {ConcatEncoder.fusion_name: ConcatEncoder.from_config}
 
 
 def _resolve_device(device: str | None) -> str:
@@ -532,12 +530,12 @@ def create_encoder(
             "ENCODER %r HAS RANDOM WEIGHTS: its vectors mean nothing; use it for tests only",
             cfg.name,
         )
-    encoder_type = ENCODER_TYPES.get(cfg.fusion)
-    if encoder_type is None:
-        raise ConfigError(f"unknown fusion {cfg.fusion!r}; known: {sorted(ENCODER_TYPES)}")
+    builder = ENCODER_BUILDERS.get(cfg.fusion)
+    if builder is None:
+        raise ConfigError(f"unknown fusion {cfg.fusion!r}; known: {sorted(ENCODER_BUILDERS)}")
     resolved = _resolve_device(device)
     started = time.perf_counter()
-    encoder = encoder_type.from_config(cfg, resolved)
+    encoder = builder(cfg, resolved)
     logger.info(
         "encoder %s loaded (version %s, dim %d, device %s) in %.2fs",
         cfg.name, encoder.version, encoder.dim, resolved, time.perf_counter() - started,

@@ -11,13 +11,14 @@ message is the dead-letter reason, so it names what was wrong (and the offending
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from topics.errors import ImageError
 
@@ -25,10 +26,14 @@ DEFAULT_MAX_IMAGE_BYTES = 20_000_000
 # 40 megapixels is a 7300x5500 photo: larger than any product shot, and a 40 MP RGB bitmap is
 # already 120 MB decoded. A tiny PNG that claims more is a decompression bomb.
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+# Formats a product photo comes in. Everything else is refused before decoding: PIL can open
+# dozens of formats, and some (EPS via Ghostscript) are not safe to feed untrusted bytes.
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_BYTES",
     "DEFAULT_MAX_IMAGE_PIXELS",
+    "IMAGE_FORMATS",
     "ImagePreprocessing",
     "decode_image",
     "load_image_bytes",
@@ -93,8 +98,8 @@ def decode_image(
     The pixel limit is checked from the header, before any pixel is decoded. Transparent
     images are composited onto white (product cut-outs are shown on white; a bare RGB convert
     would put them on black). EXIF orientation is applied. Animated images use their first
-    frame. ``draft_size`` lets JPEG decoding shrink by DCT scaling to no less than that size,
-    which is several times faster on large photos and loses nothing after the later resize.
+    frame. ``draft_size`` lets JPEG decoding shrink by DCT scaling while both sides stay at least
+    that size: several times faster on large photos, and nothing is lost after the later resize.
 
     Raises:
         ImageError: empty, oversized, undecodable or truncated data, or too many pixels.
@@ -108,7 +113,7 @@ def decode_image(
         # above ~179 MP) also fires in here; our lower limit below is the one that matters.
         # Silencing that warning would need warnings.catch_warnings(), which is not
         # thread-safe, so a >89 MP image may log one PIL warning before being rejected.
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         width, height = img.size
         if width <= 0 or height <= 0:
             raise ImageError(f"image has an empty size {width}x{height}")
@@ -123,6 +128,11 @@ def decode_image(
         return _to_rgb(img)
     except ImageError:
         raise
+    except UnidentifiedImageError:
+        raise ImageError(
+            f"not an image in a supported format ({', '.join(IMAGE_FORMATS)}); "
+            f"{len(data)} bytes starting {data[:8]!r}"
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"image rejected as a decompression bomb: {exc}") from exc
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
@@ -160,8 +170,13 @@ class ImagePreprocessing:
 
     def __call__(self, data: bytes) -> torch.Tensor:
         """Decode and preprocess one image; raises ImageError for bad data."""
+        # The crop keeps crop_pct of the shorter side, so the drafted shorter side must be at
+        # least size / crop_pct for the crop to be downsampled, never upsampled.
         img = decode_image(
-            data, max_bytes=self.max_bytes, max_pixels=self.max_pixels, draft_size=self.size
+            data,
+            max_bytes=self.max_bytes,
+            max_pixels=self.max_pixels,
+            draft_size=math.ceil(self.size / self.crop_pct),
         )
         return self.to_tensor(img)
 

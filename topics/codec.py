@@ -162,13 +162,15 @@ def _problem(value: Any, schema: Any, named: Mapping[str, Any], path: str) -> st
     elif kind in ("int", "long"):
         low, high = _INT_RANGE if kind == "int" else _LONG_RANGE
         # numbers.Integral lets numpy ints through (FAISS returns them); bool is not a number here.
-        if type(value) is int or (isinstance(value, numbers.Integral) and not isinstance(value, bool)):
+        if type(value) is int or (isinstance(value, numbers.Integral)
+                                  and not isinstance(value, bool)):
             if low <= value <= high:
                 return None
             return f"{path}: {value} is out of the {kind} range"
         ok = False
     elif kind in ("float", "double"):
-        if type(value) is float or (isinstance(value, numbers.Real) and not isinstance(value, bool)):
+        if type(value) is float or (isinstance(value, numbers.Real)
+                                    and not isinstance(value, bool)):
             if kind == "float" and math.isfinite(value) and abs(value) > _FLOAT_MAX:
                 return f"{path}: {value} is out of the float32 range"
             return None
@@ -245,6 +247,8 @@ class Codec:
         self._named: dict[str, Any] = {}
         self._parsed = fastavro.parse_schema(_without_logical_types(raw), self._named)
         self._timestamps = frozenset(f["name"] for f in raw["fields"] if _is_timestamp(f["type"]))
+        # fastavro reads an Avro int as a 64-bit varint; Java rejects one past 32 bits, so do we.
+        self._ints = tuple(f["name"] for f in raw["fields"] if f["type"] == "int")
 
     def __repr__(self) -> str:
         return f"Codec({self.schema_name!r}, fingerprint={self.fingerprint.hex()})"
@@ -309,6 +313,10 @@ class Codec:
                               "after the record")
         if not isinstance(record, dict):
             raise DecodeError(f"{self.record_name}: body did not decode to a record")
+        for name in self._ints:
+            if not _INT_RANGE[0] <= record[name] <= _INT_RANGE[1]:
+                raise DecodeError(f"{self.record_name}.{name}: {record[name]} overflows "
+                                  "an Avro int")
         return record
 
 

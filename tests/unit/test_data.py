@@ -97,7 +97,9 @@ def test_listing_fields_attributes_and_image_resolution(tmp_path: Path) -> None:
     assert second.attributes == {"source": "shop"}
 
 
-def test_relative_csv_path_still_gives_absolute_image(tmp_path: Path, monkeypatch) -> None:
+def test_relative_csv_path_still_gives_absolute_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "d").mkdir()
     _write(tmp_path / "d" / "listings.csv", f"{HEADER}\nx,T,,,,,img/x.jpg,\n")
     monkeypatch.chdir(tmp_path)
@@ -182,7 +184,10 @@ def test_read_pairs_labels_and_extra_columns(tmp_path: Path) -> None:
 def test_cluster_pairs() -> None:
     clusters = {"a": "1", "b": "1", "c": "1", "d": "2", "e": "3", "f": "3"}
     assert cluster_pairs(clusters) == {
-        frozenset("ab"), frozenset("ac"), frozenset("bc"), frozenset("ef"),
+        frozenset("ab"),
+        frozenset("ac"),
+        frozenset("bc"),
+        frozenset("ef"),
     }
     assert cluster_pairs(clusters, restrict_to=["a", "c", "e", "zz"]) == {frozenset("ac")}
     assert cluster_pairs({}) == set()
@@ -208,8 +213,12 @@ def test_pair_precision_recall_edge_cases() -> None:
     truth = {frozenset("ab")}
     nothing = pair_precision_recall([], truth)
     assert nothing == {
-        "precision": None, "recall": 0.0, "f1": None,
-        "true_positives": 0, "predicted": 0, "actual": 1,
+        "precision": None,
+        "recall": 0.0,
+        "f1": None,
+        "true_positives": 0,
+        "predicted": 0,
+        "actual": 1,
     }
     no_truth = pair_precision_recall([("a", "b")], set())
     assert no_truth["precision"] == 0.0 and no_truth["recall"] is None and no_truth["f1"] is None
@@ -226,13 +235,13 @@ def test_generate_sample_is_deterministic(tmp_path: Path) -> None:
     first = generate_sample(tmp_path / "a", n_products=20, seed=3)
     second = generate_sample(tmp_path / "b", n_products=20, seed=3)
     other = generate_sample(tmp_path / "c", n_products=20, seed=4)
-    for x, y, z in zip(first, second, other):
+    for x, y, z in zip(first, second, other, strict=True):
         assert x.read_bytes() == y.read_bytes()
         assert x.read_bytes() != z.read_bytes()
     images_a = sorted((tmp_path / "a" / "images").iterdir())
     images_b = sorted((tmp_path / "b" / "images").iterdir())
     assert [p.name for p in images_a] == [p.name for p in images_b]
-    assert all(p.read_bytes() == q.read_bytes() for p, q in zip(images_a, images_b))
+    assert all(p.read_bytes() == q.read_bytes() for p, q in zip(images_a, images_b, strict=True))
 
 
 def test_generate_sample_shape_and_planted_pairs(tmp_path: Path) -> None:
