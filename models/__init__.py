@@ -29,7 +29,21 @@ _EXPORTS = {
     "load_image_bytes": "models.images",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "NAMED_CONFIGS",
+    "ConcatEncoder",
+    "Embeddings",
+    "Encoder",
+    "EncoderConfig",
+    "ImagePreprocessing",
+    "ListingInput",
+    "PreparedListing",
+    "create_encoder",
+    "decode_image",
+    "encoder_from_spec",
+    "load_config",
+    "load_image_bytes",
+]
 
 if TYPE_CHECKING:
     from models.encoder import (

@@ -268,7 +268,9 @@ def register_image_backbone(spec: str, builder: ImageBuilder) -> None:
     _IMAGE_BUILDERS[spec] = builder
 
 
-def _find_builder(spec: str, builders: Mapping[str, Callable[..., Any]]) -> Callable[..., Any] | None:
+def _find_builder(
+    spec: str, builders: Mapping[str, Callable[..., Any]]
+) -> Callable[..., Any] | None:
     if spec in builders:
         return builders[spec]
     scheme, sep, _ = spec.partition(":")

@@ -181,13 +181,22 @@ class EncoderConfig:
                 value = (value,) * 3
             value = tuple(float(v) for v in value)
             if len(value) != 3:
-                raise ConfigError(f"encoder config {self.name!r}: {name} needs 3 values, got {value}")
+                raise ConfigError(
+                    f"encoder config {self.name!r}: {name} needs 3 values, got {value}"
+                )
             object.__setattr__(self, name, value)
         for name in ("name", "text_backbone", "image_backbone", "fusion"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(f"encoder config: {name} must be a non-empty string")
-        positive = ("max_text_tokens", "image_size", "max_image_bytes", "max_image_pixels",
-                    "tiny_text_hidden", "tiny_text_layers", "tiny_image_channels")
+        positive = (
+            "max_text_tokens",
+            "image_size",
+            "max_image_bytes",
+            "max_image_pixels",
+            "tiny_text_hidden",
+            "tiny_text_layers",
+            "tiny_image_channels",
+        )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -222,7 +231,9 @@ class EncoderConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], base_dir: str | Path | None = None) -> EncoderConfig:
+    def from_dict(
+        cls, data: Mapping[str, Any], base_dir: str | Path | None = None
+    ) -> EncoderConfig:
         """Build from a mapping; a relative local text-model path is taken from ``base_dir``."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
@@ -352,7 +363,11 @@ def listing_text(listing: ListingInput, max_chars: int | None = None) -> str:
         key, value = " ".join(key.split()), " ".join(value.split())
         if key and value:
             pairs.append(f"{key}: {value}")
-    parts = [" ".join(listing.title.split()), " ".join(listing.description.split()), "; ".join(pairs)]
+    parts = [
+        " ".join(listing.title.split()),
+        " ".join(listing.description.split()),
+        "; ".join(pairs),
+    ]
     text = ". ".join(p for p in parts if p)
     return text[:max_chars] if max_chars is not None else text
 
@@ -402,7 +417,9 @@ class ConcatEncoder(Encoder):
             ("image_dim", config.image_dim, image_backbone.dim),
         ):
             if expected is not None and expected != actual:
-                raise ConfigError(f"config {config.name!r} says {label}={expected}, backbone gives {actual}")
+                raise ConfigError(
+                    f"config {config.name!r} says {label}={expected}, backbone gives {actual}"
+                )
         self.config = config
         self.version = config.version
         self.device = device
@@ -425,11 +442,14 @@ class ConcatEncoder(Encoder):
         return cls(config, text, image, device)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(version={self.version!r}, dim={self.dim}, device={self.device!r})"
+        name = type(self).__name__
+        return f"{name}(version={self.version!r}, dim={self.dim}, device={self.device!r})"
 
     def prepare(self, listing: ListingInput) -> PreparedListing:
         if not isinstance(listing.listing_id, str) or not listing.listing_id:
-            raise InvalidListingError(f"listing id must be a non-empty string, got {listing.listing_id!r}")
+            raise InvalidListingError(
+                f"listing id must be a non-empty string, got {listing.listing_id!r}"
+            )
         text = listing_text(listing, self._max_chars)
         image = None
         if listing.image is not None:
@@ -446,22 +466,22 @@ class ConcatEncoder(Encoder):
         if n == 0:
             return Embeddings.empty(self.dim)
         size = self.config.image_size
-        with_image = [k for k, p in enumerate(batch) if p.image is not None]
-        for k in with_image:
-            if tuple(batch[k].image.shape) != (3, size, size):  # type: ignore[union-attr]
+        images = [(k, p.image) for k, p in enumerate(batch) if p.image is not None]
+        for k, pixels in images:
+            if tuple(pixels.shape) != (3, size, size):
                 raise ValueError(
                     f"listing {batch[k].listing_id!r} was prepared for another encoder: image "
-                    f"shape {tuple(batch[k].image.shape)}, expected (3, {size}, {size})"  # type: ignore[union-attr]
+                    f"shape {tuple(pixels.shape)}, expected (3, {size}, {size})"
                 )
         with self._lock, torch.inference_mode():
             text = self.text_backbone([p.text for p in batch], self.config.max_text_tokens)
             text = F.normalize(text.float(), dim=-1)  # [n, Dt]
             image = torch.zeros(n, self.image_dim, device=text.device)  # [n, Di]
             has_image = torch.zeros(n, dtype=torch.bool, device=text.device)  # [n]
-            if with_image:
-                pixels = torch.stack([batch[k].image for k in with_image])  # type: ignore[misc]
-                pixels = pixels.to(self.device, non_blocking=True)  # [m, 3, S, S]
-                rows = torch.tensor(with_image, device=text.device)
+            if images:
+                pixels = torch.stack([pixels for _, pixels in images])  # [m, 3, S, S]
+                pixels = pixels.to(self.device, non_blocking=True)
+                rows = torch.tensor([k for k, _ in images], device=text.device)  # [m]
                 image[rows] = F.normalize(self.image_backbone(pixels).float(), dim=-1)
                 has_image[rows] = True
             views = self.fusion(text, image, has_image)
@@ -493,7 +513,8 @@ def _resolve_device(device: str | None) -> str:
 
 
 def _random_weights_allowed(flag: bool) -> bool:
-    return flag or os.environ.get(ALLOW_RANDOM_WEIGHTS_ENV, "").strip().lower() in ("1", "true", "yes")
+    env = os.environ.get(ALLOW_RANDOM_WEIGHTS_ENV, "").strip().lower()
+    return flag or env in ("1", "true", "yes")
 
 
 def create_encoder(
@@ -538,7 +559,11 @@ def create_encoder(
     encoder = builder(cfg, resolved)
     logger.info(
         "encoder %s loaded (version %s, dim %d, device %s) in %.2fs",
-        cfg.name, encoder.version, encoder.dim, resolved, time.perf_counter() - started,
+        cfg.name,
+        encoder.version,
+        encoder.dim,
+        resolved,
+        time.perf_counter() - started,
     )
     return encoder
 

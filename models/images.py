@@ -28,7 +28,7 @@ DEFAULT_MAX_IMAGE_BYTES = 20_000_000
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 # Formats a product photo comes in. Everything else is refused before decoding: PIL can open
 # dozens of formats, and some (EPS via Ghostscript) are not safe to feed untrusted bytes.
-IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "GIF", "BMP", "TIFF")  # JPEG includes MPO
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_BYTES",
@@ -73,7 +73,9 @@ def load_image_bytes(
         if not path.is_file():
             raise ImageError(f"image path is not a file: {str(path)!r}")
         if size > max_bytes:
-            raise ImageError(f"image file {str(path)!r} is {size} bytes, over the {max_bytes} limit")
+            raise ImageError(
+                f"image file {str(path)!r} is {size} bytes, over the {max_bytes} limit"
+            )
         with path.open("rb") as fh:
             # Read one byte past the limit: the file may have grown since stat().
             data = fh.read(max_bytes + 1)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from topics.errors import SamestyleError
+from topics.errors import ConfigError, SamestyleError
 
 from .settings import Settings
 
@@ -59,6 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--limit", type=int)
     produce.add_argument("--image-mode", choices=("uri", "bytes"), default="uri")
 
+    bench = sub.add_parser("bench", help="benchmarks (scripts in bench/): pipeline, freshness, clicks, index, codec",
+                           add_help=False)
+    bench.add_argument("name", help="which benchmark; `samestyle bench NAME --help` for its options")
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+
+    for name, module, text in (("train", "models.train", "train the unified model (models/train.py)"),
+                               ("eval", "models.evaluate", "evaluate a model on a dataset (models/evaluate.py)")):
+        forward = sub.add_parser(name, help=text, add_help=False)
+        forward.set_defaults(module=module)
+        forward.add_argument("args", nargs=argparse.REMAINDER)
+
     topics = sub.add_parser("create-topics", help="create every topic with the registry's partitions")
     _add_common(topics)
     return parser
@@ -82,6 +93,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "bench":
+        import importlib
+
+        try:
+            module = importlib.import_module(f"bench.{args.name.replace('-', '_')}_bench")
+        except ModuleNotFoundError:
+            raise ConfigError(f"no benchmark named {args.name!r}") from None
+        return int(module.main(args.args) or 0)
+    if args.command in ("train", "eval"):
+        import importlib
+
+        return int(importlib.import_module(args.module).main(args.args) or 0)
     settings = _settings(args)
     if args.command == "worker":
         from .worker import run_worker

@@ -30,9 +30,13 @@ from models.images import ImagePreprocessing, decode_image, load_image_bytes
 from topics.errors import ConfigError, ImageError, InvalidListingError, MissingWeightsError
 
 
-def png_bytes(size: tuple[int, int] = (48, 40), color: tuple[int, ...] = (200, 30, 30), mode: str = "RGB") -> bytes:
+def png_bytes(
+    size: tuple[int, int] = (48, 40), color: tuple[int, ...] = (200, 30, 30), mode: str = "RGB"
+) -> bytes:
     img = Image.new(mode, size, color)
-    ImageDraw.Draw(img).rectangle((4, 4, size[0] // 2, size[1] // 2), fill=(20, 160, 40)[: len(color)])
+    ImageDraw.Draw(img).rectangle(
+        (4, 4, size[0] // 2, size[1] // 2), fill=(20, 160, 40)[: len(color)]
+    )
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return buf.getvalue()
@@ -53,10 +57,16 @@ def tiny() -> Encoder:
 @pytest.fixture(scope="module")
 def listings() -> list[ListingInput]:
     return [
-        ListingInput("a", "Red ceramic mug 350ml", "Dishwasher safe", {"color": "red"}, png_bytes()),
+        ListingInput(
+            "a", "Red ceramic mug 350ml", "Dishwasher safe", {"color": "red"}, png_bytes()
+        ),
         ListingInput("b", "Blue ceramic mug", image=jpeg_bytes()),
-        ListingInput("c", "Leather wallet", "Slim, brown", {"material": "leather", "color": "brown"}),
-        ListingInput("d", "Stainless water bottle", image=png_bytes((30, 90), (0, 0, 0, 0), "RGBA")),
+        ListingInput(
+            "c", "Leather wallet", "Slim, brown", {"material": "leather", "color": "brown"}
+        ),
+        ListingInput(
+            "d", "Stainless water bottle", image=png_bytes((30, 90), (0, 0, 0, 0), "RGBA")
+        ),
         ListingInput("e", "USB-C cable 2m", image=png_bytes((33, 33), (128,), "L")),
     ]
 
@@ -90,7 +100,9 @@ def test_no_image_gives_zero_image_row_and_text_only_it(tiny: Encoder) -> None:
     assert not np.allclose(out.image_text[0], out.image_text[1], atol=1e-3)
 
 
-def test_concat_fusion_has_no_cross_modal_signal(tiny: Encoder, listings: list[ListingInput]) -> None:
+def test_concat_fusion_has_no_cross_modal_signal(
+    tiny: Encoder, listings: list[ListingInput]
+) -> None:
     out = tiny.encode(listings)
     assert np.all(out.text @ out.image.T == 0.0)  # disjoint blocks: exactly zero
     # With an image, IT is the equal-weight mix: T·IT = I·IT = 1/sqrt(2).
@@ -254,7 +266,9 @@ def test_config_from_dict_and_json(tmp_path: Path) -> None:
 
 def test_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown encoder config keys"):
-        EncoderConfig.from_dict({"name": "x", "text_backbone": "tiny", "image_backbone": "tiny", "oops": 1})
+        EncoderConfig.from_dict(
+            {"name": "x", "text_backbone": "tiny", "image_backbone": "tiny", "oops": 1}
+        )
     with pytest.raises(ConfigError, match="positive int"):
         EncoderConfig(name="x", text_backbone="tiny", image_backbone="tiny", image_size=0)
     with pytest.raises(ConfigError, match="unknown encoder"):
@@ -262,18 +276,26 @@ def test_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="encoder.json"):
         encoder_from_spec(str(tmp_path))
     with pytest.raises(ConfigError, match="unknown fusion"):
-        create_encoder({"name": "x", "text_backbone": "tiny", "image_backbone": "tiny", "fusion": "magic"},
-                       allow_random_weights=True)
+        create_encoder(
+            {"name": "x", "text_backbone": "tiny", "image_backbone": "tiny", "fusion": "magic"},
+            allow_random_weights=True,
+        )
     with pytest.raises(ConfigError, match="not wired in yet"):
-        create_encoder({"name": "x", "text_backbone": "tiny", "image_backbone": "hf:/models/siglip"},
-                       allow_random_weights=True)
+        create_encoder(
+            {"name": "x", "text_backbone": "tiny", "image_backbone": "hf:/models/siglip"},
+            allow_random_weights=True,
+        )
     with pytest.raises(ConfigError, match="image_dim=99"):
-        create_encoder({"name": "x", "text_backbone": "tiny", "image_backbone": "tiny", "image_dim": 99},
-                       allow_random_weights=True)
+        create_encoder(
+            {"name": "x", "text_backbone": "tiny", "image_backbone": "tiny", "image_dim": 99},
+            allow_random_weights=True,
+        )
 
 
 def test_model_directory_with_encoder_json(tmp_path: Path) -> None:
-    (tmp_path / "encoder.json").write_text(json.dumps({**load_config("tiny").to_dict(), "version": "run-7"}))
+    (tmp_path / "encoder.json").write_text(
+        json.dumps({**load_config("tiny").to_dict(), "version": "run-7"})
+    )
     assert encoder_from_spec(str(tmp_path), allow_random_weights=True).version == "run-7"
 
 
@@ -291,8 +313,10 @@ def test_local_hugging_face_text_model(tiny: Encoder, tmp_path: Path) -> None:
 
 def test_missing_local_text_model(tmp_path: Path) -> None:
     with pytest.raises(MissingWeightsError, match="does not exist"):
-        create_encoder({"name": "x", "text_backbone": str(tmp_path / "nope"), "image_backbone": "tiny"},
-                       allow_random_weights=True)
+        create_encoder(
+            {"name": "x", "text_backbone": str(tmp_path / "nope"), "image_backbone": "tiny"},
+            allow_random_weights=True,
+        )
 
 
 def test_bad_device() -> None:
@@ -332,8 +356,12 @@ def test_load_image_bytes_errors(tmp_path: Path) -> None:
 
 def test_embeddings_checks_shapes() -> None:
     with pytest.raises(ValueError):
-        Embeddings(np.zeros((2, 4), np.float32), np.zeros((2, 4), np.float32),
-                   np.zeros((2, 3), np.float32), np.zeros(2, bool))
+        Embeddings(
+            np.zeros((2, 4), np.float32),
+            np.zeros((2, 4), np.float32),
+            np.zeros((2, 3), np.float32),
+            np.zeros(2, bool),
+        )
 
 
 # -------------------------------------------------------------------------- pretrained (slow)
@@ -358,14 +386,16 @@ def _product_photo(shape: str, size: tuple[int, int], fg: tuple[int, int, int]) 
 def test_default_encoder_is_meaningful() -> None:
     encoder = create_encoder("default")
     assert encoder.dim == 384 + 1280 and encoder.version == "pretrained-concat-v1"
-    out = encoder.encode([
-        ListingInput("a", "Stainless steel insulated water bottle 750ml"),
-        ListingInput("b", "Insulated stainless-steel water bottle, 750 ml, leak proof"),
-        ListingInput("c", "Men's genuine leather bifold wallet"),
-        ListingInput("d", "Mug", image=_product_photo("mug", (320, 240), (180, 30, 30))),
-        ListingInput("e", "Mug", image=_product_photo("mug", (500, 420), (170, 40, 35))),
-        ListingInput("f", "Mug", image=_product_photo("lines", (320, 240), (30, 30, 180))),
-    ])
+    out = encoder.encode(
+        [
+            ListingInput("a", "Stainless steel insulated water bottle 750ml"),
+            ListingInput("b", "Insulated stainless-steel water bottle, 750 ml, leak proof"),
+            ListingInput("c", "Men's genuine leather bifold wallet"),
+            ListingInput("d", "Mug", image=_product_photo("mug", (320, 240), (180, 30, 30))),
+            ListingInput("e", "Mug", image=_product_photo("mug", (500, 420), (170, 40, 35))),
+            ListingInput("f", "Mug", image=_product_photo("lines", (320, 240), (30, 30, 180))),
+        ]
+    )
     text = out.text
     assert text[0] @ text[1] > text[0] @ text[2] + 0.2
     assert out.has_image.tolist() == [False, False, False, True, True, True]

@@ -1,0 +1,156 @@
+"""Settings and the per-batch steps of the agents, without a broker (tiny random-weight models)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from index_store import LiveIndex
+from models import create_encoder
+from streams.pipeline import (VIEWS, EmbedStep, EmbeddingUpdate, Incoming, SearchStep, apply_updates,
+                              decode_embedding)
+from streams.settings import Settings
+from topics import DEAD_LETTERS, DUPLICATE_ALERTS, LISTINGS, SIMILAR_PRODUCTS, codec_for_topic
+from topics.errors import ConfigError
+
+
+# ---------------------------------------------------------------------------------- settings
+
+
+def test_settings_read_the_environment_and_overrides_win() -> None:
+    env = {"SAMESTYLE_BOOTSTRAP": "k1:9092,k2:9092", "SAMESTYLE_TOP_K": "7", "SAMESTYLE_DUPLICATE_THRESHOLD": "0.8",
+           "SAMESTYLE_ALLOW_RANDOM_WEIGHTS": "yes", "SAMESTYLE_STATE_DIR": "/tmp/x", "SAMESTYLE_PARTITIONS": ""}
+    s = Settings.from_env(env, top_k=3)
+    assert s.bootstrap_servers == ["k1:9092", "k2:9092"]
+    assert s.broker_url == "kafka://k1:9092;kafka://k2:9092"
+    assert s.top_k == 3 and s.duplicate_threshold == 0.8 and s.allow_random_weights is True
+    assert s.state_dir == Path("/tmp/x") and s.partitions is None
+
+
+def test_settings_round_trip_through_the_environment() -> None:
+    s = Settings(bootstrap="h:1", topic_prefix="p-", top_k=4, allow_random_weights=True, state_dir=Path("/s"))
+    assert Settings.from_env(s.to_env()) == s
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"SAMESTYLE_TOP_K": "many"}, "SAMESTYLE_TOP_K"),
+    ({"SAMESTYLE_ALLOW_RANDOM_WEIGHTS": "maybe"}, "boolean"),
+    ({"SAMESTYLE_DUPLICATE_THRESHOLD": "1.5"}, "duplicate_threshold"),
+    ({"SAMESTYLE_INDEX_KIND": "ivf"}, "index_kind"),
+    ({"SAMESTYLE_HEARTBEAT_INTERVAL_SECONDS": "10"}, "heartbeat"),
+])
+def test_bad_settings_fail_with_a_clear_message(env: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env(env)
+
+
+def test_no_bootstrap_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="SAMESTYLE_BOOTSTRAP"):
+        Settings().broker_url
+
+
+# ---------------------------------------------------------------------------------- embed step
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return create_encoder("tiny", "cpu", allow_random_weights=True)
+
+
+def listing(listing_id: str, title: str | None = "Red mug", **extra: object) -> dict:
+    record = {"listing_id": listing_id, "supplier_id": "s1", "category": "mugs", "title": title,
+              "description": "ceramic", "attributes": {"size": "350 ml"}, "image_uri": None, "image_bytes": None,
+              "op": "UPSERT", "event_time": 1_700_000_000_000}
+    record.update(extra)
+    return record
+
+
+def incoming(records: list[dict | bytes]) -> list[Incoming]:
+    out = []
+    for offset, r in enumerate(records):
+        value = r if isinstance(r, bytes) else codec_for_topic(LISTINGS).encode(r)
+        out.append(Incoming(b"k", value, "listings", 0, offset))
+    return out
+
+
+def png_bytes(colour: tuple[int, int, int] = (10, 200, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_embed_step_keeps_order_and_passes_deletes_through(encoder) -> None:
+    step = EmbedStep(encoder, Settings())
+    batch = incoming([listing("a", image_bytes=png_bytes()), listing("a", op="DELETE", title=None),
+                      listing("b", supplier_id=None)])
+    out, failures = step(batch)
+    assert not failures
+    records = [codec_for_topic("listing-embeddings").decode(o.value) for o in out]
+    assert [(r["listing_id"], r["op"]) for r in records] == [("a", "UPSERT"), ("a", "DELETE"), ("b", "UPSERT")]
+    assert records[0]["has_image"] and records[0]["vector_image"] is not None
+    assert not records[2]["has_image"] and records[2]["vector_image"] is None
+    assert records[2]["supplier_id"] == "_catalogue"  # no supplier: one catalogue-wide supplier
+    update = decode_embedding(out[0].value)
+    assert update.views is not None and update.views.shape == (len(VIEWS), encoder.dim)
+    assert np.linalg.norm(update.vector) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_embed_step_reports_each_bad_message_and_embeds_the_rest(encoder) -> None:
+    step = EmbedStep(encoder, Settings(max_text_chars=1000))
+    batch = incoming([b"\x00garbage", listing("no-title", title=" "), listing("huge", description="x" * 5000),
+                      listing("bad-img", image_bytes=b"not an image"), listing("ok")])
+    out, failures = step(batch)
+    assert [decode_embedding(o.value).listing_id for o in out] == ["ok"]
+    kinds = {f.incoming.offset: type(f.error).__name__ for f in failures}
+    assert kinds == {0: "DecodeError", 1: "InvalidListingError", 2: "InvalidListingError", 3: "ImageError"}
+    letter = codec_for_topic(DEAD_LETTERS).decode(failures[0].dead_letter())
+    assert letter["original_value"] == b"\x00garbage" and letter["offset"] == 0 and letter["stage"] == "embed"
+
+
+# ---------------------------------------------------------------------------------- index + search
+
+
+def update(listing_id: str, vec: np.ndarray, supplier: str = "s1", event_time: int = 0, op: str = "UPSERT",
+           image: np.ndarray | None = None) -> EmbeddingUpdate:
+    vec = (vec / np.linalg.norm(vec)).astype(np.float32)
+    has_image = image is not None
+    views = np.stack([image if has_image else np.zeros_like(vec), vec, vec]) if op != "DELETE" else None
+    return EmbeddingUpdate(listing_id, supplier, op, "test-v1", event_time, has_image, views,
+                           {"supplier_id": supplier, "category": None, "title": listing_id,
+                            "event_time": event_time, "has_image": has_image})
+
+
+def test_apply_updates_lets_the_last_op_per_listing_win() -> None:
+    index = LiveIndex(4, n_views=3)
+    e = np.eye(4, dtype=np.float32)
+    apply_updates(index, [update("a", e[0]), update("a", e[0], op="DELETE"), update("b", e[1]),
+                          update("b", e[2]), update("c", e[3], op="DELETE")])
+    assert index.ids() == ["b"]
+    np.testing.assert_allclose(index.get("b")[0], e[2])
+    apply_updates(index, [update("b", e[2])])  # replay: same state
+    assert len(index) == 1
+
+
+def test_search_alerts_once_per_pair_within_a_supplier_above_the_threshold() -> None:
+    index = LiveIndex(3, n_views=3)
+    settings = Settings(duplicate_threshold=0.95, top_k=5)
+    base = np.array([1.0, 0.0, 0.0])
+    updates = [update("old", base, event_time=1), update("new", base + [0, 0.05, 0], event_time=2),
+               update("other-supplier", base, supplier="s2", event_time=3),
+               update("far", np.array([0.0, 1.0, 0.0]), event_time=4)]
+    apply_updates(index, updates)
+    similar, alerts = SearchStep(index, settings)(updates)
+    assert len(similar) == 4
+    decoded = [codec_for_topic(DUPLICATE_ALERTS).decode(a.value) for a in alerts]
+    # "old" finds "new" too, but only the newer listing of a pair is alerted, as a copy of the older.
+    assert [(a["listing_id"], a["duplicate_of"]) for a in decoded] == [("new", "old")]
+    assert decoded[0]["scores"]["image"] is None  # neither has an image
+    assert decoded[0]["score"] >= 0.95
+    first = codec_for_topic(SIMILAR_PRODUCTS).decode(similar[0].value)
+    assert first["listing_id"] == "old"
+    assert [n["listing_id"] for n in first["neighbours"]][:2] in (["other-supplier", "new"], ["new", "other-supplier"])
+    assert "old" not in [n["listing_id"] for n in first["neighbours"]]
