@@ -1,0 +1,282 @@
+"""Helpers shared by the benchmark scripts: machine facts, ratios, percentiles, JSON output, and a
+real streaming stack (embedded broker + topics + one worker process) to measure end to end.
+
+Every benchmark prints exactly one JSON object on stdout with ``--json`` and logs to stderr, so
+``samestyle bench NAME --json > out.json`` captures only the result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("bench")
+
+
+# ---------------------------------------------------------------------------------- reporting
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """``numerator / denominator``; None when either side is missing or the denominator is 0."""
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return numerator / denominator
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile (0..100, linear interpolation between order statistics); None if empty."""
+    if not values:
+        return None
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"percentile q must be in [0, 100], got {q}")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def median(values: Sequence[float]) -> float | None:
+    return percentile(values, 50.0)
+
+
+def rounded(value: float | None, digits: int = 4) -> float | None:
+    """Round to ``digits`` significant digits (JSON readability); None stays None."""
+    if value is None or value == 0 or not math.isfinite(value):
+        return value
+    return round(value, max(0, digits - 1 - math.floor(math.log10(abs(value)))))
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    """What a reader needs to compare results: CPU, cores, memory, load, library versions."""
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    try:
+        info["load_average_1m"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("MemTotal"):
+                    info["memory_gib"] = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    import numpy
+
+    info["numpy"] = numpy.__version__
+    for name in ("torch", "faiss"):
+        module = sys.modules.get(name)
+        if module is not None:
+            info[name] = getattr(module, "__version__", "?")
+    if "torch" in sys.modules:
+        info["torch_threads"] = sys.modules["torch"].get_num_threads()
+    return info
+
+
+def emit(result: dict[str, Any], as_json: bool) -> None:
+    """Print the result: one JSON object (``--json``) or indented JSON for a person."""
+    if as_json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    sys.stdout.flush()
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Progress to stderr; stdout is kept for the JSON result."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s: %(message)s", force=True)
+    for noisy in ("kafka", "aiokafka", "faiss.loader", "models.encoder", "streams.broker"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def positive_int_list(text: str) -> list[int]:
+    """argparse type: ``"2,5,10"`` -> ``[2, 5, 10]``."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise ValueError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def positive_float_list(text: str) -> list[float]:
+    """argparse type: ``"0.5,2,10"`` -> ``[0.5, 2.0, 10.0]``."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not v > 0 for v in values):
+        raise ValueError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+# ------------------------------------------------------------------------------ sample data
+
+
+def sample_messages(count: int, directory: Path, image_mode: str = "bytes") -> list[dict[str, Any]]:
+    """``count`` listings records of the demo's generated catalogue (images included).
+
+    The sample has about 1.4 listings per product (near copies and resold products), so enough
+    products are generated to cover ``count``.
+    """
+    from models.data import read_listings
+    from models.sample import generate_sample
+    from streams.io import listing_message
+
+    products = max(1, math.ceil(count / 1.4) + 2)
+    while True:
+        listings_csv, _ = generate_sample(directory / f"sample-{products}", n_products=products)
+        records = read_listings(listings_csv)
+        if len(records) >= count:
+            break
+        products = math.ceil(products * 1.2) + 1
+    return [listing_message(r, image_mode=image_mode) for r in records[:count]]
+
+
+def listing_inputs(messages: Sequence[dict[str, Any]]) -> list[Any]:
+    """``ListingInput`` objects of listings records, images read into memory."""
+    from models import ListingInput
+
+    out = []
+    for m in messages:
+        image = m.get("image_bytes")
+        if image is None and m.get("image_uri"):
+            image = Path(m["image_uri"]).read_bytes()
+        out.append(ListingInput(m["listing_id"], m["title"], m.get("description") or "",
+                                dict(m.get("attributes") or {}), image, m.get("category")))
+    return out
+
+
+def time_encoder(encoder: Any, inputs: Sequence[Any], batch_size: int) -> tuple[float, list[float]]:
+    """Encode ``inputs`` as the embed step does (prepare each, embed per batch).
+
+    Returns ``(total seconds, seconds of each batch)``.
+    """
+    batches: list[float] = []
+    start = time.perf_counter()
+    for i in range(0, len(inputs), batch_size):
+        t0 = time.perf_counter()
+        encoder.embed([encoder.prepare(x) for x in inputs[i:i + batch_size]])
+        batches.append(time.perf_counter() - t0)
+    return time.perf_counter() - start, batches
+
+
+# --------------------------------------------------------------------------- streaming stack
+
+
+@dataclass
+class Stack:
+    """An isolated samestyle deployment: embedded broker, created topics, one worker process."""
+
+    settings: Any  # streams.settings.Settings
+    specs: dict[str, Any]
+    worker: Any  # streams.worker.WorkerProcess
+    run_dir: Path
+
+    def check(self) -> None:
+        """Raise with the worker's log tail when the worker has died."""
+        self.worker.check_alive()
+
+
+@contextmanager
+def streaming_stack(encoder: str, batch_size: int, run_dir: Path | None = None,
+                    worker_env: dict[str, str] | None = None, **overrides: Any) -> Iterator[Stack]:
+    """Start tansu, create the topics (unique prefix), start one ``samestyle worker`` process.
+
+    ``worker_env`` adds environment variables to the worker (e.g. ``OMP_NUM_THREADS``).
+    """
+    from streams.broker import EmbeddedBroker, create_topics
+    from streams.settings import Settings
+    from streams.worker import WorkerProcess
+    from topics import topic_specs
+
+    run_dir = run_dir or Path(tempfile.mkdtemp(prefix="samestyle-bench-"))
+    run = uuid.uuid4().hex[:8]
+    with EmbeddedBroker(log_path=run_dir / "broker.log") as broker:
+        settings = Settings(
+            bootstrap=broker.bootstrap, topic_prefix=f"b{run}-", app_id=f"samestyle-bench-{run}",
+            encoder=encoder, allow_random_weights=(encoder == "tiny"), batch_size=batch_size,
+            state_dir=run_dir / "state", web_port=0, **overrides)
+        specs = topic_specs(settings.topic_prefix, settings.partitions)
+        create_topics(broker.bootstrap, specs.values())
+        worker = WorkerProcess(settings, run_dir / "worker.log", extra_env=worker_env).start()
+        log.info("worker pid %d, logs in %s", worker.pid, run_dir)
+        try:
+            yield Stack(settings, specs, worker, run_dir)
+        finally:
+            worker.stop()
+
+
+def encode_listing(record: dict[str, Any]) -> tuple[bytes, bytes]:
+    from topics import LISTINGS, codec_for_topic
+
+    return record["listing_id"].encode(), codec_for_topic(LISTINGS).encode(record)
+
+
+async def wait_indexed(stack: Stack, reader: Any, ids: set[str], timeout: float) -> dict[str, dict[str, Any]]:
+    """Poll until every id in ``ids`` has a similar-products message (or was dead-lettered).
+
+    Returns ``listing_id -> first similar-products message``; raises TimeoutError with the
+    worker's log tail when ``timeout`` passes first.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        await reader.poll(timeout=0.1)
+        out = reader.outputs
+        done = {m["listing_id"] for m in out.similar} | out.dead_lettered_ids
+        if ids <= done:
+            break
+        stack.check()
+        if time.monotonic() > deadline:
+            missing = len(ids - done)
+            raise TimeoutError(f"{missing} of {len(ids)} listings not indexed in {timeout:.0f} s; "
+                               f"worker log {stack.worker.log_path}:\n{stack.worker.log_tail(20)}")
+    first: dict[str, dict[str, Any]] = {}
+    for m in reader.outputs.similar:
+        if m["listing_id"] in ids:
+            first.setdefault(m["listing_id"], m)
+    return first
+
+
+def run_async(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+__all__ = [
+    "Stack", "emit", "encode_listing", "listing_inputs", "machine_info", "median", "percentile",
+    "positive_float_list", "positive_int_list", "ratio", "rounded", "run_async", "sample_messages",
+    "setup_logging", "streaming_stack", "time_encoder", "wait_indexed",
+]

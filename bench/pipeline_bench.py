@@ -1,0 +1,272 @@
+"""Listings/s through the whole streaming path, against the raw encoder on the same listings.
+
+Pipeline: embedded broker, topics created, one real ``samestyle worker`` process; listings of the
+demo's generated catalogue (images included) are produced, embedded, indexed, and their
+similar-products messages emitted. A warm-up set goes first and is waited for (model load and
+consumer-group join are excluded); the clock then runs from the first produce of the measured set
+to the ``emitted_at`` of its last similar-products message.
+
+Encoder: the same listings through ``encoder.prepare`` + ``encoder.embed`` in batches of the same
+size, in this one process, timed before and after the pipeline run (the machine is shared and
+noisy: the mean of the two runs is the denominator, both are reported).
+
+    samestyle bench pipeline --json [--n 256] [--batch-size 32] [--encoder default|tiny]
+
+``ratio = pipeline_listings_per_second / encoder_listings_per_second``; the goal is >= 0.9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.common import (Stack, emit, encode_listing, listing_inputs, machine_info, median, ratio, rounded,
+                          sample_messages, setup_logging, streaming_stack, time_encoder, wait_indexed)
+
+GOAL_RATIO = 0.9
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="samestyle bench pipeline", description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=256, help="measured listings (default 256)")
+    p.add_argument("--batch-size", type=int, default=32, help="worker and encoder batch size (default 32)")
+    p.add_argument("--encoder", default="default", help="encoder spec: default, tiny, a JSON config or model dir")
+    p.add_argument("--warmup", type=int, help="warm-up listings before the clock starts (default: 2 batches)")
+    p.add_argument("--image-mode", choices=("bytes", "uri"), default="bytes",
+                   help="images inline in the listings messages (bytes) or as file paths (uri)")
+    p.add_argument("--torch-threads", type=int,
+                   help="OMP/MKL threads of the worker and torch threads of the raw encoder (default: torch's)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the measured set")
+    p.add_argument("--profile", type=Path, help="py-spy the worker during the measured window; raw stacks to PATH")
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    p.add_argument("--plot", type=Path, help="write a PNG bar chart to PATH")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def pipeline_result(n: int, pipeline_seconds: float, encoder_seconds: Sequence[float]) -> dict[str, Any]:
+    """Both rates and their ratio (the encoder rate is the mean of its timed runs)."""
+    pipeline_lps = n / pipeline_seconds
+    encoder_runs = [n / s for s in encoder_seconds]
+    encoder_lps = sum(encoder_runs) / len(encoder_runs)
+    r = ratio(pipeline_lps, encoder_lps)
+    return {
+        "pipeline_listings_per_second": pipeline_lps,
+        "pipeline_seconds": pipeline_seconds,
+        "encoder_listings_per_second": encoder_lps,
+        "encoder_runs_listings_per_second": encoder_runs,
+        "ratio": r,
+        "goal_ratio": GOAL_RATIO,
+        "goal_met": r is not None and r >= GOAL_RATIO,
+    }
+
+
+class Profiler:
+    """``py-spy record`` of one process, raw (collapsed) stacks, stopped with SIGINT."""
+
+    def __init__(self, pid: int, path: Path, rate: int = 50) -> None:
+        self.path = path
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid), "--rate", str(rate),
+             "--format", "raw", "--threads", "--output", str(path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
+    """Samples per thread and the functions that take the most samples, inclusive and self."""
+    threads: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    leaf: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        total += count
+        threads[frames[0]] += count
+        names = [f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1] + ")"
+                 for f in frames[1:]]
+        for name in set(names):
+            inclusive[name] += count
+        if names:
+            leaf[names[-1]] += count
+
+    def share(counter: collections.Counter[str]) -> list[dict[str, Any]]:
+        return [{"name": k, "share": round(v / total, 3)} for k, v in counter.most_common(top)]
+
+    return {"samples": total, "threads": share(threads), "inclusive": share(inclusive), "self": share(leaf)}
+
+
+async def _embedded_at(stack: Stack, ids: set[str], timeout: float = 20.0) -> dict[str, int]:
+    """``listing_id -> embedded_at`` read back from the listing-embeddings topic (stage timing)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from topics import LISTING_EMBEDDINGS, codec_for_topic
+
+    spec = stack.specs[LISTING_EMBEDDINGS]
+    codec = codec_for_topic(LISTING_EMBEDDINGS)
+    consumer = AIOKafkaConsumer(bootstrap_servers=stack.settings.bootstrap_servers, group_id=None,
+                                enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=100)
+    await consumer.start()
+    out: dict[str, int] = {}
+    try:
+        tps = [TopicPartition(spec.name, p) for p in range(spec.partitions)]
+        consumer.assign(tps)
+        for tp in tps:
+            await consumer.seek_to_beginning(tp)
+        deadline = time.monotonic() + timeout
+        while not ids <= set(out) and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=200, max_records=10_000)).values():
+                for record in records:
+                    value = codec.decode(record.value)
+                    if value["listing_id"] in ids:
+                        out.setdefault(value["listing_id"], value["embedded_at"])
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def _measure_pipeline(stack: Stack, warm: list[dict[str, Any]], measured: list[dict[str, Any]],
+                            timeout: float, profile: Path | None) -> dict[str, Any]:
+    from streams.io import OutputReader, send_records
+    from topics import LISTINGS
+
+    topic = stack.specs[LISTINGS].name
+    async with OutputReader(stack.settings, stack.specs) as reader:
+        started = time.monotonic()
+        await send_records(stack.settings, topic, [encode_listing(m) for m in warm])
+        await wait_indexed(stack, reader, {m["listing_id"] for m in warm}, timeout=max(timeout, 300.0))
+        print(f"warm-up: {len(warm)} listings indexed in {time.monotonic() - started:.1f} s "
+              "(model load + group join + first batches)", file=sys.stderr)
+        payload = [encode_listing(m) for m in measured]  # encoded before the clock starts
+        profiler = Profiler(stack.worker.pid, profile) if profile is not None else None
+        t0 = time.time()
+        await send_records(stack.settings, topic, payload)
+        produced = time.time()
+        ids = {m["listing_id"] for m in measured}
+        first = await wait_indexed(stack, reader, ids, timeout=timeout)
+        if profiler is not None:
+            profiler.stop()
+        dead = len(ids - set(first))
+    if dead:
+        raise RuntimeError(f"{dead} measured listings were dead-lettered; see {stack.worker.log_path}")
+    t_end = max(m["emitted_at"] for m in first.values()) / 1000.0
+    embedded = await _embedded_at(stack, ids)
+    batches = collections.Counter(embedded.values())
+    emitted = collections.Counter(m["emitted_at"] for m in first.values())
+    return {
+        "t0": t0,
+        "seconds": t_end - t0,
+        "produce_seconds": produced - t0,
+        "last_embedded_after_seconds": (max(embedded.values()) / 1000.0 - t0) if embedded else None,
+        "embed_batches": len(batches),
+        "embed_batch_size_mean": len(embedded) / len(batches) if batches else None,
+        "search_batches": len(emitted),
+        "search_batch_size_mean": len(first) / len(emitted),
+    }
+
+
+def _plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=80)
+    names = ["raw encoder", "pipeline"]
+    values = [result["encoder_listings_per_second"], result["pipeline_listings_per_second"]]
+    bars = ax.bar(names, values, color=["#888888", "#3b75af"])
+    ax.bar_label(bars, fmt="%.2f")
+    ax.set_ylabel("listings / s")
+    ax.set_title(f"{result['encoder']} encoder, batch {result['batch_size']}, n={result['n']}: "
+                 f"ratio {result['ratio']:.2f} (goal {GOAL_RATIO})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.n < 1 or args.batch_size < 1:
+        raise SystemExit("--n and --batch-size must be >= 1")
+    setup_logging(args.verbose)
+    warmup = args.warmup if args.warmup is not None else 2 * args.batch_size
+    tmp = Path(tempfile.mkdtemp(prefix="samestyle-bench-pipeline-"))
+    messages = sample_messages(warmup + args.n, tmp, image_mode=args.image_mode)
+    warm, measured = messages[:warmup], messages[warmup:]
+    with_images = sum(1 for m in measured if m.get("image_bytes") or m.get("image_uri"))
+
+    import torch
+
+    from models import encoder_from_spec
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    encoder = encoder_from_spec(args.encoder, allow_random_weights=args.encoder == "tiny")
+    warm_inputs, inputs = listing_inputs(warm), listing_inputs(measured)
+
+    def encoder_run(label: str) -> tuple[float, list[float]]:
+        time_encoder(encoder, warm_inputs[:args.batch_size], args.batch_size)  # first pass is slower
+        seconds, batches = time_encoder(encoder, inputs, args.batch_size)
+        print(f"raw encoder ({label}): {args.n / seconds:.2f} listings/s", file=sys.stderr)
+        return seconds, batches
+
+    before, batches_before = encoder_run("before")
+    worker_env = None
+    if args.torch_threads:
+        worker_env = {"OMP_NUM_THREADS": str(args.torch_threads), "MKL_NUM_THREADS": str(args.torch_threads)}
+    with streaming_stack(args.encoder, args.batch_size, run_dir=tmp, worker_env=worker_env) as stack:
+        stages = asyncio.run(_measure_pipeline(stack, warm, measured, args.timeout, args.profile))
+    print(f"pipeline: {args.n / stages['seconds']:.2f} listings/s", file=sys.stderr)
+    after, batches_after = encoder_run("after")
+
+    result = pipeline_result(args.n, stages["seconds"], [before, after])
+    result.update({
+        "n": args.n,
+        "batch_size": args.batch_size,
+        "encoder": args.encoder,
+        "encoder_version": encoder.version,
+        "encoder_batch_seconds_median": median(batches_before + batches_after),
+        "warmup": warmup,
+        "listings_with_images": with_images,
+        "image_mode": args.image_mode,
+        "torch_threads": args.torch_threads or torch.get_num_threads(),
+        "stages": {k: (rounded(v) if isinstance(v, float) else v) for k, v in stages.items() if k != "t0"},
+        "machine": machine_info(),
+        "run_dir": str(tmp),
+    })
+    if args.profile is not None and args.profile.exists():
+        result["profile"] = summarize_profile(args.profile)
+        result["profile_path"] = str(args.profile)
+    for key in ("pipeline_listings_per_second", "encoder_listings_per_second", "pipeline_seconds",
+                "encoder_batch_seconds_median"):
+        result[key] = rounded(result[key])
+    result["encoder_runs_listings_per_second"] = [rounded(v) for v in result["encoder_runs_listings_per_second"]]
+    if args.plot is not None:
+        _plot(result, args.plot)
+    emit(result, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
