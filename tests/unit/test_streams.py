@@ -154,3 +154,12 @@ def test_search_alerts_once_per_pair_within_a_supplier_above_the_threshold() -> 
     assert first["listing_id"] == "old"
     assert [n["listing_id"] for n in first["neighbours"]][:2] in (["other-supplier", "new"], ["new", "other-supplier"])
     assert "old" not in [n["listing_id"] for n in first["neighbours"]]
+
+
+def test_the_readme_documents_every_setting() -> None:
+    import dataclasses
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [f"SAMESTYLE_{f.name.upper()}" for f in dataclasses.fields(Settings)
+               if f"`SAMESTYLE_{f.name.upper()}`" not in readme]
+    assert not missing, f"README's configuration table lacks {missing}"

@@ -1,0 +1,482 @@
+"""The unified single-stream model: one transformer reads text and image tokens together.
+
+    text tokens  [L, Dt] ─ LN, Linear ─┐
+    image tokens [P, Di] ─ LN, Linear ─┼─ + type / position ─► [CLS, text..., image...]
+                                       │        │
+                                       │   TransformerEncoder (``layers`` x pre-norm)
+                                       │        │
+                                       └─► mean of inputs ─ skip ─┐   CLS ⊕ mean(outputs) ─ head ─┐
+                                                                  └───────────── + ───────────────┴─► L2-normalise
+
+Masking a modality out of the sequence gives the other views from the same weights: IT reads
+both, T reads the text alone, I the image alone (the paper's "Cross-BERT"). Dropping a
+modality's tokens from the sequence is exactly a key-padding mask over them, so a view is built
+from the tokens it may see; a listing without an image gets its IT from the text and an all-zero
+I row, as :class:`models.encoder.Embeddings` requires.
+
+The skip path (a linear map of the mean input token) starts the model near the backbone's own
+pooled embedding, which is already a good text space, so the contrastive unit refines rather
+than rebuilds it.
+
+:class:`CrossScorer` is the optional re-ranking stage for the duplicate decision: it reads the
+fused IT tokens of *both* listings in one sequence, plus their cosine and a few lexical overlap
+features, and returns a match logit. Retrieval stays one index search over bi-encoder vectors.
+
+A trained model lives in a directory: ``encoder.json`` (the :class:`EncoderConfig`,
+``fusion: "unified"``), ``unified.json`` (:class:`UnifiedConfig`), ``weights.pt`` (the trained
+parts), ``manifest.json`` (the data it saw) and ``metrics.json`` (its validation metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.backbones import HFTextBackbone, ImageBackbone, build_image_backbone, build_text_backbone
+from models.encoder import (
+    ALLOW_RANDOM_WEIGHTS_ENV,
+    MODEL_DIR_CONFIG,
+    Embeddings,
+    Encoder,
+    EncoderConfig,
+    ListingInput,
+    PreparedListing,
+    listing_text,
+)
+from models.features import image_tokens, text_tokens
+from topics.errors import ConfigError, ImageError, InvalidListingError, MissingWeightsError
+
+logger = logging.getLogger(__name__)
+
+FUSION_NAME = "unified"
+UNIFIED_CONFIG = "unified.json"
+WEIGHTS_FILE = "weights.pt"
+MANIFEST_FILE = "manifest.json"
+METRICS_FILE = "metrics.json"
+N_LEXICAL = 6
+
+__all__ = [
+    "FUSION_NAME",
+    "CrossScorer",
+    "UnifiedConfig",
+    "UnifiedEncoder",
+    "UnifiedFusion",
+    "is_unified_model_dir",
+    "lexical_features",
+    "load_unified_model",
+    "save_unified_model",
+]
+
+
+@dataclass(frozen=True)
+class UnifiedConfig:
+    """Architecture of the fusion and the cross-scorer (the backbones are in EncoderConfig)."""
+
+    dim: int = 256  # width of every view's embedding
+    hidden: int = 256  # transformer width
+    layers: int = 2
+    heads: int = 4
+    ffn: int = 512
+    dropout: float = 0.1
+    image_grid: int = 4  # image feature map pooled to grid x grid tokens
+    skip: bool = True  # the mean-input skip path (ablation switch)
+    scorer_layers: int = 2  # 0: no cross-scorer
+    scorer_lexical: bool = True  # feed lexical overlap features to the scorer head
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "hidden", "layers", "heads", "ffn", "image_grid"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"unified config: {name} must be a positive int, got {value!r}")
+        if self.hidden % self.heads:
+            raise ConfigError("unified config: hidden must be a multiple of heads")
+        if self.scorer_layers < 0 or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("unified config: scorer_layers >= 0 and 0 <= dropout < 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> UnifiedConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown unified config keys {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def _transformer(width: int, layers: int, heads: int, ffn: int, dropout: float) -> nn.Module:
+    layer = nn.TransformerEncoderLayer(
+        width, heads, ffn, dropout, activation="gelu", batch_first=True, norm_first=True
+    )
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+
+def _drop_tokens(mask: torch.Tensor, rate: float) -> torch.Tensor:
+    """Randomly hide a fraction of the valid tokens, keeping at least one per row that has one."""
+    if rate <= 0.0:
+        return mask
+    keep = (torch.rand(mask.shape, device=mask.device) >= rate) & mask
+    empty = ~keep.any(dim=1) & mask.any(dim=1)
+    if empty.any():
+        first = mask.float().argmax(dim=1)  # first valid token of each row
+        keep[empty, first[empty]] = True
+    return keep
+
+
+class UnifiedFusion(nn.Module):
+    """Single-stream fusion over backbone tokens; :meth:`forward` gives one view's embeddings."""
+
+    def __init__(self, config: UnifiedConfig, text_dim: int, image_dim: int) -> None:
+        super().__init__()
+        h = config.hidden
+        self.config = config
+        self.text_in = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, h))
+        self.image_in = nn.Sequential(nn.LayerNorm(image_dim), nn.Linear(image_dim, h))
+        self.type_embedding = nn.Embedding(3, h)  # 0: CLS, 1: text, 2: image
+        self.image_position = nn.Parameter(torch.zeros(config.image_grid**2, h))
+        self.cls = nn.Parameter(torch.zeros(1, 1, h))
+        nn.init.normal_(self.image_position, std=0.02)
+        nn.init.normal_(self.cls, std=0.02)
+        self.encoder = _transformer(h, config.layers, config.heads, config.ffn, config.dropout)
+        self.norm = nn.LayerNorm(h)
+        self.head = nn.Linear(2 * h, config.dim)
+        self.skip = nn.Linear(h, config.dim) if config.skip else None
+
+    def forward(
+        self,
+        view: str,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        image: torch.Tensor,
+        has_image: torch.Tensor,
+        token_drop: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embed one view.
+
+        Args:
+            view: ``"I"``, ``"T"`` or ``"IT"``.
+            text: ``[B, L, Dt]`` token states; text_mask: ``[B, L]`` bool (True = a token).
+            image: ``[B, P, Di]`` (P may be 0 when no listing has an image); has_image: ``[B]``.
+            token_drop: fraction of tokens hidden at random (the "transformed view").
+
+        Returns:
+            ``(embedding [B, dim] unit rows, zero where the view has no token,
+            tokens [B, S, hidden], key mask [B, S] bool)``; token 0 is CLS.
+        """
+        if view not in ("I", "T", "IT"):
+            raise ValueError(f"unknown view {view!r}")
+        batch = text.shape[0]
+        device = text.device
+        parts = [self.cls.expand(batch, -1, -1) + self.type_embedding.weight[0]]
+        masks = [torch.ones(batch, 1, dtype=torch.bool, device=device)]
+        if "T" in view:
+            parts.append(self.text_in(text) + self.type_embedding.weight[1])  # [B, L, h]
+            masks.append(_drop_tokens(text_mask, token_drop))
+        if "I" in view and image.shape[1] > 0:
+            p = image.shape[1]
+            tokens = self.image_in(image) + self.image_position[:p] + self.type_embedding.weight[2]
+            parts.append(tokens)  # [B, P, h]
+            image_mask = has_image.unsqueeze(1).expand(-1, p)
+            masks.append(_drop_tokens(image_mask, token_drop))
+        x = torch.cat(parts, dim=1)  # [B, S, h]
+        mask = torch.cat(masks, dim=1)  # [B, S]
+        content = mask[:, 1:].float().unsqueeze(-1)  # [B, S-1, 1]
+        count = content.sum(dim=1)  # [B, 1]
+        out = self.norm(self.encoder(x, src_key_padding_mask=~mask))  # [B, S, h]
+        pooled = (out[:, 1:] * content).sum(dim=1) / count.clamp(min=1.0)  # [B, h]
+        z = self.head(torch.cat([out[:, 0], pooled], dim=-1))  # [B, dim]
+        if self.skip is not None:
+            z = z + self.skip((x[:, 1:] * content).sum(dim=1) / count.clamp(min=1.0))
+        z = F.normalize(z, dim=-1) * (count > 0).to(z.dtype)  # zero rows: nothing to see
+        return z, out, mask
+
+
+class CrossScorer(nn.Module):
+    """Match logit of a listing pair from both listings' fused tokens (re-ranking stage)."""
+
+    def __init__(self, config: UnifiedConfig) -> None:
+        super().__init__()
+        h = config.hidden
+        self.lexical = config.scorer_lexical
+        self.segment = nn.Embedding(2, h)
+        self.cls = nn.Parameter(torch.zeros(1, 1, h))
+        nn.init.normal_(self.cls, std=0.02)
+        self.encoder = _transformer(h, config.scorer_layers, config.heads, config.ffn, config.dropout)
+        self.norm = nn.LayerNorm(h)
+        extra = 1 + (N_LEXICAL if self.lexical else 0)
+        self.out = nn.Sequential(nn.Linear(h + extra, h), nn.GELU(), nn.Linear(h, 1))
+
+    def forward(
+        self,
+        tokens_a: torch.Tensor,
+        mask_a: torch.Tensor,
+        tokens_b: torch.Tensor,
+        mask_b: torch.Tensor,
+        cosine: torch.Tensor,
+        lexical: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """tokens: ``[B, S, h]`` fused IT tokens, masks ``[B, S]``; cosine ``[B]``; lexical
+        ``[B, N_LEXICAL]``. Returns logits ``[B]``."""
+        batch = tokens_a.shape[0]
+        x = torch.cat(
+            [self.cls.expand(batch, -1, -1), tokens_a + self.segment.weight[0], tokens_b + self.segment.weight[1]],
+            dim=1,
+        )  # [B, 1 + Sa + Sb, h]
+        ones = torch.ones(batch, 1, dtype=torch.bool, device=x.device)
+        mask = torch.cat([ones, mask_a, mask_b], dim=1)
+        cls = self.norm(self.encoder(x, src_key_padding_mask=~mask))[:, 0]  # [B, h]
+        feats = [cls, cosine.unsqueeze(1)]
+        if self.lexical:
+            if lexical is None:
+                raise ValueError("this scorer needs lexical features")
+            feats.append(lexical)
+        return self.out(torch.cat(feats, dim=1)).squeeze(1)
+
+
+# -------------------------------------------------------------------------- lexical features
+
+_WORD = re.compile(r"[a-z0-9]+(?:[-./][a-z0-9]+)*")
+
+
+def _words(text: str) -> set[str]:
+    return set(_WORD.findall(text.lower()))
+
+
+def _codes(words: set[str]) -> set[str]:
+    """Model-number-like tokens (letters and digits mixed, or long numbers), punctuation
+    removed, so "KDL-40V4100" and "kdl40v4100" agree."""
+    out = set()
+    for w in words:
+        flat = re.sub(r"[-./]", "", w)
+        if len(flat) >= 4 and any(c.isdigit() for c in flat) and (any(c.isalpha() for c in flat) or len(flat) >= 5):
+            out.add(flat)
+    return out
+
+
+def _jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / len(a | b) if a or b else 0.0
+
+
+def lexical_features(text_a: str, text_b: str, title_chars: int = 200) -> list[float]:
+    """``N_LEXICAL`` overlap features of two listing texts: word Jaccard (all, first
+    ``title_chars`` characters), model-code Jaccard, any shared code, one side's codes all in
+    the other's text, character-trigram Jaccard of the leading text."""
+    wa, wb = _words(text_a), _words(text_b)
+    ta, tb = _words(text_a[:title_chars]), _words(text_b[:title_chars])
+    ca, cb = _codes(wa), _codes(wb)
+    flat_a = re.sub(r"[^a-z0-9]", "", text_a.lower())
+    flat_b = re.sub(r"[^a-z0-9]", "", text_b.lower())
+    contained = 0.0
+    if ca and all(c in flat_b for c in _codes(ta)) and _codes(ta):
+        contained = 1.0
+    if cb and all(c in flat_a for c in _codes(tb)) and _codes(tb):
+        contained = 1.0
+    ga = {text_a[:title_chars].lower()[i : i + 3] for i in range(max(0, min(len(text_a), title_chars) - 2))}
+    gb = {text_b[:title_chars].lower()[i : i + 3] for i in range(max(0, min(len(text_b), title_chars) - 2))}
+    return [
+        _jaccard(wa, wb),
+        _jaccard(ta, tb),
+        _jaccard(ca, cb),
+        float(bool(ca & cb)),
+        contained,
+        _jaccard(ga, gb),
+    ]
+
+
+# ---------------------------------------------------------------------------------- encoder
+
+
+class UnifiedEncoder(Encoder):
+    """The trained unified model behind the :class:`~models.encoder.Encoder` interface."""
+
+    fusion_name = FUSION_NAME
+
+    def __init__(
+        self,
+        config: EncoderConfig,
+        unified: UnifiedConfig,
+        text_backbone: HFTextBackbone,
+        image_backbone: ImageBackbone,
+        fusion: UnifiedFusion,
+        scorer: CrossScorer | None,
+        device: str,
+    ) -> None:
+        self.config = config
+        self.unified = unified
+        self.version = config.version
+        self.device = device
+        self.dim = unified.dim
+        self.text_backbone = text_backbone.to(device).eval()
+        self.image_backbone = image_backbone.to(device).eval()
+        self.fusion = fusion.to(device).eval()
+        self.scorer = scorer.to(device).eval() if scorer is not None else None
+        self._preprocess = config.image_preprocessing()
+        self._max_chars = config.max_text_tokens * 32
+        self._lock = threading.Lock()  # tokenizer and model are not safe under concurrent calls
+
+    def __repr__(self) -> str:
+        return f"UnifiedEncoder(version={self.version!r}, dim={self.dim}, device={self.device!r})"
+
+    def prepare(self, listing: ListingInput) -> PreparedListing:
+        if not isinstance(listing.listing_id, str) or not listing.listing_id:
+            raise InvalidListingError(
+                f"listing id must be a non-empty string, got {listing.listing_id!r}"
+            )
+        text = listing_text(listing, self._max_chars)
+        image = None
+        if listing.image is not None:
+            if not isinstance(listing.image, (bytes, bytearray, memoryview)):
+                raise InvalidListingError(f"listing {listing.listing_id!r}: image must be bytes")
+            try:
+                image = self._preprocess(bytes(listing.image))  # [3, S, S]
+            except ImageError as exc:
+                raise ImageError(f"listing {listing.listing_id!r}: {exc}") from exc
+        return PreparedListing(listing.listing_id, text, image, listing.category)
+
+    def _tokens(
+        self, batch: Sequence[PreparedListing]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = len(batch)
+        size = self.config.image_size
+        autocast = torch.autocast("cuda", dtype=torch.float16, enabled=self.device.startswith("cuda"))
+        with autocast:
+            text, mask = text_tokens(self.text_backbone, [p.text for p in batch], self.config.max_text_tokens)
+        grid = self.unified.image_grid
+        image = torch.zeros(n, 0, self.image_backbone.dim, device=text.device)
+        has_image = torch.zeros(n, dtype=torch.bool, device=text.device)
+        rows = [k for k, p in enumerate(batch) if p.image is not None]
+        if rows:
+            for k in rows:
+                if tuple(batch[k].image.shape) != (3, size, size):  # type: ignore[union-attr]
+                    raise ValueError(
+                        f"listing {batch[k].listing_id!r} was prepared for another encoder"
+                    )
+            pixels = torch.stack([batch[k].image for k in rows]).to(self.device)  # type: ignore[misc]
+            with autocast:
+                tokens = image_tokens(self.image_backbone, pixels, grid).float()  # [m, P, Di]
+            image = torch.zeros(n, tokens.shape[1], tokens.shape[2], device=text.device)
+            index = torch.tensor(rows, device=text.device)
+            image[index] = tokens
+            has_image[index] = True
+        return text.float(), mask, image, has_image
+
+    def embed(self, batch: Sequence[PreparedListing]) -> Embeddings:
+        if len(batch) == 0:
+            return Embeddings.empty(self.dim)
+        with self._lock, torch.inference_mode():
+            text, mask, image, has_image = self._tokens(batch)
+            views = {v: self.fusion(v, text, mask, image, has_image)[0] for v in ("I", "T", "IT")}
+            arrays = {v: np.ascontiguousarray(z.float().cpu().numpy(), dtype=np.float32) for v, z in views.items()}
+        return Embeddings(
+            image=arrays["I"], text=arrays["T"], image_text=arrays["IT"], has_image=has_image.cpu().numpy()
+        )
+
+    def score_pairs(
+        self, left: Sequence[PreparedListing], right: Sequence[PreparedListing]
+    ) -> np.ndarray:
+        """Match probability of each pair ``(left[k], right[k])`` from the cross-scorer."""
+        if self.scorer is None:
+            raise ConfigError(f"model {self.version} has no cross-scorer (scorer_layers=0)")
+        if len(left) != len(right):
+            raise ValueError("left and right must have the same length")
+        if not left:
+            return np.zeros(0, dtype=np.float32)
+        with self._lock, torch.inference_mode():
+            za, ta, ma = self.fusion("IT", *self._tokens(left))
+            zb, tb, mb = self.fusion("IT", *self._tokens(right))
+            lexical = torch.tensor(
+                [lexical_features(a.text, b.text) for a, b in zip(left, right, strict=True)],
+                dtype=torch.float32,
+                device=za.device,
+            )
+            logits = self.scorer(ta, ma, tb, mb, (za * zb).sum(dim=1), lexical)
+        return torch.sigmoid(logits).float().cpu().numpy()
+
+
+# ------------------------------------------------------------------------------ model dirs
+
+
+def is_unified_model_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a directory holding a trained unified model."""
+    path = Path(path)
+    return (path / MODEL_DIR_CONFIG).is_file() and (path / UNIFIED_CONFIG).is_file()
+
+
+def save_unified_model(
+    out_dir: Path,
+    config: EncoderConfig,
+    unified: UnifiedConfig,
+    fusion: UnifiedFusion,
+    scorer: CrossScorer | None,
+    manifest: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    backbones: Mapping[str, nn.Module] | None = None,
+) -> None:
+    """Write a model directory (see the module docstring). ``backbones`` holds fine-tuned
+    backbones to save too (``{"text": ..., "image": ...}``); frozen ones are rebuilt from specs."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state: dict[str, Any] = {"fusion": fusion.state_dict()}
+    if scorer is not None:
+        state["scorer"] = scorer.state_dict()
+    for name, module in (backbones or {}).items():
+        state[f"{name}_backbone"] = module.state_dict()
+    torch.save(state, out_dir / WEIGHTS_FILE)
+    (out_dir / MODEL_DIR_CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    (out_dir / UNIFIED_CONFIG).write_text(json.dumps(unified.to_dict(), indent=2) + "\n")
+    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+
+
+def load_unified_model(
+    path: str | Path, device: str = "cpu", *, allow_random_weights: bool = False
+) -> UnifiedEncoder:
+    """Load a trained model directory. Backbones come from their specs (or from the saved
+    fine-tuned weights); random test backbones need ``allow_random_weights``.
+
+    Raises:
+        ConfigError: not a unified model directory, or random backbones without permission.
+        MissingWeightsError: ``weights.pt`` or the backbones' pretrained weights are missing.
+    """
+    import os
+
+    path = Path(path)
+    if not is_unified_model_dir(path):
+        raise ConfigError(f"{path} is not a unified model directory ({MODEL_DIR_CONFIG} + {UNIFIED_CONFIG})")
+    config = EncoderConfig.from_json(path / MODEL_DIR_CONFIG)
+    if config.fusion != FUSION_NAME:
+        raise ConfigError(f"{path}: fusion is {config.fusion!r}, expected {FUSION_NAME!r}")
+    unified = UnifiedConfig.from_dict(json.loads((path / UNIFIED_CONFIG).read_text()))
+    env = os.environ.get(ALLOW_RANDOM_WEIGHTS_ENV, "").strip().lower() in ("1", "true", "yes")
+    if config.uses_random_weights and not (allow_random_weights or env):
+        raise ConfigError(
+            f"model {path} uses random backbones; pass allow_random_weights=True (tests only)"
+        )
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise MissingWeightsError(f"{weights} is missing: the model directory is incomplete")
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    text = build_text_backbone(config.text_backbone, config)
+    image = build_image_backbone(config.image_backbone, config)
+    if "text_backbone" in state:
+        text.load_state_dict(state["text_backbone"])
+    if "image_backbone" in state:
+        image.load_state_dict(state["image_backbone"])
+    fusion = UnifiedFusion(unified, text.dim, image.dim)
+    fusion.load_state_dict(state["fusion"])
+    scorer = None
+    if "scorer" in state:
+        scorer = CrossScorer(unified)
+        scorer.load_state_dict(state["scorer"])
+    return UnifiedEncoder(config, unified, text, image, fusion, scorer, device)
