@@ -271,12 +271,41 @@ async def wait_indexed(stack: Stack, reader: Any, ids: set[str], timeout: float)
     return first
 
 
+async def embedded_times(stack: Stack, ids: set[str], timeout: float = 20.0) -> dict[str, int]:
+    """``listing_id -> embedded_at`` read back from the listing-embeddings topic (stage timing)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from topics import LISTING_EMBEDDINGS, codec_for_topic
+
+    spec = stack.specs[LISTING_EMBEDDINGS]
+    codec = codec_for_topic(LISTING_EMBEDDINGS)
+    consumer = AIOKafkaConsumer(bootstrap_servers=stack.settings.bootstrap_servers, group_id=None,
+                                enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=100)
+    await consumer.start()
+    out: dict[str, int] = {}
+    try:
+        tps = [TopicPartition(spec.name, p) for p in range(spec.partitions)]
+        consumer.assign(tps)
+        for tp in tps:
+            await consumer.seek_to_beginning(tp)
+        deadline = time.monotonic() + timeout
+        while not ids <= set(out) and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=200, max_records=10_000)).values():
+                for record in records:
+                    value = codec.decode(record.value)
+                    if value["listing_id"] in ids:
+                        out.setdefault(value["listing_id"], value["embedded_at"])
+    finally:
+        await consumer.stop()
+    return out
+
+
 def run_async(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
 __all__ = [
-    "Stack", "emit", "encode_listing", "listing_inputs", "machine_info", "median", "percentile",
+    "Stack", "embedded_times", "emit", "encode_listing", "listing_inputs", "machine_info", "median", "percentile",
     "positive_float_list", "positive_int_list", "ratio", "rounded", "run_async", "sample_messages",
     "setup_logging", "streaming_stack", "time_encoder", "wait_indexed",
 ]

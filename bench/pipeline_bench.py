@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import (Stack, emit, encode_listing, listing_inputs, machine_info, median, ratio, rounded,
+from bench.common import (Stack, embedded_times, emit, encode_listing, listing_inputs, machine_info, median, ratio, rounded,
                           sample_messages, setup_logging, streaming_stack, time_encoder, wait_indexed)
 
 GOAL_RATIO = 0.9
@@ -117,35 +117,6 @@ def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
     return {"samples": total, "threads": share(threads), "inclusive": share(inclusive), "self": share(leaf)}
 
 
-async def _embedded_at(stack: Stack, ids: set[str], timeout: float = 20.0) -> dict[str, int]:
-    """``listing_id -> embedded_at`` read back from the listing-embeddings topic (stage timing)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    from topics import LISTING_EMBEDDINGS, codec_for_topic
-
-    spec = stack.specs[LISTING_EMBEDDINGS]
-    codec = codec_for_topic(LISTING_EMBEDDINGS)
-    consumer = AIOKafkaConsumer(bootstrap_servers=stack.settings.bootstrap_servers, group_id=None,
-                                enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=100)
-    await consumer.start()
-    out: dict[str, int] = {}
-    try:
-        tps = [TopicPartition(spec.name, p) for p in range(spec.partitions)]
-        consumer.assign(tps)
-        for tp in tps:
-            await consumer.seek_to_beginning(tp)
-        deadline = time.monotonic() + timeout
-        while not ids <= set(out) and time.monotonic() < deadline:
-            for records in (await consumer.getmany(timeout_ms=200, max_records=10_000)).values():
-                for record in records:
-                    value = codec.decode(record.value)
-                    if value["listing_id"] in ids:
-                        out.setdefault(value["listing_id"], value["embedded_at"])
-    finally:
-        await consumer.stop()
-    return out
-
-
 async def _measure_pipeline(stack: Stack, warm: list[dict[str, Any]], measured: list[dict[str, Any]],
                             timeout: float, profile: Path | None) -> dict[str, Any]:
     from streams.io import OutputReader, send_records
@@ -171,7 +142,7 @@ async def _measure_pipeline(stack: Stack, warm: list[dict[str, Any]], measured: 
     if dead:
         raise RuntimeError(f"{dead} measured listings were dead-lettered; see {stack.worker.log_path}")
     t_end = max(m["emitted_at"] for m in first.values()) / 1000.0
-    embedded = await _embedded_at(stack, ids)
+    embedded = await embedded_times(stack, ids)
     batches = collections.Counter(embedded.values())
     emitted = collections.Counter(m["emitted_at"] for m in first.values())
     return {

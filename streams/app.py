@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -33,9 +34,11 @@ from models import Encoder, encoder_from_spec
 from topics import DEAD_LETTERS, DUPLICATE_ALERTS, LISTING_EMBEDDINGS, LISTINGS, SIMILAR_PRODUCTS, topic_specs
 from topics.errors import BadInputError
 
-from .pipeline import VIEWS, EmbedStep, Failure, Incoming, Outgoing, SearchStep, decode_embedding
+from .metrics import BrokerProbe, Metrics, PartitionLag, partition_lags
+from .pipeline import VIEWS, EmbedStep, Failure, Incoming, Outgoing, SearchStep, decode_embedding, now_ms
 from .replica import IndexReplica
 from .settings import Settings
+from .web import WebServer, core_routes
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,10 @@ class Runtime:
         self._embed_step: EmbedStep | None = None
         self.index: LiveIndex | None = None
         self.replica: IndexReplica | None = None
+        self.metrics = Metrics()
+        self.metrics.lag_sources.append(self.group_lags)
+        self.metrics.rebalance_count = lambda: int(getattr(app, "rebalancing_count", 0))
+        self.web: WebServer | None = None
 
     @property
     def encoder(self) -> Encoder:
@@ -72,6 +79,8 @@ class Runtime:
             self._encoder = encoder_from_spec(self.settings.encoder, device=self.settings.device,
                                               allow_random_weights=self.settings.allow_random_weights)
             log.info("encoder %s (dim %d) on %s", self._encoder.version, self._encoder.dim, self._encoder.device)
+            self.metrics.model.info({"version": self._encoder.version, "dim": str(self._encoder.dim),
+                                     "device": str(self._encoder.device)})
         return self._encoder
 
     def embed_step(self) -> EmbedStep:
@@ -85,8 +94,44 @@ class Runtime:
                                                   n_views=len(VIEWS))
         self.index = index
         self.replica = IndexReplica(self.settings, index, self.specs[LISTING_EMBEDDINGS].name,
-                                    self.specs[LISTING_EMBEDDINGS].partitions, directory, offsets)
+                                    self.specs[LISTING_EMBEDDINGS].partitions, directory, offsets,
+                                    metrics=self.metrics)
+        self.metrics.lag_sources.append(self.replica.lags)
         return self.replica
+
+    def group_lags(self) -> list[PartitionLag]:
+        """Lag of the agents' consumer group on this worker's assigned partitions.
+
+        Faust's consumer runs in its own thread; these are plain reads of its state (a rebalance
+        racing a scrape makes the metric skip one scrape, see Metrics).
+        """
+        consumer = getattr(self.app, "_consumer", None)
+        if consumer is None:
+            return []
+        highwaters: dict[tuple[str, int], int | None] = {}
+        for tp in list(consumer.assignment()):
+            try:
+                highwaters[(tp.topic, tp.partition)] = consumer.highwater(tp)
+            except Exception:  # not assigned any more (rebalance) or not fetched yet
+                continue
+        committed = dict(getattr(consumer, "_committed_offset", {}))
+        positions = {(tp.topic, tp.partition): offset for tp, offset in committed.items()}
+        return partition_lags("group", highwaters, positions)
+
+    def health(self) -> dict[str, Any]:
+        """What /health answers: ok while the app runs and no agent has crashed."""
+        crashed = [str(getattr(a, "name", a)) for a in self.app.agents.values()
+                   if any(getattr(actor, "crash_reason", None) for actor in getattr(a, "_actors", []))]
+        replica_running = self.replica is not None and self.replica.state == "running"
+        return {
+            "ok": not crashed and replica_running and not self.app.should_stop,
+            "worker_id": self.settings.worker_id,
+            "replica": self.replica.state if self.replica is not None else None,
+            "crashed_agents": crashed,
+            "index_vectors": len(self.index) if self.index is not None else 0,
+            "model_version": self._encoder.version if self._encoder is not None else None,
+            "rebalancing": bool(getattr(self.app, "rebalancing", False)),
+        }
 
     async def run_model(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.model_executor, fn, *args)
@@ -104,6 +149,7 @@ class Runtime:
             log.warning("dead-letter %s[%d]@%d (%s): %s: %s", m.topic, m.partition, m.offset, f.stage,
                         type(f.error).__name__, f.error)
         await self.send_all(DEAD_LETTERS, [Outgoing(f.incoming.key or b"", f.dead_letter()) for f in failures])
+        self.metrics.observe_dead_letters([(f.stage, type(f.error).__name__) for f in failures])
 
 
 def create_app(settings: Settings, *, encoder: Encoder | None = None) -> faust.App:
@@ -133,13 +179,20 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None) -> faust.A
 
     replica = runtime.build_replica()
     app.service(replica)
+    app.service(BrokerProbe(runtime.metrics, settings.bootstrap_servers))
+    if settings.web_port:
+        runtime.web = WebServer(settings, [core_routes(runtime)])
+        app.service(runtime.web)
+    metrics = runtime.metrics
 
     @app.agent(runtime.topics[LISTINGS], name="embed", supervisor_strategy=mode.CrashingSupervisor)
     async def embed(stream: faust.StreamT) -> None:
         step = runtime.embed_step()
         async for events in stream.take_events(settings.batch_size, within=settings.batch_linger_seconds):
             batch = [incoming(e) for e in events]
+            started = time.perf_counter()
             outgoing, failures = await runtime.run_model(step, batch)
+            metrics.observe_embed_batch(len(batch), time.perf_counter() - started, len(outgoing), len(failures))
             await runtime.send_all(LISTING_EMBEDDINGS, outgoing)
             await runtime.dead_letter(failures)
 
@@ -162,6 +215,12 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None) -> faust.A
             similar, alerts = await loop.run_in_executor(None, search, updates)
             await runtime.send_all(SIMILAR_PRODUCTS, similar)
             await runtime.send_all(DUPLICATE_ALERTS, alerts)
+            # Acknowledged by the broker: this is when consumers downstream can see them.
+            metrics.observe_freshness(metrics.listing_to_emitted,
+                                      [u.event_time for u in updates if u.op != "DELETE"], now_ms())
+            metrics.similar_products.inc(len(similar))
+            metrics.duplicate_alerts.inc(len(alerts))
+            metrics.count("index", len(updates), len(failures))
             await runtime.dead_letter(failures)
 
     return app

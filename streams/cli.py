@@ -65,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("args", nargs=argparse.REMAINDER)
 
     for name, module, text in (("train", "models.train", "train the unified model (models/train.py)"),
-                               ("eval", "models.evaluate", "evaluate a model on a dataset (models/evaluate.py)")):
+                               ("eval", "models.evaluate", "evaluate a model on a dataset (models/evaluate.py)"),
+                               ("simulate-clicks", "streams.simulate",
+                                "produce simulated click sessions to click-events (streams/simulate.py)"),
+                               ("pairs-report", "streams.pairs_report",
+                                "score the mined positive pairs against clusters (streams/pairs_report.py)")):
         forward = sub.add_parser(name, help=text, add_help=False)
         forward.set_defaults(module=module)
         forward.add_argument("args", nargs=argparse.REMAINDER)
@@ -101,7 +105,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         except ModuleNotFoundError:
             raise ConfigError(f"no benchmark named {args.name!r}") from None
         return int(module.main(args.args) or 0)
-    if args.command in ("train", "eval"):
+    if getattr(args, "module", None):
         import importlib
 
         return int(importlib.import_module(args.module).main(args.args) or 0)

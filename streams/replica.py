@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from mode import Service
@@ -24,8 +25,12 @@ from mode import Service
 from index_store import LiveIndex
 from topics.errors import BadInputError
 
-from .pipeline import apply_updates, decode_embedding
+from .metrics import PartitionLag, partition_lags
+from .pipeline import apply_updates, decode_embedding, now_ms
 from .settings import Settings
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +39,11 @@ class IndexReplica(Service):
     """Keeps ``index`` equal to the state described by the embeddings topic, and snapshots it."""
 
     def __init__(self, settings: Settings, index: LiveIndex, topic: str, partitions: int,
-                 snapshot_dir: Path, offsets: dict[int, int], **kwargs: object) -> None:
+                 snapshot_dir: Path, offsets: dict[int, int], metrics: "Metrics | None" = None,
+                 **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.settings = settings
+        self.metrics = metrics
         self.index = index
         self.topic = topic
         self.partitions = partitions
@@ -67,6 +74,8 @@ class IndexReplica(Service):
                 self._consumer.seek(tp, self.applied[tp.partition])
             else:
                 await self._consumer.seek_to_beginning(tp)
+        if self.metrics is not None:
+            self.metrics.index_vectors.set(len(self.index))
         log.info("index replica: %d listings from snapshot, replaying %s from %s",
                  len(self.index), self.topic, self.applied or "the beginning")
 
@@ -76,6 +85,19 @@ class IndexReplica(Service):
             self._consumer = None
         if self._dirty:
             await self.snapshot()
+
+    def lags(self) -> list[PartitionLag]:
+        """Fetch high-water mark minus the next offset to apply, per partition of the topic."""
+        consumer = self._consumer
+        if consumer is None:
+            return []
+        highwaters = {}
+        for p in range(self.partitions):
+            try:
+                highwaters[(self.topic, p)] = consumer.highwater(TopicPartition(self.topic, p))
+            except Exception:  # not fetched yet
+                continue
+        return partition_lags("replica", highwaters, {(self.topic, p): o for p, o in self.applied.items()})
 
     def is_caught_up_to(self, partition: int, offset: int) -> bool:
         return self.applied.get(partition, 0) > offset
@@ -104,6 +126,10 @@ class IndexReplica(Service):
                             log.warning("replica skips %s[%d]@%d: %s", tp.topic, tp.partition, record.offset, exc)
                 # The index owns its lock; the executor keeps big upserts off the event loop.
                 await loop.run_in_executor(None, apply_updates, self.index, updates)
+                if self.metrics is not None:
+                    self.metrics.observe_freshness(self.metrics.listing_to_searchable,
+                                                   [u.event_time for u in updates if u.op != "DELETE"], now_ms())
+                    self.metrics.index_vectors.set(len(self.index))
                 async with self._changed:
                     for tp, records in batches.items():
                         self.applied[tp.partition] = records[-1].offset + 1
@@ -119,4 +145,6 @@ class IndexReplica(Service):
         self._last_snapshot = time.monotonic()
         loop = asyncio.get_running_loop()
         path = await loop.run_in_executor(None, self.index.snapshot, self.snapshot_dir, offsets)
+        if self.metrics is not None:
+            self.metrics.index_snapshots.inc()
         log.info("index snapshot: %d listings at offsets %s -> %s", len(self.index), offsets, path)
