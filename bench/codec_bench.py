@@ -5,7 +5,7 @@ Times encode and decode of the Avro binary body (no single-object header) of `li
 header, fastavro) that the service runs. Prints one JSON object: records/s per schema, library and
 direction, and the fastavro/avro ratio. Single process, best of ``--repeat`` runs.
 
-    .venv/bin/python bench/codec_bench.py --n 20000 [--json out.json]
+    .venv/bin/samestyle bench codec --n 20000 [--json] [--out out.json]
 """
 
 from __future__ import annotations
@@ -144,7 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs, best is kept")
     parser.add_argument("--dim", type=int, default=512, help="embedding dimension")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", metavar="PATH", help="also write the JSON result to PATH")
+    parser.add_argument("--json", action="store_true", help="print one compact JSON object (default: indented)")
+    parser.add_argument("--out", metavar="PATH", help="also write the JSON result to PATH")
     args = parser.parse_args(argv)
 
     rng = np.random.default_rng(args.seed)
@@ -160,10 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "listing_embedding": bench_schema(
             "listing_embedding", make_embeddings(rng, pool, args.dim), args.n, args.repeat),
     }
-    text = json.dumps(result, indent=2)
+    text = json.dumps(result) if args.json else json.dumps(result, indent=2)
     print(text)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as fh:
             fh.write(text + "\n")
     return 0
 

@@ -7,8 +7,10 @@ consumer-group join are excluded); the clock then runs from the first produce of
 to the ``emitted_at`` of its last similar-products message.
 
 Encoder: the same listings through ``encoder.prepare`` + ``encoder.embed`` in batches of the same
-size, in this one process, timed before and after the pipeline run (the machine is shared and
-noisy: the mean of the two runs is the denominator, both are reported).
+size, in this one process, while the worker idles. The machine is shared and noisy, so the two
+alternate: encoder, pipeline round 1, encoder, pipeline round 2, ..., encoder (``--rounds``, each
+round ``--n`` fresh listings). Both rates are pooled over their runs (listings / seconds), and
+every run is reported.
 
     samestyle bench pipeline --json [--n 256] [--batch-size 32] [--encoder default|tiny]
 
@@ -25,19 +27,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import (Stack, embedded_times, emit, encode_listing, listing_inputs, machine_info, median, ratio, rounded,
-                          sample_messages, setup_logging, streaming_stack, time_encoder, wait_indexed)
+from bench.common import (Stack, embedded_times, emit, encode_listing, listing_inputs, machine_info, median,
+                          ratio, rounded, sample_messages, setup_logging, streaming_stack, time_encoder,
+                          wait_indexed)
 
 GOAL_RATIO = 0.9
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="samestyle bench pipeline", description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=256, help="measured listings (default 256)")
+    p.add_argument("--n", type=int, default=256, help="measured listings per round (default 256)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="pipeline rounds, alternating with encoder runs (default 2)")
     p.add_argument("--batch-size", type=int, default=32, help="worker and encoder batch size (default 32)")
     p.add_argument("--encoder", default="default", help="encoder spec: default, tiny, a JSON config or model dir")
     p.add_argument("--warmup", type=int, help="warm-up listings before the clock starts (default: 2 batches)")
@@ -53,18 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def pipeline_result(n: int, pipeline_seconds: float, encoder_seconds: Sequence[float]) -> dict[str, Any]:
-    """Both rates and their ratio (the encoder rate is the mean of its timed runs)."""
-    pipeline_lps = n / pipeline_seconds
-    encoder_runs = [n / s for s in encoder_seconds]
-    encoder_lps = sum(encoder_runs) / len(encoder_runs)
+def pipeline_result(n: int, pipeline_seconds: Sequence[float], encoder_seconds: Sequence[float]) -> dict[str, Any]:
+    """Both pooled rates (``n`` listings per run) and their ratio, plus every run's rate."""
+    pipeline_lps = n * len(pipeline_seconds) / sum(pipeline_seconds)
+    encoder_lps = n * len(encoder_seconds) / sum(encoder_seconds)
     r = ratio(pipeline_lps, encoder_lps)
     return {
         "pipeline_listings_per_second": pipeline_lps,
-        "pipeline_seconds": pipeline_seconds,
         "encoder_listings_per_second": encoder_lps,
-        "encoder_runs_listings_per_second": encoder_runs,
         "ratio": r,
+        "pipeline_runs_listings_per_second": [n / t for t in pipeline_seconds],
+        "encoder_runs_listings_per_second": [n / t for t in encoder_seconds],
         "goal_ratio": GOAL_RATIO,
         "goal_met": r is not None and r >= GOAL_RATIO,
     }
@@ -117,28 +121,22 @@ def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
     return {"samples": total, "threads": share(threads), "inclusive": share(inclusive), "self": share(leaf)}
 
 
-async def _measure_pipeline(stack: Stack, warm: list[dict[str, Any]], measured: list[dict[str, Any]],
-                            timeout: float, profile: Path | None) -> dict[str, Any]:
-    from streams.io import OutputReader, send_records
+async def _round(stack: Stack, reader: Any, measured: list[dict[str, Any]], timeout: float,
+                 profile: Path | None) -> dict[str, Any]:
+    """Produce ``measured`` and time it to its last similar-products message."""
+    from streams.io import send_records
     from topics import LISTINGS
 
-    topic = stack.specs[LISTINGS].name
-    async with OutputReader(stack.settings, stack.specs) as reader:
-        started = time.monotonic()
-        await send_records(stack.settings, topic, [encode_listing(m) for m in warm])
-        await wait_indexed(stack, reader, {m["listing_id"] for m in warm}, timeout=max(timeout, 300.0))
-        print(f"warm-up: {len(warm)} listings indexed in {time.monotonic() - started:.1f} s "
-              "(model load + group join + first batches)", file=sys.stderr)
-        payload = [encode_listing(m) for m in measured]  # encoded before the clock starts
-        profiler = Profiler(stack.worker.pid, profile) if profile is not None else None
-        t0 = time.time()
-        await send_records(stack.settings, topic, payload)
-        produced = time.time()
-        ids = {m["listing_id"] for m in measured}
-        first = await wait_indexed(stack, reader, ids, timeout=timeout)
-        if profiler is not None:
-            profiler.stop()
-        dead = len(ids - set(first))
+    payload = [encode_listing(m) for m in measured]  # encoded before the clock starts
+    profiler = Profiler(stack.worker.pid, profile) if profile is not None else None
+    t0 = time.time()
+    await send_records(stack.settings, stack.specs[LISTINGS].name, payload)
+    produced = time.time()
+    ids = {m["listing_id"] for m in measured}
+    first = await wait_indexed(stack, reader, ids, timeout=timeout)
+    if profiler is not None:
+        profiler.stop()
+    dead = len(ids - set(first))
     if dead:
         raise RuntimeError(f"{dead} measured listings were dead-lettered; see {stack.worker.log_path}")
     t_end = max(m["emitted_at"] for m in first.values()) / 1000.0
@@ -146,7 +144,6 @@ async def _measure_pipeline(stack: Stack, warm: list[dict[str, Any]], measured: 
     batches = collections.Counter(embedded.values())
     emitted = collections.Counter(m["emitted_at"] for m in first.values())
     return {
-        "t0": t0,
         "seconds": t_end - t0,
         "produce_seconds": produced - t0,
         "last_embedded_after_seconds": (max(embedded.values()) / 1000.0 - t0) if embedded else None,
@@ -155,6 +152,28 @@ async def _measure_pipeline(stack: Stack, warm: list[dict[str, Any]], measured: 
         "search_batches": len(emitted),
         "search_batch_size_mean": len(first) / len(emitted),
     }
+
+
+async def _measure_pipeline(stack: Stack, warm: list[dict[str, Any]], rounds: list[list[dict[str, Any]]],
+                            timeout: float, profile: Path | None,
+                            between: Callable[[], None]) -> list[dict[str, Any]]:
+    """Warm up, then each round through the pipeline followed by ``between()`` (an encoder run)."""
+    from streams.io import OutputReader, send_records
+    from topics import LISTINGS
+
+    out = []
+    async with OutputReader(stack.settings, stack.specs) as reader:
+        started = time.monotonic()
+        await send_records(stack.settings, stack.specs[LISTINGS].name, [encode_listing(m) for m in warm])
+        await wait_indexed(stack, reader, {m["listing_id"] for m in warm}, timeout=max(timeout, 300.0))
+        print(f"warm-up: {len(warm)} listings indexed in {time.monotonic() - started:.1f} s "
+              "(model load + group join + first batches)", file=sys.stderr)
+        for i, measured in enumerate(rounds):
+            stages = await _round(stack, reader, measured, timeout, profile if i == 0 else None)
+            print(f"pipeline round {i + 1}: {len(measured) / stages['seconds']:.2f} listings/s", file=sys.stderr)
+            out.append(stages)
+            between()  # blocks the loop while the worker idles: nothing here needs to run meanwhile
+    return out
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:
@@ -169,7 +188,8 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     bars = ax.bar(names, values, color=["#888888", "#3b75af"])
     ax.bar_label(bars, fmt="%.2f")
     ax.set_ylabel("listings / s")
-    ax.set_title(f"{result['encoder']} encoder, batch {result['batch_size']}, n={result['n']}: "
+    ax.set_title(f"{result['encoder']} encoder, batch {result['batch_size']}, "
+                 f"{result['rounds']} x {result['n']} listings: "
                  f"ratio {result['ratio']:.2f} (goal {GOAL_RATIO})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
@@ -178,14 +198,15 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.n < 1 or args.batch_size < 1:
-        raise SystemExit("--n and --batch-size must be >= 1")
+    if args.n < 1 or args.batch_size < 1 or args.rounds < 1:
+        raise SystemExit("--n, --rounds and --batch-size must be >= 1")
     setup_logging(args.verbose)
     warmup = args.warmup if args.warmup is not None else 2 * args.batch_size
     tmp = Path(tempfile.mkdtemp(prefix="samestyle-bench-pipeline-"))
-    messages = sample_messages(warmup + args.n, tmp, image_mode=args.image_mode)
-    warm, measured = messages[:warmup], messages[warmup:]
-    with_images = sum(1 for m in measured if m.get("image_bytes") or m.get("image_uri"))
+    messages = sample_messages(warmup + args.rounds * args.n, tmp, image_mode=args.image_mode)
+    warm = messages[:warmup]
+    rounds = [messages[warmup + i * args.n:warmup + (i + 1) * args.n] for i in range(args.rounds)]
+    with_images = sum(1 for r in rounds for m in r if m.get("image_bytes") or m.get("image_uri"))
 
     import torch
 
@@ -194,45 +215,54 @@ def main(argv: list[str] | None = None) -> int:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     encoder = encoder_from_spec(args.encoder, allow_random_weights=args.encoder == "tiny")
-    warm_inputs, inputs = listing_inputs(warm), listing_inputs(measured)
+    warm_inputs = listing_inputs(warm)
+    round_inputs = [listing_inputs(r) for r in rounds]
+    encoder_seconds: list[float] = []
+    encoder_batches: list[float] = []
 
-    def encoder_run(label: str) -> tuple[float, list[float]]:
+    def encoder_run() -> None:
+        # The same listings as the pipeline round just run (the first run: those of round 1).
+        inputs = round_inputs[max(0, len(encoder_seconds) - 1)]
         time_encoder(encoder, warm_inputs[:args.batch_size], args.batch_size)  # first pass is slower
         seconds, batches = time_encoder(encoder, inputs, args.batch_size)
-        print(f"raw encoder ({label}): {args.n / seconds:.2f} listings/s", file=sys.stderr)
-        return seconds, batches
+        encoder_seconds.append(seconds)
+        encoder_batches.extend(batches)
+        print(f"raw encoder run {len(encoder_seconds)}: {len(inputs) / seconds:.2f} listings/s", file=sys.stderr)
 
-    before, batches_before = encoder_run("before")
+    encoder_run()
     worker_env = None
     if args.torch_threads:
         worker_env = {"OMP_NUM_THREADS": str(args.torch_threads), "MKL_NUM_THREADS": str(args.torch_threads)}
     with streaming_stack(args.encoder, args.batch_size, run_dir=tmp, worker_env=worker_env) as stack:
-        stages = asyncio.run(_measure_pipeline(stack, warm, measured, args.timeout, args.profile))
-    print(f"pipeline: {args.n / stages['seconds']:.2f} listings/s", file=sys.stderr)
-    after, batches_after = encoder_run("after")
+        stages = asyncio.run(_measure_pipeline(stack, warm, rounds, args.timeout, args.profile, encoder_run))
 
-    result = pipeline_result(args.n, stages["seconds"], [before, after])
+    result = pipeline_result(args.n, [s["seconds"] for s in stages], encoder_seconds)
+    result["round_ratios"] = [ratio(result["pipeline_runs_listings_per_second"][i],
+                                    (result["encoder_runs_listings_per_second"][i]
+                                     + result["encoder_runs_listings_per_second"][i + 1]) / 2)
+                              for i in range(args.rounds)]
     result.update({
         "n": args.n,
+        "rounds": args.rounds,
         "batch_size": args.batch_size,
         "encoder": args.encoder,
         "encoder_version": encoder.version,
-        "encoder_batch_seconds_median": median(batches_before + batches_after),
+        "encoder_batch_seconds_median": median(encoder_batches),
         "warmup": warmup,
         "listings_with_images": with_images,
         "image_mode": args.image_mode,
         "torch_threads": args.torch_threads or torch.get_num_threads(),
-        "stages": {k: (rounded(v) if isinstance(v, float) else v) for k, v in stages.items() if k != "t0"},
+        "stages": [{k: (rounded(v) if isinstance(v, float) else v) for k, v in st.items()} for st in stages],
         "machine": machine_info(),
         "run_dir": str(tmp),
     })
     if args.profile is not None and args.profile.exists():
         result["profile"] = summarize_profile(args.profile)
         result["profile_path"] = str(args.profile)
-    for key in ("pipeline_listings_per_second", "encoder_listings_per_second", "pipeline_seconds",
-                "encoder_batch_seconds_median"):
-        result[key] = rounded(result[key])
-    result["encoder_runs_listings_per_second"] = [rounded(v) for v in result["encoder_runs_listings_per_second"]]
+    for key in ("encoder_batch_seconds_median", "pipeline_runs_listings_per_second",
+                "encoder_runs_listings_per_second", "round_ratios"):
+        value = result[key]
+        result[key] = [rounded(v) for v in value] if isinstance(value, list) else rounded(value)
     if args.plot is not None:
         _plot(result, args.plot)
     emit(result, args.json)

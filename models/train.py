@@ -302,7 +302,7 @@ def _step_loss(
             term = unit.locality(transformed, it[:b])
             losses["local"] = term
             total = total + args.w_local * term
-    return total, {k: float(v) for k, v in losses.items()}
+    return total, {k: float(v.detach()) for k, v in losses.items()}
 
 
 # ------------------------------------------------------------------------------ validation

@@ -383,26 +383,60 @@ class UnifiedEncoder(Encoder):
             image=arrays["I"], text=arrays["T"], image_text=arrays["IT"], has_image=has_image.cpu().numpy()
         )
 
+    def fuse(self, batch: Sequence[PreparedListing]) -> tuple[np.ndarray, list[torch.Tensor]]:
+        """IT embeddings ``[n, dim]`` and each listing's fused IT tokens (``[S_k, hidden]``,
+        CPU) for the cross-scorer; compute once per listing, then score many pairs."""
+        if not batch:
+            return np.zeros((0, self.dim), np.float32), []
+        with self._lock, torch.inference_mode():
+            z, tokens, mask = self.fusion("IT", *self._tokens(batch))
+            z_np = z.float().cpu().numpy()
+            kept = [tokens[k][mask[k]].float().cpu() for k in range(len(batch))]
+        return z_np, kept
+
+    def score_fused(
+        self,
+        left: tuple[np.ndarray, Sequence[torch.Tensor], Sequence[str]],
+        right: tuple[np.ndarray, Sequence[torch.Tensor], Sequence[str]],
+    ) -> np.ndarray:
+        """Match probabilities of pairs given as ``(embeddings, tokens, texts)`` per side, row
+        ``k`` of each side forming pair ``k`` (from :meth:`fuse` and the prepared texts)."""
+        if self.scorer is None:
+            raise ConfigError(f"model {self.version} has no cross-scorer (scorer_layers=0)")
+        (za, ta, xa), (zb, tb, xb) = left, right
+        n = len(za)
+        if n == 0:
+            return np.zeros(0, dtype=np.float32)
+
+        def pad(tokens: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            length = max(t.shape[0] for t in tokens)
+            out = torch.zeros(len(tokens), length, tokens[0].shape[1])
+            mask = torch.zeros(len(tokens), length, dtype=torch.bool)
+            for k, t in enumerate(tokens):
+                out[k, : t.shape[0]] = t
+                mask[k, : t.shape[0]] = True
+            return out.to(self.device), mask.to(self.device)
+
+        with self._lock, torch.inference_mode():
+            a, ma = pad(ta)
+            b, mb = pad(tb)
+            cosine = torch.from_numpy(np.sum(za * zb, axis=1)).float().to(self.device)
+            lexical = torch.tensor(
+                [lexical_features(s, t) for s, t in zip(xa, xb, strict=True)],
+                dtype=torch.float32, device=self.device,
+            )
+            logits = self.scorer(a, ma, b, mb, cosine, lexical)
+        return torch.sigmoid(logits).float().cpu().numpy()
+
     def score_pairs(
         self, left: Sequence[PreparedListing], right: Sequence[PreparedListing]
     ) -> np.ndarray:
         """Match probability of each pair ``(left[k], right[k])`` from the cross-scorer."""
-        if self.scorer is None:
-            raise ConfigError(f"model {self.version} has no cross-scorer (scorer_layers=0)")
         if len(left) != len(right):
             raise ValueError("left and right must have the same length")
-        if not left:
-            return np.zeros(0, dtype=np.float32)
-        with self._lock, torch.inference_mode():
-            za, ta, ma = self.fusion("IT", *self._tokens(left))
-            zb, tb, mb = self.fusion("IT", *self._tokens(right))
-            lexical = torch.tensor(
-                [lexical_features(a.text, b.text) for a, b in zip(left, right, strict=True)],
-                dtype=torch.float32,
-                device=za.device,
-            )
-            logits = self.scorer(ta, ma, tb, mb, (za * zb).sum(dim=1), lexical)
-        return torch.sigmoid(logits).float().cpu().numpy()
+        za, ta = self.fuse(left)
+        zb, tb = self.fuse(right)
+        return self.score_fused((za, ta, [p.text for p in left]), (zb, tb, [p.text for p in right]))
 
 
 # ------------------------------------------------------------------------------ model dirs

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from topics.errors import ConfigError, SamestyleError
+from topics.errors import SamestyleError
 
 from .settings import Settings
 
@@ -59,34 +59,34 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--limit", type=int)
     produce.add_argument("--image-mode", choices=("uri", "bytes"), default="uri")
 
-    bench = sub.add_parser("bench", help="benchmarks (scripts in bench/): pipeline, freshness, clicks, index, codec",
-                           add_help=False)
-    bench.add_argument("name", help="which benchmark; `samestyle bench NAME --help` for its options")
-    bench.add_argument("args", nargs=argparse.REMAINDER)
-
-    for name, module, text in (("train", "models.train", "train the unified model (models/train.py)"),
-                               ("eval", "models.evaluate", "evaluate a model on a dataset (models/evaluate.py)"),
-                               ("simulate-clicks", "streams.simulate",
-                                "produce simulated click sessions to click-events (streams/simulate.py)"),
-                               ("pairs-report", "streams.pairs_report",
-                                "score the mined positive pairs against clusters (streams/pairs_report.py)")):
-        forward = sub.add_parser(name, help=text, add_help=False)
-        forward.set_defaults(module=module)
-        forward.add_argument("args", nargs=argparse.REMAINDER)
+    # Listed for --help; main() hands their arguments to the module's own parser.
+    sub.add_parser("bench", help="benchmarks: `samestyle bench NAME --help` (pipeline, freshness, index, codec, ...)")
+    sub.add_parser("train", help="train the unified model (`samestyle train --help`)")
+    sub.add_parser("eval", help="evaluate a model on a dataset (`samestyle eval --help`)")
+    sub.add_parser("simulate-clicks", help="produce simulated click sessions to click-events")
+    sub.add_parser("pairs-report", help="score the mined positive pairs against clusters")
 
     topics = sub.add_parser("create-topics", help="create every topic with the registry's partitions")
     _add_common(topics)
     return parser
 
 
+#: Subcommands whose arguments belong to another module's own parser: ``samestyle NAME ARGS`` is
+#: ``MODULE.main(ARGS)`` (argparse's REMAINDER cannot pass a leading ``--help`` through).
+FORWARDED = {
+    "train": "models.train",
+    "eval": "models.evaluate",
+    "simulate-clicks": "streams.simulate",
+    "pairs-report": "streams.pairs_report",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and (argv[0] in FORWARDED or argv[0] == "bench"):
+        return _forward(argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("kafka", "aiokafka", "faiss.loader"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _configure_logging(args.verbose)
     try:
         return _dispatch(args)
     except SamestyleError as exc:
@@ -96,19 +96,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _forward(argv: list[str]) -> int:
+    import importlib
+
+    _configure_logging(verbose=False)
+    if argv[0] == "bench":
+        if len(argv) < 2 or argv[1].startswith("-"):
+            print("usage: samestyle bench NAME [ARGS...]  (NAME: a bench/NAME_bench.py script)", file=sys.stderr)
+            return 2
+        name, rest = f"bench.{argv[1].replace('-', '_')}_bench", argv[2:]
+    else:
+        name, rest = FORWARDED[argv[0]], argv[1:]
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+        what = " ".join(argv[:2]) if argv[0] == "bench" else argv[0]
+        print(f"samestyle: error: {what}: not available ({name} is missing)", file=sys.stderr)
+        return 2
+    try:
+        return int(module.main(rest) or 0)
+    except SamestyleError as exc:
+        print(f"samestyle: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("kafka", "aiokafka", "faiss.loader"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "bench":
-        import importlib
-
-        try:
-            module = importlib.import_module(f"bench.{args.name.replace('-', '_')}_bench")
-        except ModuleNotFoundError:
-            raise ConfigError(f"no benchmark named {args.name!r}") from None
-        return int(module.main(args.args) or 0)
-    if getattr(args, "module", None):
-        import importlib
-
-        return int(importlib.import_module(args.module).main(args.args) or 0)
     settings = _settings(args)
     if args.command == "worker":
         from .worker import run_worker
