@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 #: The supplier of listings that name none: a marketplace deduplicating its own catalogue.
 DEFAULT_SUPPLIER = "_catalogue"
+#: How many alerted pairs a worker remembers to avoid alerting the same pair twice.
+ALERTED_PAIRS_REMEMBERED = 100_000
 #: Order of the per-listing views kept beside the searched vector in the index.
 VIEWS = ("image", "text", "image_text")
 
@@ -271,6 +274,8 @@ class SearchStep:
         self.settings = settings
         self._similar = codec_for_topic(SIMILAR_PRODUCTS)
         self._alerts = codec_for_topic(DUPLICATE_ALERTS)
+        #: Pairs this worker has alerted on, oldest first (bounded: at-least-once, not exactly-once).
+        self._alerted: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     def __call__(self, updates: Sequence[EmbeddingUpdate]) -> tuple[list[Outgoing], list[Outgoing]]:
         upserts = [u for u in updates if u.op != "DELETE"]
@@ -305,9 +310,17 @@ class SearchStep:
     def _is_duplicate(self, update: EmbeddingUpdate, other_id: str, score: float, payload: dict[str, Any]) -> bool:
         if payload["supplier_id"] != update.supplier_id or score < self.settings.duplicate_threshold:
             return False
-        # One alert per pair: the newer listing is the duplicate of the older one, whichever of
-        # the two is searched after both are in the index.
-        return (payload["event_time"], other_id) < (update.event_time, update.listing_id)
+        # Either side of a pair may find the other: whichever is searched second sees the first
+        # (a copy can be searched before its original reached this replica from another partition,
+        # and then the original finds the copy). Pairs already alerted here are not alerted again.
+        pair = (update.listing_id, other_id) if update.listing_id < other_id else (other_id, update.listing_id)
+        if pair in self._alerted:
+            self._alerted.move_to_end(pair)
+            return False
+        self._alerted[pair] = None
+        if len(self._alerted) > ALERTED_PAIRS_REMEMBERED:
+            self._alerted.popitem(last=False)
+        return True
 
     def _alert(self, update: EmbeddingUpdate, other_id: str, score: float, payload: dict[str, Any],
                emitted_at: int) -> Outgoing:
@@ -319,16 +332,22 @@ class SearchStep:
             "text": float(update.views[1] @ other[1]),
             "image_text": float(update.views[2] @ other[2]),
         }
+        # The newer listing (by event time) is named the duplicate of the older one, whichever of
+        # the two found the pair, so both sides produce the same alert and the same key.
+        if (payload["event_time"], other_id) < (update.event_time, update.listing_id):
+            newer, older, event_time = update.listing_id, other_id, update.event_time
+        else:
+            newer, older, event_time = other_id, update.listing_id, payload["event_time"]
         reason = (f"image+text cosine {score:.3f} >= {self.settings.duplicate_threshold:.3f} "
                   f"with an older listing of the same supplier")
-        return Outgoing(update.listing_id.encode(), self._alerts.encode({
-            "listing_id": update.listing_id,
-            "duplicate_of": other_id,
+        return Outgoing(newer.encode(), self._alerts.encode({
+            "listing_id": newer,
+            "duplicate_of": older,
             "supplier_id": update.supplier_id,
             "score": score,
             "scores": view_scores,
             "model_version": update.model_version,
             "reason": reason,
-            "event_time": update.event_time,
+            "event_time": event_time,
             "emitted_at": emitted_at,
         }))

@@ -146,10 +146,15 @@ def test_search_alerts_once_per_pair_within_a_supplier_above_the_threshold() -> 
     similar, alerts = SearchStep(index, settings)(updates)
     assert len(similar) == 4
     decoded = [codec_for_topic(DUPLICATE_ALERTS).decode(a.value) for a in alerts]
-    # "old" finds "new" too, but only the newer listing of a pair is alerted, as a copy of the older.
+    # "old" and "new" find each other: one alert, naming the newer listing as the copy of the older.
     assert [(a["listing_id"], a["duplicate_of"]) for a in decoded] == [("new", "old")]
+    assert alerts[0].key == b"new" and decoded[0]["event_time"] == 2
     assert decoded[0]["scores"]["image"] is None  # neither has an image
     assert decoded[0]["score"] >= 0.95
+    assert SearchStep(index, settings)(updates)[1]  # a fresh step (another worker) may alert again ...
+    step = SearchStep(index, settings)
+    step(updates)
+    assert step(updates)[1] == []  # ... but one step never alerts a pair twice
     first = codec_for_topic(SIMILAR_PRODUCTS).decode(similar[0].value)
     assert first["listing_id"] == "old"
     assert [n["listing_id"] for n in first["neighbours"]][:2] in (["other-supplier", "new"], ["new", "other-supplier"])
@@ -163,3 +168,16 @@ def test_the_readme_documents_every_setting() -> None:
     missing = [f"SAMESTYLE_{f.name.upper()}" for f in dataclasses.fields(Settings)
                if f"`SAMESTYLE_{f.name.upper()}`" not in readme]
     assert not missing, f"README's configuration table lacks {missing}"
+
+
+def test_a_copy_searched_before_its_original_arrived_is_alerted_by_the_original() -> None:
+    # The copy's search ran while the original (another partition) was not in the replica yet.
+    index = LiveIndex(3, n_views=3)
+    step = SearchStep(index, Settings(duplicate_threshold=0.9))
+    base = np.array([0.0, 0.0, 1.0])
+    copy, original = update("copy", base, event_time=20), update("original", base, event_time=10)
+    apply_updates(index, [copy])
+    assert step([copy])[1] == []
+    apply_updates(index, [original])
+    decoded = [codec_for_topic(DUPLICATE_ALERTS).decode(a.value) for a in step([original])[1]]
+    assert [(a["listing_id"], a["duplicate_of"], a["event_time"]) for a in decoded] == [("copy", "original", 20)]
