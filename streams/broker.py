@@ -169,7 +169,7 @@ def create_topics(bootstrap: str, specs: Iterable[TopicSpec], extra: Iterable[tu
         wanted[name] = (partitions, {})
     with admin_client(bootstrap) as admin:
         new = [NewTopic(name, p, 1, topic_configs=cfg) for name, (p, cfg) in wanted.items()]
-        response = admin.create_topics(new)
+        response = admin.create_topics(new, raise_errors=False)  # existing topics are checked below
         for topic in _topic_results(response):
             code = topic.get("error_code", 0)
             if code not in (0, _TOPIC_ALREADY_EXISTS):
