@@ -56,7 +56,7 @@ def rounded(value: float | None, digits: int = 4) -> float | None:
     """Round to ``digits`` significant digits (JSON readability); None stays None."""
     if value is None or value == 0 or not math.isfinite(value):
         return value
-    return round(value, max(0, digits - 1 - math.floor(math.log10(abs(value)))))
+    return float(round(value, digits - 1 - math.floor(math.log10(abs(value)))))
 
 
 def _cpu_model() -> str:
@@ -141,6 +141,19 @@ def positive_float_list(text: str) -> list[float]:
     if not values or any(not v > 0 for v in values):
         raise ValueError(f"expected positive numbers, got {text!r}")
     return values
+
+
+def worker_environment(assignments: Sequence[str], torch_threads: int | None) -> dict[str, str]:
+    """The worker's extra environment from ``NAME=VALUE`` strings and a torch thread count."""
+    env: dict[str, str] = {}
+    if torch_threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(torch_threads)
+    for item in assignments:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--worker-env wants NAME=VALUE, got {item!r}")
+        env[name] = value
+    return env
 
 
 # ------------------------------------------------------------------------------ sample data
@@ -237,7 +250,9 @@ def streaming_stack(encoder: str, batch_size: int, run_dir: Path | None = None,
         try:
             yield Stack(settings, specs, worker, run_dir)
         finally:
-            worker.stop()
+            # Nothing of the worker's state is wanted afterwards, and a graceful Faust stop
+            # (leave the group, snapshot, commit) takes seconds.
+            worker.kill()
 
 
 def encode_listing(record: dict[str, Any]) -> tuple[bytes, bytes]:
@@ -307,5 +322,5 @@ def run_async(coro: Any) -> Any:
 __all__ = [
     "Stack", "embedded_times", "emit", "encode_listing", "listing_inputs", "machine_info", "median", "percentile",
     "positive_float_list", "positive_int_list", "ratio", "rounded", "run_async", "sample_messages",
-    "setup_logging", "streaming_stack", "time_encoder", "wait_indexed",
+    "setup_logging", "streaming_stack", "time_encoder", "wait_indexed", "worker_environment",
 ]

@@ -26,7 +26,7 @@ from typing import Any
 
 from bench.common import (Stack, embedded_times, emit, encode_listing, listing_inputs, machine_info, median,
                           percentile, positive_float_list, rounded, sample_messages, setup_logging,
-                          streaming_stack, time_encoder, wait_indexed)
+                          streaming_stack, time_encoder, wait_indexed, worker_environment)
 
 #: Emitting below this share of the offered rate means the worker cannot keep up.
 SATURATED_BELOW = 0.9
@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=300.0,
                    help="seconds to wait for a rate's last listings after its load ends (default 300)")
     p.add_argument("--torch-threads", type=int, help="OMP/MKL threads of the worker and torch threads here")
+    p.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment variable of the worker process (repeatable; for experiments)")
+    p.add_argument("--session-timeout", type=float, default=6.0,
+                   help="the worker's consumer-group session timeout in s (a group join takes about half)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--plot", type=Path, help="write a PNG of latency percentiles vs offered rate to PATH")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -209,7 +213,8 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     limit = GOAL_BASE_SECONDS + result["batch_encode_seconds"]
     ax.axhline(limit, color="grey", lw=0.8, label=f"goal p99 <= {limit:.2f} s")
     if result["saturation_rate"]:
-        ax.axvline(result["saturation_rate"], color="red", lw=0.8, label=f"saturation {result['saturation_rate']:.2f}/s")
+        ax.axvline(result["saturation_rate"], color="red", lw=0.8,
+                   label=f"saturation {result['saturation_rate']:.2f}/s")
         ax.axvline(result["saturation_rate"] / 2, color="red", lw=0.8, ls=":", label="half saturation")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -244,14 +249,19 @@ def main(argv: list[str] | None = None) -> int:
         time_encoder(encoder, batch, args.batch_size)  # first pass is slower
         return [time_encoder(encoder, batch, args.batch_size)[0] for _ in range(repeats)]
 
+    def single_times(repeats: int) -> list[float]:
+        return [time_encoder(encoder, batch[:1], 1)[0] for _ in range(repeats)]
+
     encode_runs = batch_times(3)
-    worker_env = None
-    if args.torch_threads:
-        worker_env = {"OMP_NUM_THREADS": str(args.torch_threads), "MKL_NUM_THREADS": str(args.torch_threads)}
-    with streaming_stack(args.encoder, args.batch_size, run_dir=tmp, worker_env=worker_env) as stack:
+    single_runs = single_times(5)
+    worker_env = worker_environment(args.worker_env, args.torch_threads)
+    with streaming_stack(args.encoder, args.batch_size, run_dir=tmp, worker_env=worker_env,
+                         session_timeout_seconds=args.session_timeout,
+                         heartbeat_interval_seconds=args.session_timeout / 3) as stack:
         provisional = median(encode_runs) or 0.0
         outcome = asyncio.run(_run_rates(stack, Feed(templates), list(args.rates), args, provisional))
     encode_runs += batch_times(3)
+    single_runs += single_times(5)
     batch_encode_seconds = median(encode_runs) or 0.0
     goal = outcome["goal"]
     if goal is not None:  # with the median of every timed batch, before and after
@@ -265,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         "saturation_rate": rounded(outcome["saturation_rate"]),
         "batch_encode_seconds": rounded(batch_encode_seconds),
         "batch_encode_runs_seconds": [rounded(s) for s in encode_runs],
+        # What a one-listing batch costs: the batches the worker forms at low rates.
+        "single_encode_seconds": rounded(median(single_runs)),
         "goal": tidy(goal) if goal else None,
         "duration_seconds": args.duration,
         "batch_size": args.batch_size,
@@ -273,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         "encoder_version": encoder.version,
         "image_mode": args.image_mode,
         "torch_threads": args.torch_threads or torch.get_num_threads(),
+        "worker_env": worker_env or {},
         "saturated_below_share": SATURATED_BELOW,
         "machine": machine_info(),
         "run_dir": str(tmp),

@@ -33,7 +33,7 @@ from typing import Any
 
 from bench.common import (Stack, embedded_times, emit, encode_listing, listing_inputs, machine_info, median,
                           ratio, rounded, sample_messages, setup_logging, streaming_stack, time_encoder,
-                          wait_indexed)
+                          wait_indexed, worker_environment)
 
 GOAL_RATIO = 0.9
 
@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OMP/MKL threads of the worker and torch threads of the raw encoder (default: torch's)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the measured set")
     p.add_argument("--profile", type=Path, help="py-spy the worker during the measured window; raw stacks to PATH")
+    p.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment variable of the worker process (repeatable; for experiments)")
+    p.add_argument("--session-timeout", type=float, default=6.0,
+                   help="the worker's consumer-group session timeout in s (a group join takes about half)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--plot", type=Path, help="write a PNG bar chart to PATH")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -230,10 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raw encoder run {len(encoder_seconds)}: {len(inputs) / seconds:.2f} listings/s", file=sys.stderr)
 
     encoder_run()
-    worker_env = None
-    if args.torch_threads:
-        worker_env = {"OMP_NUM_THREADS": str(args.torch_threads), "MKL_NUM_THREADS": str(args.torch_threads)}
-    with streaming_stack(args.encoder, args.batch_size, run_dir=tmp, worker_env=worker_env) as stack:
+    worker_env = worker_environment(args.worker_env, args.torch_threads)
+    with streaming_stack(args.encoder, args.batch_size, run_dir=tmp, worker_env=worker_env,
+                         session_timeout_seconds=args.session_timeout,
+                         heartbeat_interval_seconds=args.session_timeout / 3) as stack:
         stages = asyncio.run(_measure_pipeline(stack, warm, rounds, args.timeout, args.profile, encoder_run))
 
     result = pipeline_result(args.n, [s["seconds"] for s in stages], encoder_seconds)
@@ -252,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         "listings_with_images": with_images,
         "image_mode": args.image_mode,
         "torch_threads": args.torch_threads or torch.get_num_threads(),
+        "worker_env": worker_env or {},
         "stages": [{k: (rounded(v) if isinstance(v, float) else v) for k, v in st.items()} for st in stages],
         "machine": machine_info(),
         "run_dir": str(tmp),

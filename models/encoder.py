@@ -517,6 +517,13 @@ def _random_weights_allowed(flag: bool) -> bool:
     return flag or env in ("1", "true", "yes")
 
 
+def _trained_model_loader(path: Path, device: str, allow_random_weights: bool) -> Encoder:
+    """A trained model directory (``fusion: "unified"``, weights beside ``encoder.json``)."""
+    from models.unified import load_unified_model  # imports this module: load lazily
+
+    return load_unified_model(path, device, allow_random_weights=allow_random_weights)
+
+
 def create_encoder(
     config: EncoderConfig | str | Mapping[str, Any],
     device: str | None = None,
@@ -536,6 +543,9 @@ def create_encoder(
         cfg = config
     elif isinstance(config, (str, Path)):
         cfg = load_config(config)
+        if cfg.fusion == "unified" and Path(config).expanduser().is_dir():
+            return _trained_model_loader(Path(config).expanduser(), _resolve_device(device),
+                                         allow_random_weights)
     elif isinstance(config, Mapping):
         cfg = EncoderConfig.from_dict(config)
     else:
@@ -573,4 +583,4 @@ def encoder_from_spec(
 ) -> Encoder:
     """Build an encoder from a command-line spec: ``default``, ``tiny``, a JSON config file, or
     a model directory (holding ``encoder.json``; otherwise ConfigError)."""
-    return create_encoder(load_config(spec), device, allow_random_weights=allow_random_weights)
+    return create_encoder(spec, device, allow_random_weights=allow_random_weights)

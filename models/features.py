@@ -31,7 +31,7 @@ from topics.errors import ConfigError, ImageError
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 # Attributes that describe where a listing was scraped, not what it is: kept out of the text so
 # that "source: abt.com" does not pull same-site listings together.
 DROPPED_ATTRIBUTES = frozenset({"source"})
@@ -65,8 +65,9 @@ def listing_input(record: ListingRecord, with_image: bool = True) -> ListingInpu
 
 def text_tokens(
     backbone: HFTextBackbone, texts: Sequence[str], max_tokens: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contextual token states of the text backbone: ``([B, L, Dt] float, [B, L] bool mask)``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Contextual token states of the text backbone and the token ids:
+    ``([B, L, Dt] float, [B, L] bool mask, [B, L] long ids)``.
 
     Gradients flow when called outside ``no_grad`` (fine-tuning the backbone).
     """
@@ -76,7 +77,7 @@ def text_tokens(
     )
     batch = {k: v.to(device) for k, v in batch.items()}
     hidden = backbone.model(**batch).last_hidden_state  # [B, L, Dt]
-    return hidden, batch["attention_mask"].bool()
+    return hidden, batch["attention_mask"].bool(), batch["input_ids"]
 
 
 def image_tokens(backbone: ImageBackbone, pixels: torch.Tensor, grid: int) -> torch.Tensor:
@@ -105,6 +106,7 @@ class FeatureCache:
     texts: list[str]
     text: torch.Tensor  # [n, L, Dt] float16
     text_mask: torch.Tensor  # [n, L] bool
+    token_ids: torch.Tensor  # [n, L] int32 (0 where padded)
     image: torch.Tensor  # [n, P, Di] float16 (P = 0 when no listing has an image)
     has_image: torch.Tensor  # [n] bool
 
@@ -123,9 +125,9 @@ class FeatureCache:
 
     def batch(
         self, rows: torch.Tensor, device: str | torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(text [B, L, Dt], text_mask [B, L], image [B, P, Di], has_image [B])`` in float32
-        on ``device``, text trimmed to the longest row of the batch."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(text [B, L, Dt], text_mask [B, L], image [B, P, Di], has_image [B], token_ids
+        [B, L])`` on ``device`` (features float32), text trimmed to the batch's longest row."""
         mask = self.text_mask[rows]
         length = max(1, int(mask.sum(dim=1).max()))
         return (
@@ -133,6 +135,7 @@ class FeatureCache:
             mask[:, :length].to(device),
             self.image[rows].to(device).float(),
             self.has_image[rows].to(device),
+            self.token_ids[rows, :length].to(device).long(),
         )
 
     def save(self, path: Path) -> None:
@@ -145,6 +148,7 @@ class FeatureCache:
                 "texts": self.texts,
                 "text": self.text,
                 "text_mask": self.text_mask,
+                "token_ids": self.token_ids,
                 "image": self.image,
                 "has_image": self.has_image,
             },
@@ -158,7 +162,7 @@ class FeatureCache:
         if data.get("format") != CACHE_FORMAT:
             raise ConfigError(f"{path}: feature cache format {data.get('format')} is not {CACHE_FORMAT}")
         return cls(
-            data["ids"], data["texts"], data["text"], data["text_mask"], data["image"], data["has_image"]
+            data["ids"], data["texts"], data["text"], data["text_mask"], data["token_ids"], data["image"], data["has_image"]
         )
 
 
@@ -217,7 +221,7 @@ def build_feature_cache(
     text_backbone = text_backbone.to(device).eval()
     image_backbone = image_backbone.to(device).eval()
     ids, texts = [], []
-    text_chunks, mask_chunks, image_chunks, has_chunks = [], [], [], []
+    text_chunks, mask_chunks, id_chunks, image_chunks, has_chunks = [], [], [], [], []
     any_image = with_images and any(r.image_path for r in records)
     bar = tqdm(total=len(records), desc="backbone features", unit="listing", disable=not progress)
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.startswith("cuda") else _null()
@@ -226,9 +230,10 @@ def build_feature_cache(
         inputs = [listing_input(r, with_image=False) for r in chunk]
         chunk_texts = [listing_text(x, max_chars) for x in inputs]
         with autocast:
-            hidden, mask = text_tokens(text_backbone, chunk_texts, config.max_text_tokens)
+            hidden, mask, token_ids = text_tokens(text_backbone, chunk_texts, config.max_text_tokens)
         text_chunks.append(hidden.float().cpu().half())
         mask_chunks.append(mask.cpu())
+        id_chunks.append(token_ids.cpu().int())
         has = torch.zeros(len(chunk), dtype=torch.bool)
         if any_image:
             pixels, rows = [], []
@@ -259,11 +264,12 @@ def build_feature_cache(
     length = max(m.shape[1] for m in mask_chunks)
     text = torch.cat([F.pad(t, (0, 0, 0, length - t.shape[1])) for t in text_chunks])
     mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for m in mask_chunks])
+    token_ids = torch.cat([F.pad(t, (0, length - t.shape[1])) for t in id_chunks])
     if image_chunks:
         image = torch.cat(image_chunks)
     else:
         image = torch.zeros(len(ids), 0, image_backbone.dim, dtype=torch.float16)
-    cache = FeatureCache(ids, texts, text, mask, image, torch.cat(has_chunks))
+    cache = FeatureCache(ids, texts, text, mask, token_ids, image, torch.cat(has_chunks))
     if path is not None:
         cache.save(path)
         logger.info("feature cache written: %s", path)

@@ -5,7 +5,7 @@
 - Retrieval: :func:`retrieval_metrics` gives recall@k and MRR of queries against a gallery,
   where a hit is any gallery item of the query's cluster.
 - :func:`tfidf_vectors`: word TF-IDF (lower-cased ``\\w+`` tokens, smoothed idf, L2 rows) as a
-  torch sparse matrix, so its similarities come from a sparse product, with no extra packages.
+  dense array (no extra packages).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 __all__ = ["best_threshold", "pair_metrics", "retrieval_metrics", "tfidf_similarity", "tfidf_vectors"]
 
@@ -87,9 +86,10 @@ def retrieval_metrics(
 _TOKEN = re.compile(r"\w+")
 
 
-def tfidf_vectors(texts: Sequence[str], vocabulary_texts: Sequence[str] | None = None) -> torch.Tensor:
-    """Word TF-IDF rows (L2-normalised) as a sparse ``[n, vocab]`` tensor; idf from
-    ``vocabulary_texts`` (default: ``texts``), ``log((1 + N) / (1 + df)) + 1``."""
+def tfidf_vectors(texts: Sequence[str], vocabulary_texts: Sequence[str] | None = None) -> np.ndarray:
+    """Word TF-IDF rows (L2-normalised) as a dense ``[n, vocab]`` float32 array; idf from
+    ``vocabulary_texts`` (default: ``texts``), ``log((1 + N) / (1 + df)) + 1``. Dense on
+    purpose: titles give a vocabulary of some 10k words, and torch's sparse kernels warn."""
     docs = [Counter(_TOKEN.findall(t.lower())) for t in texts]
     base = docs if vocabulary_texts is None else [Counter(_TOKEN.findall(t.lower())) for t in vocabulary_texts]
     df: Counter[str] = Counter()
@@ -97,19 +97,15 @@ def tfidf_vectors(texts: Sequence[str], vocabulary_texts: Sequence[str] | None =
         df.update(doc.keys())
     vocab = {w: i for i, w in enumerate(sorted(df))}
     n = len(base)
-    idf = {w: math.log((1 + n) / (1 + c)) + 1.0 for w, c in df.items()}
-    rows, cols, vals = [], [], []
+    out = np.zeros((len(docs), len(vocab)), dtype=np.float32)
     for r, doc in enumerate(docs):
-        weights = {vocab[w]: c * idf[w] for w, c in doc.items() if w in vocab}
-        norm = math.sqrt(sum(v * v for v in weights.values())) or 1.0
-        for c, v in weights.items():
-            rows.append(r)
-            cols.append(c)
-            vals.append(v / norm)
-    index = torch.tensor([rows, cols], dtype=torch.long)
-    return torch.sparse_coo_tensor(index, torch.tensor(vals, dtype=torch.float32), (len(docs), len(vocab))).coalesce()
+        for w, c in doc.items():
+            if w in vocab:
+                out[r, vocab[w]] = c * (math.log((1 + n) / (1 + df[w])) + 1.0)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return out / np.maximum(norms, 1e-12)
 
 
-def tfidf_similarity(left: torch.Tensor, right: torch.Tensor) -> np.ndarray:
-    """Dense cosine similarities ``[n_left, n_right]`` of two TF-IDF row sets."""
-    return torch.sparse.mm(left, right.t().coalesce()).to_dense().numpy()
+def tfidf_similarity(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Cosine similarities ``[n_left, n_right]`` of two TF-IDF row sets."""
+    return left @ right.T

@@ -45,7 +45,15 @@ from models.encoder import ALLOW_RANDOM_WEIGHTS_ENV, EncoderConfig, load_config
 from models.features import FeatureCache, build_feature_cache
 from models.losses import InBatchHinge, LocalityConsistency, SelfDistinctiveness, SymmetricInfoNCE, same_product_mask
 from models.metrics import best_threshold, pair_metrics
-from models.unified import FUSION_NAME, CrossScorer, UnifiedConfig, UnifiedFusion, lexical_features, save_unified_model
+from models.unified import (
+    FUSION_NAME,
+    CrossScorer,
+    UnifiedConfig,
+    UnifiedFusion,
+    document_frequencies,
+    lexical_features,
+    save_unified_model,
+)
 from topics.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -64,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
     p.add_argument("--base", default="default", help="backbone config: default, tiny, or a JSON file")
     p.add_argument("--name", default=None, help="model name (default: the listings' folder name)")
-    p.add_argument("--max-text-tokens", type=int, default=64)
+    p.add_argument("--max-text-tokens", type=int, default=32)
     p.add_argument("--no-images", action="store_true", help="ignore image_path (text only)")
     p.add_argument("--holdout-fraction", type=float, default=0.0, help="clusters kept out (clusters mode)")
     p.add_argument("--split-column", default=None, help="clusters column whose value 'train' marks training rows")
@@ -75,8 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--image-grid", type=int, default=4)
     p.add_argument("--no-skip", action="store_true", help="ablation: no mean-input skip path")
-    p.add_argument("--scorer-layers", type=int, default=2, help="0: no cross-scorer")
+    p.add_argument("--scorer-layers", type=int, default=1, help="0: no cross-scorer")
     p.add_argument("--no-lexical", action="store_true", help="cross-scorer without lexical features")
+    p.add_argument("--no-token-ids", action="store_true", help="ablation: no token-id embedding")
+    p.add_argument("--no-scorer-tokens", action="store_true", help="scorer on lexical features + cosine only")
     # loss
     p.add_argument("--loss", choices=("hinge", "infonce"), default="hinge")
     p.add_argument("--margin", type=float, default=0.2)
@@ -93,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--scorer-epochs", type=int, default=8)
-    p.add_argument("--scorer-lr", type=float, default=2e-4)
+    p.add_argument("--scorer-epochs", type=int, default=5)
+    p.add_argument("--scorer-lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
     p.add_argument("--cache-dir", type=Path, default=Path("runs/cache"))
@@ -268,15 +278,19 @@ def _step_loss(
             if data.negatives.get(a):
                 extras.append(rng.choice(data.negatives[a]))
     ids = anchors + partners + extras
-    text, mask, image, has_image = cache.batch(cache.rows(ids), device)
+    text, mask, image, has_image, tids = cache.batch(cache.rows(ids), device)
     b = len(batch)
     products = [data.product[i] for i in ids]
     views: dict[str, torch.Tensor] = {}
-    views["IT"] = fusion("IT", text, mask, image, has_image)[0]  # [2B + E, d]
-    views["T"] = fusion("T", text[: 2 * b], mask[: 2 * b], image[: 2 * b], has_image[: 2 * b])[0]
+    views["IT"] = fusion("IT", text, mask, image, has_image, tids)[0]  # [2B + E, d]
     if with_images:
-        views["I"] = fusion("I", text[: 2 * b], mask[: 2 * b], image[: 2 * b], has_image[: 2 * b])[0]
+        views["T"] = fusion("T", text[: 2 * b], mask[: 2 * b], image[: 2 * b], has_image[: 2 * b], tids[: 2 * b])[0]
+        views["I"] = fusion("I", text[: 2 * b], mask[: 2 * b], image[: 2 * b], has_image[: 2 * b], tids[: 2 * b])[0]
     it = views["IT"]
+    if not with_images:
+        # Without images the T sequence is the IT sequence (the image is masked either way):
+        # reuse it instead of a second identical forward pass.
+        views["T"] = it
     losses: dict[str, torch.Tensor] = {}
     total = it.new_zeros(())
     # Both directions: anchors query the partners' IT (+ hard negatives) and vice versa.
@@ -292,7 +306,7 @@ def _step_loss(
             losses[f"{name}-IT"] = losses.get(f"{name}-IT", 0.0) + term
             total = total + weight * term
     if args.w_self > 0 or args.w_local > 0:
-        transformed = fusion("IT", text[:b], mask[:b], image[:b], has_image[:b], token_drop=args.token_drop)[0]
+        transformed = fusion("IT", text[:b], mask[:b], image[:b], has_image[:b], tids[:b], token_drop=args.token_drop)[0]
         if args.w_self > 0:
             same = same_product_mask(products[:b], products[:b]).to(it.device)
             term = unit.selfdist(transformed, it[:b], same)
@@ -378,8 +392,19 @@ def score_pairs_cached(
 
 
 def _lexical(cache: FeatureCache, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
-    feats = [lexical_features(cache.texts[cache.index[a]], cache.texts[cache.index[b]]) for a, b in pairs]
+    idf = _idf_of(cache)
+    feats = [lexical_features(cache.texts[cache.index[a]], cache.texts[cache.index[b]], idf) for a, b in pairs]
     return np.asarray(feats, dtype=np.float32).reshape(len(pairs), -1)
+
+
+_IDF: dict[int, dict[str, float]] = {}
+
+
+def _idf_of(cache: FeatureCache) -> dict[str, float]:
+    """The idf table of a cache's texts (the training listings), computed once per cache."""
+    if id(cache) not in _IDF:
+        _IDF[id(cache)] = document_frequencies(cache.texts)
+    return _IDF[id(cache)]
 
 
 def _scorer_forward(
@@ -430,7 +455,13 @@ def train_scorer(
     lexical = _lexical(cache, pairs)
     valid_lex = _lexical(cache, [(a, b) for a, b, _ in valid]) if valid else None
     scorer = CrossScorer(unified).to(device)
-    optimizer = torch.optim.AdamW(scorer.parameters(), lr=args.scorer_lr, weight_decay=0.01)
+    # The lexical branch is tiny and its inputs are already informative: it may move faster.
+    lexical_params = list(scorer.lexical_head.parameters()) if scorer.lexical_head is not None else []
+    lexical_ids = {id(p) for p in lexical_params}
+    groups = [{"params": [p for p in scorer.parameters() if id(p) not in lexical_ids], "lr": args.scorer_lr}]
+    if lexical_params:
+        groups.append({"params": lexical_params, "lr": 10 * args.scorer_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
     steps = max(1, args.scorer_epochs * math.ceil(len(pairs) / args.batch_size))
     schedule = _schedule(optimizer, steps)
     positive_weight = torch.tensor(max(1.0, float((labels == 0).sum() / labels.sum().clamp(min=1))) ** 0.5)
@@ -452,8 +483,8 @@ def train_scorer(
             torch.nn.utils.clip_grad_norm_(scorer.parameters(), 1.0)
             optimizer.step()
             schedule.step()
-            total += float(loss) * len(idx)
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            total += float(loss.detach()) * len(idx)
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": total / max(1, len(pairs))}
         if valid:
             scores = score_pairs_cached(scorer, fused, cache, [(a, b) for a, b, _ in valid], device, valid_lex)
@@ -497,7 +528,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
 
     base = load_config(args.base)
-    name = args.name or args.listings.resolve().parent.name
+    folder = args.listings.resolve().parent
+    name = args.name or f"{folder.parent.name}-{folder.name}"
     config = replace(base, name=name, fusion=FUSION_NAME, version="placeholder", max_text_tokens=args.max_text_tokens)
     if config.uses_random_weights:
         import os
@@ -505,14 +537,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         allowed = os.environ.get(ALLOW_RANDOM_WEIGHTS_ENV, "").lower() in ("1", "true", "yes")
         if not (args.allow_random_weights or allowed):
             raise ConfigError(f"backbones of {args.base!r} are random: tests only (--allow-random-weights)")
+    records = read_listings(args.listings)
+    text_backbone = build_text_backbone(config.text_backbone, config)
+    image_backbone = build_image_backbone(config.image_backbone, config)
     unified = UnifiedConfig(
         dim=args.dim, hidden=args.hidden, layers=args.layers, heads=args.heads, ffn=2 * args.hidden,
         image_grid=args.image_grid, skip=not args.no_skip, scorer_layers=args.scorer_layers,
         scorer_lexical=not args.no_lexical,
+        scorer_tokens=not args.no_scorer_tokens,
+        token_vocab=0 if args.no_token_ids else len(text_backbone.tokenizer),
     )
-    records = read_listings(args.listings)
-    text_backbone = build_text_backbone(config.text_backbone, config)
-    image_backbone = build_image_backbone(config.image_backbone, config)
     cache = build_feature_cache(
         records, text_backbone, image_backbone, config, image_grid=args.image_grid, device=device,
         listings_path=args.listings, cache_dir=args.cache_dir, with_images=not args.no_images,
@@ -548,10 +582,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.nn.utils.clip_grad_norm_(fusion.parameters(), 1.0)
             optimizer.step()
             schedule.step()
-            sums["loss"] += float(loss)
+            sums["loss"] += float(loss.detach())
             for k, v in parts.items():
                 sums[k] += v
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
         record: dict[str, Any] = {"epoch": epoch + 1, **{k: v / max(1, len(batches)) for k, v in sums.items()}}
         if valid:
             record.update({f"valid_{k}": v for k, v in _valid_cosine(fusion, cache, valid, device).items()})
@@ -598,7 +632,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for child in args.out.iterdir():
             if child.is_file():
                 child.unlink()
-    save_unified_model(args.out, config, unified, fusion, scorer, manifest, metrics)
+    save_unified_model(args.out, config, unified, fusion, scorer, manifest, metrics,
+                       idf=_idf_of(cache) if scorer is not None else None)
     summary = {"model": str(args.out), "version": config.version, "seconds": manifest["seconds"],
                "valid_cosine": metrics.get("valid_cosine"), "valid_scorer": metrics.get("valid_scorer")}
     print(json.dumps(summary, default=str))

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import threading
 from collections.abc import Mapping, Sequence
@@ -64,7 +65,8 @@ UNIFIED_CONFIG = "unified.json"
 WEIGHTS_FILE = "weights.pt"
 MANIFEST_FILE = "manifest.json"
 METRICS_FILE = "metrics.json"
-N_LEXICAL = 6
+N_LEXICAL = 10
+IDF_FILE = "idf.json"
 
 __all__ = [
     "FUSION_NAME",
@@ -72,6 +74,7 @@ __all__ = [
     "UnifiedConfig",
     "UnifiedEncoder",
     "UnifiedFusion",
+    "document_frequencies",
     "is_unified_model_dir",
     "lexical_features",
     "load_unified_model",
@@ -93,6 +96,12 @@ class UnifiedConfig:
     skip: bool = True  # the mean-input skip path (ablation switch)
     scorer_layers: int = 2  # 0: no cross-scorer
     scorer_lexical: bool = True  # feed lexical overlap features to the scorer head
+    scorer_tokens: bool = True  # the cross-attention branch over both listings' fused tokens
+    # A learned embedding of each text token's id, added to its contextual state: frozen
+    # contextual states blur exact strings (model codes), and mean-pooled random id vectors
+    # start out as a bag-of-wordpieces similarity. 0 disables it (ablation).
+    token_vocab: int = 0
+    token_id_std: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("dim", "hidden", "layers", "heads", "ffn", "image_grid"):
@@ -103,6 +112,8 @@ class UnifiedConfig:
             raise ConfigError("unified config: hidden must be a multiple of heads")
         if self.scorer_layers < 0 or not 0.0 <= self.dropout < 1.0:
             raise ConfigError("unified config: scorer_layers >= 0 and 0 <= dropout < 1")
+        if not (self.scorer_tokens or self.scorer_lexical):
+            raise ConfigError("unified config: the scorer needs tokens or lexical features")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,6 +154,10 @@ class UnifiedFusion(nn.Module):
         h = config.hidden
         self.config = config
         self.text_in = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, h))
+        self.token_embedding = None
+        if config.token_vocab > 0:
+            self.token_embedding = nn.Embedding(config.token_vocab, h)
+            nn.init.normal_(self.token_embedding.weight, std=config.token_id_std)
         self.image_in = nn.Sequential(nn.LayerNorm(image_dim), nn.Linear(image_dim, h))
         self.type_embedding = nn.Embedding(3, h)  # 0: CLS, 1: text, 2: image
         self.image_position = nn.Parameter(torch.zeros(config.image_grid**2, h))
@@ -161,6 +176,7 @@ class UnifiedFusion(nn.Module):
         text_mask: torch.Tensor,
         image: torch.Tensor,
         has_image: torch.Tensor,
+        token_ids: torch.Tensor | None = None,
         token_drop: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Embed one view.
@@ -169,6 +185,7 @@ class UnifiedFusion(nn.Module):
             view: ``"I"``, ``"T"`` or ``"IT"``.
             text: ``[B, L, Dt]`` token states; text_mask: ``[B, L]`` bool (True = a token).
             image: ``[B, P, Di]`` (P may be 0 when no listing has an image); has_image: ``[B]``.
+            token_ids: ``[B, L]`` text token ids (needed when ``token_vocab > 0``).
             token_drop: fraction of tokens hidden at random (the "transformed view").
 
         Returns:
@@ -182,12 +199,17 @@ class UnifiedFusion(nn.Module):
         parts = [self.cls.expand(batch, -1, -1) + self.type_embedding.weight[0]]
         masks = [torch.ones(batch, 1, dtype=torch.bool, device=device)]
         if "T" in view:
-            parts.append(self.text_in(text) + self.type_embedding.weight[1])  # [B, L, h]
+            tokens = self.text_in(text) + self.type_embedding.weight[1]  # [B, L, h]
+            if self.token_embedding is not None:
+                if token_ids is None:
+                    raise ValueError("this fusion needs token_ids")
+                tokens = tokens + self.token_embedding(token_ids.clamp(0, self.config.token_vocab - 1))
+            parts.append(tokens)
             masks.append(_drop_tokens(text_mask, token_drop))
         if "I" in view and image.shape[1] > 0:
             p = image.shape[1]
-            tokens = self.image_in(image) + self.image_position[:p] + self.type_embedding.weight[2]
-            parts.append(tokens)  # [B, P, h]
+            pixels = self.image_in(image) + self.image_position[:p] + self.type_embedding.weight[2]
+            parts.append(pixels)  # [B, P, h]
             image_mask = has_image.unsqueeze(1).expand(-1, p)
             masks.append(_drop_tokens(image_mask, token_drop))
         x = torch.cat(parts, dim=1)  # [B, S, h]
@@ -210,13 +232,18 @@ class CrossScorer(nn.Module):
         super().__init__()
         h = config.hidden
         self.lexical = config.scorer_lexical
+        self.tokens = config.scorer_tokens
         self.segment = nn.Embedding(2, h)
         self.cls = nn.Parameter(torch.zeros(1, 1, h))
         nn.init.normal_(self.cls, std=0.02)
         self.encoder = _transformer(h, config.scorer_layers, config.heads, config.ffn, config.dropout)
         self.norm = nn.LayerNorm(h)
-        extra = 1 + (N_LEXICAL if self.lexical else 0)
-        self.out = nn.Sequential(nn.Linear(h + extra, h), nn.GELU(), nn.Linear(h, 1))
+        self.out = nn.Sequential(nn.Linear(h + 1, h), nn.GELU(), nn.Linear(h, 1))
+        # Its own small branch, added to the logit: a few overlap numbers fed beside a
+        # 256-wide CLS vector would be drowned out and learned far too slowly.
+        self.lexical_head = (
+            nn.Sequential(nn.Linear(N_LEXICAL + 1, 32), nn.GELU(), nn.Linear(32, 1)) if self.lexical else None
+        )
 
     def forward(
         self,
@@ -230,6 +257,10 @@ class CrossScorer(nn.Module):
         """tokens: ``[B, S, h]`` fused IT tokens, masks ``[B, S]``; cosine ``[B]``; lexical
         ``[B, N_LEXICAL]``. Returns logits ``[B]``."""
         batch = tokens_a.shape[0]
+        if not self.tokens:  # ablation: the lexical branch and the cosine alone
+            if lexical is None:
+                raise ValueError("this scorer needs lexical features")
+            return self.lexical_head(torch.cat([lexical, cosine.unsqueeze(1)], dim=1)).squeeze(1)  # type: ignore[misc]
         x = torch.cat(
             [self.cls.expand(batch, -1, -1), tokens_a + self.segment.weight[0], tokens_b + self.segment.weight[1]],
             dim=1,
@@ -237,12 +268,12 @@ class CrossScorer(nn.Module):
         ones = torch.ones(batch, 1, dtype=torch.bool, device=x.device)
         mask = torch.cat([ones, mask_a, mask_b], dim=1)
         cls = self.norm(self.encoder(x, src_key_padding_mask=~mask))[:, 0]  # [B, h]
-        feats = [cls, cosine.unsqueeze(1)]
-        if self.lexical:
+        logit = self.out(torch.cat([cls, cosine.unsqueeze(1)], dim=1)).squeeze(1)
+        if self.lexical_head is not None:
             if lexical is None:
                 raise ValueError("this scorer needs lexical features")
-            feats.append(lexical)
-        return self.out(torch.cat(feats, dim=1)).squeeze(1)
+            logit = logit + self.lexical_head(torch.cat([lexical, cosine.unsqueeze(1)], dim=1)).squeeze(1)
+        return logit
 
 
 # -------------------------------------------------------------------------- lexical features
@@ -269,10 +300,27 @@ def _jaccard(a: set[str], b: set[str]) -> float:
     return len(a & b) / len(a | b) if a or b else 0.0
 
 
-def lexical_features(text_a: str, text_b: str, title_chars: int = 200) -> list[float]:
+def document_frequencies(texts: Sequence[str]) -> dict[str, float]:
+    """Smoothed idf, ``log((1 + N) / (1 + df)) + 1``, of every word of ``texts`` (the training
+    listings), for the idf-weighted lexical features."""
+    df: dict[str, int] = {}
+    for text in texts:
+        for w in _words(text):
+            df[w] = df.get(w, 0) + 1
+    n = len(texts)
+    return {w: math.log((1 + n) / (1 + c)) + 1.0 for w, c in df.items()}
+
+
+def lexical_features(
+    text_a: str, text_b: str, idf: Mapping[str, float] | None = None, title_chars: int = 200
+) -> list[float]:
     """``N_LEXICAL`` overlap features of two listing texts: word Jaccard (all, first
     ``title_chars`` characters), model-code Jaccard, any shared code, one side's codes all in
-    the other's text, character-trigram Jaccard of the leading text."""
+    the other's text, character-trigram Jaccard of the leading text; then, idf-weighted (a
+    word the idf table has never seen counts as the rarest): weighted Jaccard, TF-IDF cosine of
+    the leading text, shared-number Jaccard and the largest idf shared (over 10)."""
+    idf = idf or {}
+    unseen = max(idf.values(), default=1.0)
     wa, wb = _words(text_a), _words(text_b)
     ta, tb = _words(text_a[:title_chars]), _words(text_b[:title_chars])
     ca, cb = _codes(wa), _codes(wb)
@@ -285,6 +333,15 @@ def lexical_features(text_a: str, text_b: str, title_chars: int = 200) -> list[f
         contained = 1.0
     ga = {text_a[:title_chars].lower()[i : i + 3] for i in range(max(0, min(len(text_a), title_chars) - 2))}
     gb = {text_b[:title_chars].lower()[i : i + 3] for i in range(max(0, min(len(text_b), title_chars) - 2))}
+
+    def weight(w: str) -> float:
+        return idf.get(w, unseen)
+
+    shared = wa & wb
+    union = sum(weight(w) for w in wa | wb)
+    title_norm = math.sqrt(sum(weight(w) ** 2 for w in ta) * sum(weight(w) ** 2 for w in tb))
+    na = {w for w in wa if w.isdigit()}
+    nb = {w for w in wb if w.isdigit()}
     return [
         _jaccard(wa, wb),
         _jaccard(ta, tb),
@@ -292,6 +349,10 @@ def lexical_features(text_a: str, text_b: str, title_chars: int = 200) -> list[f
         float(bool(ca & cb)),
         contained,
         _jaccard(ga, gb),
+        sum(weight(w) for w in shared) / union if union else 0.0,
+        sum(weight(w) ** 2 for w in ta & tb) / title_norm if title_norm else 0.0,
+        _jaccard(na, nb),
+        max((weight(w) for w in shared), default=0.0) / 10.0,
     ]
 
 
@@ -312,7 +373,9 @@ class UnifiedEncoder(Encoder):
         fusion: UnifiedFusion,
         scorer: CrossScorer | None,
         device: str,
+        idf: Mapping[str, float] | None = None,
     ) -> None:
+        self.idf = dict(idf or {})
         self.config = config
         self.unified = unified
         self.version = config.version
@@ -347,12 +410,12 @@ class UnifiedEncoder(Encoder):
 
     def _tokens(
         self, batch: Sequence[PreparedListing]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         n = len(batch)
         size = self.config.image_size
         autocast = torch.autocast("cuda", dtype=torch.float16, enabled=self.device.startswith("cuda"))
         with autocast:
-            text, mask = text_tokens(self.text_backbone, [p.text for p in batch], self.config.max_text_tokens)
+            text, mask, token_ids = text_tokens(self.text_backbone, [p.text for p in batch], self.config.max_text_tokens)
         grid = self.unified.image_grid
         image = torch.zeros(n, 0, self.image_backbone.dim, device=text.device)
         has_image = torch.zeros(n, dtype=torch.bool, device=text.device)
@@ -370,17 +433,17 @@ class UnifiedEncoder(Encoder):
             index = torch.tensor(rows, device=text.device)
             image[index] = tokens
             has_image[index] = True
-        return text.float(), mask, image, has_image
+        return text.float(), mask, image, has_image, token_ids
 
     def embed(self, batch: Sequence[PreparedListing]) -> Embeddings:
         if len(batch) == 0:
             return Embeddings.empty(self.dim)
         with self._lock, torch.inference_mode():
-            text, mask, image, has_image = self._tokens(batch)
-            views = {v: self.fusion(v, text, mask, image, has_image)[0] for v in ("I", "T", "IT")}
+            inputs = self._tokens(batch)
+            views = {v: self.fusion(v, *inputs)[0] for v in ("I", "T", "IT")}
             arrays = {v: np.ascontiguousarray(z.float().cpu().numpy(), dtype=np.float32) for v, z in views.items()}
         return Embeddings(
-            image=arrays["I"], text=arrays["T"], image_text=arrays["IT"], has_image=has_image.cpu().numpy()
+            image=arrays["I"], text=arrays["T"], image_text=arrays["IT"], has_image=inputs[3].cpu().numpy()
         )
 
     def fuse(self, batch: Sequence[PreparedListing]) -> tuple[np.ndarray, list[torch.Tensor]]:
@@ -422,7 +485,7 @@ class UnifiedEncoder(Encoder):
             b, mb = pad(tb)
             cosine = torch.from_numpy(np.sum(za * zb, axis=1)).float().to(self.device)
             lexical = torch.tensor(
-                [lexical_features(s, t) for s, t in zip(xa, xb, strict=True)],
+                [lexical_features(s, t, self.idf) for s, t in zip(xa, xb, strict=True)],
                 dtype=torch.float32, device=self.device,
             )
             logits = self.scorer(a, ma, b, mb, cosine, lexical)
@@ -457,6 +520,7 @@ def save_unified_model(
     manifest: Mapping[str, Any],
     metrics: Mapping[str, Any],
     backbones: Mapping[str, nn.Module] | None = None,
+    idf: Mapping[str, float] | None = None,
 ) -> None:
     """Write a model directory (see the module docstring). ``backbones`` holds fine-tuned
     backbones to save too (``{"text": ..., "image": ...}``); frozen ones are rebuilt from specs."""
@@ -467,6 +531,8 @@ def save_unified_model(
     for name, module in (backbones or {}).items():
         state[f"{name}_backbone"] = module.state_dict()
     torch.save(state, out_dir / WEIGHTS_FILE)
+    if idf is not None:
+        (out_dir / IDF_FILE).write_text(json.dumps(idf, sort_keys=True) + "\n")
     (out_dir / MODEL_DIR_CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     (out_dir / UNIFIED_CONFIG).write_text(json.dumps(unified.to_dict(), indent=2) + "\n")
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
@@ -513,4 +579,5 @@ def load_unified_model(
     if "scorer" in state:
         scorer = CrossScorer(unified)
         scorer.load_state_dict(state["scorer"])
-    return UnifiedEncoder(config, unified, text, image, fusion, scorer, device)
+    idf = json.loads((path / IDF_FILE).read_text()) if (path / IDF_FILE).is_file() else None
+    return UnifiedEncoder(config, unified, text, image, fusion, scorer, device, idf)

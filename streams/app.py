@@ -38,6 +38,7 @@ from .metrics import BrokerProbe, Metrics, PartitionLag, partition_lags
 from .pipeline import VIEWS, EmbedStep, Failure, Incoming, Outgoing, SearchStep, decode_embedding, now_ms
 from .replica import IndexReplica
 from .settings import Settings
+from .search_api import search_routes
 from .web import WebServer, core_routes
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class Runtime:
         self.metrics.lag_sources.append(self.group_lags)
         self.metrics.rebalance_count = lambda: int(getattr(app, "rebalancing_count", 0))
         self.web: WebServer | None = None
+        self._truncated_suspects: set[Any] = set()
 
     @property
     def encoder(self) -> Encoder:
@@ -117,6 +119,37 @@ class Runtime:
         committed = dict(getattr(consumer, "_committed_offset", {}))
         positions = {(tp.topic, tp.partition): offset for tp, offset in committed.items()}
         return partition_lags("group", highwaters, positions)
+
+    async def restart_truncated_partitions(self) -> None:
+        """The group consumer's side of :meth:`IndexReplica._restart_truncated_partitions`.
+
+        Faust drops any message below the last offset it read and commits only above the last
+        commit, so after a topic is recreated both must be forgotten for that partition.
+        """
+        consumer = getattr(self.app, "_consumer", None)
+        if consumer is None:
+            return
+        for tp in list(consumer.assignment()):
+            try:
+                highwater = consumer.highwater(tp)
+            except Exception:
+                continue
+            read = consumer._read_offset.get(tp)
+            committed = consumer._committed_offset.get(tp)
+            consumed = max((read + 1) if read is not None else 0, committed or 0)
+            suspect = highwater is not None and highwater < consumed
+            # Faust's consumer thread updates the high-water mark and the read offset at different
+            # moments, so one sighting can be a race: act only when two checks in a row agree.
+            was_suspect = tp in self._truncated_suspects
+            self._truncated_suspects.discard(tp)
+            if suspect and not was_suspect:
+                self._truncated_suspects.add(tp)
+            elif suspect:
+                log.warning("%s[%d] ends at %d but %d were consumed: the topic was recreated; "
+                            "reading it again from the start", tp.topic, tp.partition, highwater, consumed)
+                consumer._committed_offset[tp] = None
+                await consumer.seek(tp, 0)
+                self.metrics.log_resets.labels("group").inc()
 
     def health(self) -> dict[str, Any]:
         """What /health answers: ok while the app runs and no agent has crashed."""
@@ -181,9 +214,13 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None) -> faust.A
     app.service(replica)
     app.service(BrokerProbe(runtime.metrics, settings.bootstrap_servers))
     if settings.web_port:
-        runtime.web = WebServer(settings, [core_routes(runtime)])
+        runtime.web = WebServer(settings, [core_routes(runtime), search_routes(runtime)])
         app.service(runtime.web)
     metrics = runtime.metrics
+
+    @app.timer(1.0, name="restart_truncated_partitions")
+    async def restart_truncated_partitions() -> None:
+        await runtime.restart_truncated_partitions()
 
     @app.agent(runtime.topics[LISTINGS], name="embed", supervisor_strategy=mode.CrashingSupervisor)
     async def embed(stream: faust.StreamT) -> None:

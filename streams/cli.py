@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="send images as local paths (uri) or inline bytes")
     demo.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for every listing")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    demo.add_argument("--serve", action="store_true",
+                      help="keep the worker running and serve the search page (printed URL) until Ctrl-C")
 
     worker = sub.add_parser("worker", help="run a worker against the configured broker")
     _add_common(worker)
@@ -162,9 +164,17 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         if not args.json:
             logging.getLogger().setLevel(logging.WARNING if not args.verbose else logging.DEBUG)
+
+        def announce(summary: dict, url: str) -> None:
+            print(dumps(summary) if args.json else format_summary(summary), flush=True)
+            # With --json, stdout stays one JSON object.
+            print(f"search page: {url}  (API: {url}openapi.json; Ctrl-C to stop)", flush=True,
+                  file=sys.stderr if args.json else sys.stdout)
+
         summary = run_demo(settings, args.listings, args.clusters, limit=args.limit, timeout=args.timeout,
-                           image_mode=args.image_mode)
-        print(dumps(summary) if args.json else format_summary(summary))
+                           image_mode=args.image_mode, serve=announce if args.serve else None)
+        if not args.serve:
+            print(dumps(summary) if args.json else format_summary(summary))
         return 0
     raise AssertionError(f"unhandled command {args.command}")
 

@@ -15,7 +15,7 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
 
@@ -24,7 +24,7 @@ from models.sample import generate_sample
 from topics import LISTINGS, topic_specs
 from topics.errors import BrokerError, ConfigError
 
-from .broker import EmbeddedBroker, create_topics
+from .broker import EmbeddedBroker, create_topics, free_port
 from .io import OutputReader, Outputs, listing_message, produce_listings
 from .pipeline import DEFAULT_SUPPLIER
 from .settings import Settings
@@ -51,8 +51,12 @@ def duplicate_truth(clusters: dict[str, str], suppliers: dict[str, str], ids: se
 
 def run_demo(settings: Settings, listings_csv: Path | None = None, clusters_csv: Path | None = None,
              limit: int | None = None, timeout: float = 900.0, progress: bool = True,
-             image_mode: str = "uri") -> dict[str, Any]:
-    """Run the demo and return its summary (the ``--json`` object)."""
+             image_mode: str = "uri", serve: Callable[[dict[str, Any], str], None] | None = None) -> dict[str, Any]:
+    """Run the demo and return its summary (the ``--json`` object).
+
+    With ``serve``, the worker keeps running once everything is indexed: ``serve(summary, url)``
+    is called with the search page's URL, then the demo waits for Ctrl-C (or the worker's exit).
+    """
     started = time.monotonic()
     run_dir = Path(tempfile.mkdtemp(prefix="samestyle-demo-"))
     if listings_csv is None:
@@ -69,16 +73,35 @@ def run_demo(settings: Settings, listings_csv: Path | None = None, clusters_csv:
         raise ConfigError(f"{listings_csv} repeats listing ids: {len(records) - len(wanted)} duplicates")
 
     settings = settings.replace(state_dir=run_dir / "state")
+    # The demo's own worker gets a free port: a second demo (or a worker on 6066) must not collide.
+    settings = settings.replace(web_port=free_port())
     with broker_for(settings, run_dir) as settings:
         specs = topic_specs(settings.topic_prefix, settings.partitions)
-        create_topics(settings.bootstrap or "", specs.values())
+        # With app_id: the Faust tables' changelogs too (BROKER.md trap 2).
+        create_topics(settings.bootstrap or "",
+                      topic_specs(settings.topic_prefix, settings.partitions, app_id=settings.app_id).values())
         worker = WorkerProcess(settings, run_dir / "worker.log").start()
         try:
             outputs = asyncio.run(_produce_and_collect(settings, specs, messages, wanted, worker, timeout, progress))
+            if serve is not None:
+                summary = summarize(outputs, wanted, clusters, suppliers, time.monotonic() - started, settings, run_dir)
+                serve(summary, f"http://127.0.0.1:{settings.web_port}/")
+                _wait_for_interrupt(worker)
+                return summary
         finally:
             worker.stop()
     seconds = time.monotonic() - started
     return summarize(outputs, wanted, clusters, suppliers, seconds, settings, run_dir)
+
+
+def _wait_for_interrupt(worker: WorkerProcess) -> None:
+    """Block until Ctrl-C; a worker that dies meanwhile ends the wait with its log."""
+    try:
+        while True:
+            worker.check_alive()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        log.info("stopping the demo worker")
 
 
 async def _produce_and_collect(settings: Settings, specs: dict, messages: list[dict], wanted: set[str],

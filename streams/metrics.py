@@ -158,6 +158,9 @@ class Metrics:
             PREFIX + "index_vectors", "Listings in this worker's index replica", registry=r)
         self.index_snapshots = Counter(
             PREFIX + "index_snapshots", "Index snapshots written", registry=r)
+        self.log_resets = Counter(
+            PREFIX + "log_resets", "Partitions read again from 0 because their log ended below the consumed offset "
+            "(topic recreated, or an in-memory broker restarted empty)", ["consumer"], registry=r)
         self.model = Info(PREFIX + "model", "Encoder model version of this worker", registry=r)
         self.broker_up = Gauge(
             PREFIX + "broker_up", "1 when a bootstrap server accepted a connection at the last probe", registry=r)
@@ -168,6 +171,8 @@ class Metrics:
         for agent in AGENTS:
             self.messages_processed.labels(agent)
             self.messages_failed.labels(agent)
+        for consumer in ("group", "replica"):
+            self.log_resets.labels(consumer)
         for stage, error_type in DEAD_LETTER_KINDS:
             self.dead_letters.labels(stage, error_type)
         self.broker_up.set(1)

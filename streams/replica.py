@@ -99,6 +99,30 @@ class IndexReplica(Service):
                 continue
         return partition_lags("replica", highwaters, {(self.topic, p): o for p, o in self.applied.items()})
 
+    def _restart_truncated_partitions(self) -> None:
+        """Read a partition again from offset 0 when its log is shorter than what was applied.
+
+        A high-water mark below the next offset to apply means the topic was deleted and created
+        again (or the embedded broker restarted empty: it keeps data in memory only). tansu then
+        answers fetches beyond the end with no error, so without this the replica would wait for
+        the new log to grow past the old offset and silently skip everything before it.
+        """
+        assert self._consumer is not None
+        for p in range(self.partitions):
+            tp = TopicPartition(self.topic, p)
+            try:
+                highwater = self._consumer.highwater(tp)
+            except Exception:
+                continue
+            applied = self.applied.get(p, 0)
+            if highwater is not None and highwater < applied:
+                log.warning("replica: %s[%d] ends at %d but %d were applied: the topic was recreated; "
+                            "reading it again from the start", self.topic, p, highwater, applied)
+                self._consumer.seek(tp, 0)
+                self.applied[p] = 0
+                if self.metrics is not None:
+                    self.metrics.log_resets.labels("replica").inc()
+
     def is_caught_up_to(self, partition: int, offset: int) -> bool:
         return self.applied.get(partition, 0) > offset
 
@@ -114,6 +138,7 @@ class IndexReplica(Service):
         assert self._consumer is not None
         loop = asyncio.get_running_loop()
         while not self.should_stop:
+            self._restart_truncated_partitions()
             batches = await self._consumer.getmany(timeout_ms=200, max_records=2000)
             if batches:
                 updates = []

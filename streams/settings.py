@@ -73,6 +73,31 @@ class Settings:
     #: Largest message a producer may send (a dead letter carries the original bytes).
     max_message_bytes: int = 8_388_608
     log_level: str = "info"
+    # --- pairs agent (streams/clicks.py, docs/PAIRS.md) ---
+    #: A session's clicks belong to one session window until it is idle this long; each window
+    #: counts once in a pair's ``sessions`` evidence.
+    pairs_session_gap_seconds: float = 1800.0
+    #: How many leading category path components ("Electronics > Audio > Headphones") both
+    #: listings must share; 0 switches the category constraint off.
+    pairs_category_level: int = 1
+    #: What a pair whose category is unknown on either side gets (data without categories, or a
+    #: listing not indexed yet): "skip" the category constraint, or "reject" the pair for now.
+    pairs_unknown_category: str = "skip"
+    #: Clicks (either direction, each click once) a pair needs before it can be positive.
+    pairs_min_co_clicks: int = 5
+    #: Distinct session windows a pair needs: one user clicking back and forth is not enough.
+    pairs_min_sessions: int = 2
+    #: A click with less dwell than this is a bounce and no evidence at all.
+    pairs_min_dwell_ms: int = 30_000
+    #: Image+text cosine under the current model a pair needs when both listings are indexed.
+    pairs_min_cosine: float = 0.3
+    #: True: a pair waits until both listings are indexed so the cosine can be checked; False
+    #: (default): the cosine constraint is skipped for a pair with a listing not indexed yet.
+    pairs_require_cosine: bool = False
+    #: Send every changelog record in its own batch (producer_max_batch_size=1): tansu reports a
+    #: wrong end offset otherwise and Faust table recovery silently stops short (BROKER.md trap
+    #: 1). App-wide in Faust; turn off on real Apache Kafka.
+    changelog_single_record_batches: bool = True
 
     def __post_init__(self) -> None:
         problems = []
@@ -90,6 +115,18 @@ class Settings:
             problems.append("batch_linger_seconds must be > 0")
         if self.heartbeat_interval_seconds >= self.session_timeout_seconds:
             problems.append("heartbeat_interval_seconds must be below session_timeout_seconds")
+        if self.pairs_session_gap_seconds <= 0:
+            problems.append("pairs_session_gap_seconds must be > 0")
+        if self.pairs_category_level < 0:
+            problems.append("pairs_category_level must be >= 0")
+        if self.pairs_unknown_category not in ("skip", "reject"):
+            problems.append(f"pairs_unknown_category must be 'skip' or 'reject', not {self.pairs_unknown_category!r}")
+        if self.pairs_min_co_clicks < 1 or self.pairs_min_sessions < 1:
+            problems.append("pairs_min_co_clicks and pairs_min_sessions must be >= 1")
+        if self.pairs_min_dwell_ms < 0:
+            problems.append("pairs_min_dwell_ms must be >= 0")
+        if not -1.0 <= self.pairs_min_cosine <= 1.0:
+            problems.append("pairs_min_cosine is a cosine and must lie in [-1, 1]")
         if problems:
             raise ConfigError("invalid settings: " + "; ".join(problems))
 

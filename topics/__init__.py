@@ -5,24 +5,32 @@ Imports nothing heavy (no faust, kafka or torch), so every package may depend on
 
 from topics.codec import Codec, bytes_to_vector, codec, codec_for_topic, vector_to_bytes
 from topics.registry import (
+    CLICK_EVENTS,
+    CLICK_PAIRS,
     DEAD_LETTERS,
     DUPLICATE_ALERTS,
     LISTING_EMBEDDINGS,
     LISTINGS,
+    POSITIVE_PAIRS,
     SIMILAR_PRODUCTS,
     TopicSpec,
+    changelog_topic,
     topic_specs,
 )
 
 __all__ = [
+    "CLICK_EVENTS",
+    "CLICK_PAIRS",
     "DEAD_LETTERS",
     "DUPLICATE_ALERTS",
     "LISTINGS",
     "LISTING_EMBEDDINGS",
+    "POSITIVE_PAIRS",
     "SIMILAR_PRODUCTS",
     "Codec",
     "TopicSpec",
     "bytes_to_vector",
+    "changelog_topic",
     "codec",
     "codec_for_topic",
     "topic_specs",

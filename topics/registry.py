@@ -6,6 +6,16 @@ broker with this registry all read :func:`topic_specs`; nothing else spells a to
 ``listings`` and ``listing-embeddings`` are keyed by ``listing_id`` and must keep the same number
 of partitions (co-partitioned): the embed agent writes a listing's vectors to the partition the
 listing came from, and the compacted embeddings topic then holds the latest vectors per listing.
+
+``click-events`` is keyed by session id (a session stays on one partition, in order). The pairs
+agent re-keys each click by its unordered listing pair onto the internal ``click-pairs`` topic,
+so all the evidence of one pair meets on one partition, and emits ``positive-pairs`` keyed by
+the pair (compacted: a byte-identical re-send after a crash leaves one record per pair).
+
+Faust tables write changelog topics named ``{app_id}-{table}-changelog`` with as many partitions
+as the topic that feeds the table. tansu would auto-create a missing one with 4 partitions
+(BROKER.md, trap 2), so ``topic_specs(app_id=...)`` lists them too and ``create_topics``
+creates them with the rest before any worker starts.
 """
 
 from __future__ import annotations
@@ -19,6 +29,18 @@ LISTING_EMBEDDINGS = "listing-embeddings"
 SIMILAR_PRODUCTS = "similar-products"
 DUPLICATE_ALERTS = "duplicate-alerts"
 DEAD_LETTERS = "dead-letters"
+CLICK_EVENTS = "click-events"
+CLICK_PAIRS = "click-pairs"
+POSITIVE_PAIRS = "positive-pairs"
+
+#: Faust tables of the pairs agent and the topic that feeds each (its changelog is
+#: co-partitioned with that topic).
+PAIRS_SESSIONS_TABLE = "pairs-sessions"
+PAIRS_EVIDENCE_TABLE = "pairs-evidence"
+TABLE_SOURCES: tuple[tuple[str, str], ...] = (
+    (PAIRS_SESSIONS_TABLE, CLICK_EVENTS),
+    (PAIRS_EVIDENCE_TABLE, CLICK_PAIRS),
+)
 
 #: Topics whose partition count follows the ``partitions`` override (they scale with the workers).
 PARTITIONED = (LISTINGS, LISTING_EMBEDDINGS, SIMILAR_PRODUCTS)
@@ -31,7 +53,7 @@ class TopicSpec:
     key: str  # logical name, e.g. "listings"
     name: str  # actual topic name on the broker (prefix + key)
     partitions: int
-    schema: str  # schema file stem in topics/schemas, e.g. "listing"
+    schema: str | None  # schema file stem in topics/schemas, e.g. "listing"; None: Faust changelog
     compacted: bool = False
 
     def config(self) -> dict[str, str]:
@@ -47,15 +69,29 @@ _DEFAULTS: tuple[tuple[str, int, str, bool], ...] = (
     (SIMILAR_PRODUCTS, 4, "similar_products", False),
     (DUPLICATE_ALERTS, 2, "duplicate_alert", False),
     (DEAD_LETTERS, 1, "dead_letter", False),
+    (CLICK_EVENTS, 4, "click_event", False),
+    # Internal: clicks re-keyed by unordered pair (same record, session_id = session window id).
+    (CLICK_PAIRS, 4, "click_event", False),
+    # Compacted: one record per pair survives a re-send after a crash.
+    (POSITIVE_PAIRS, 2, "positive_pair", True),
 )
 
 
-def topic_specs(prefix: str = "", partitions: int | None = None) -> dict[str, TopicSpec]:
+def changelog_topic(app_id: str, table: str) -> str:
+    """Faust's name for the changelog topic of ``table`` in application ``app_id``."""
+    return f"{app_id}-{table}-changelog"
+
+
+def topic_specs(prefix: str = "", partitions: int | None = None,
+                app_id: str | None = None) -> dict[str, TopicSpec]:
     """Return the spec of every topic, keyed by logical name.
 
     ``prefix`` is prepended to every broker topic name (tests use a unique prefix per test).
     ``partitions`` overrides the partition count of the partitioned topics (listings,
     listing-embeddings, similar-products), keeping listings and listing-embeddings equal.
+    ``app_id`` adds the changelog topic of every Faust table (key and name
+    ``{app_id}-{table}-changelog``, no prefix: Faust names them itself; compacted, no schema),
+    with the partition count of the topic that feeds the table.
     """
     if partitions is not None and (isinstance(partitions, bool) or not isinstance(partitions, int)
                                    or partitions < 1):
@@ -65,4 +101,11 @@ def topic_specs(prefix: str = "", partitions: int | None = None) -> dict[str, To
         count = partitions if partitions is not None and key in PARTITIONED else default_partitions
         specs[key] = TopicSpec(key=key, name=f"{prefix}{key}", partitions=count, schema=schema,
                                compacted=compacted)
+    if app_id is not None:
+        if not app_id:
+            raise ConfigError("app_id must be a non-empty string")
+        for table, source in TABLE_SOURCES:
+            name = changelog_topic(app_id, table)
+            specs[name] = TopicSpec(key=name, name=name, partitions=specs[source].partitions,
+                                    schema=None, compacted=True)
     return specs

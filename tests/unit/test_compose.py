@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMESTYLE_SERVICES = ("topics", "worker-1", "worker-2")
+MONITORING_SERVICES = ("prometheus", "grafana")
+DEPLOY = ROOT / "deploy"
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +110,8 @@ def test_every_service_names_the_bootstrap_server(services: dict[str, Any]) -> N
     for name in SAMESTYLE_SERVICES:
         assert _env(services[name])["SAMESTYLE_BOOTSTRAP"] == "kafka:9092", name
     for name, service in services.items():
+        if name in MONITORING_SERVICES:  # HTTP only: they never talk to Kafka
+            continue
         env = _env(service)
         assert any("kafka:9092" in value for value in env.values()), name
 
@@ -116,9 +121,92 @@ def test_samestyle_services_build_from_the_repo(services: dict[str, Any]) -> Non
         assert services[name]["build"] in (".", {"context": "."}), name
 
 
-def test_monitoring_has_a_place() -> None:
-    text = (ROOT / "docker-compose.yml").read_text(encoding="utf-8").lower()
-    assert "prometheus" in text and "grafana" in text
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """container path -> host path (or volume name) of a service's volumes."""
+    out = {}
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        out[target] = source
+    return out
+
+
+def test_prometheus_scrapes_both_workers(compose: dict[str, Any], services: dict[str, Any]) -> None:
+    prometheus = services["prometheus"]
+    assert re.fullmatch(r"prom/prometheus:v\d+\.\d+\.\d+", prometheus["image"])
+    mounts = _mounts(prometheus)
+    config_path = mounts["/etc/prometheus/prometheus.yml"]
+    assert (ROOT / config_path).resolve() == DEPLOY / "prometheus.yml"
+    assert mounts["/prometheus"] in compose["volumes"]
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text(encoding="utf-8"))
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "samestyle"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    targets = {t for sc in job["static_configs"] for t in sc["targets"]}
+    web_ports = {name: _env(services[name]).get("SAMESTYLE_WEB_PORT", "6066") for name in ("worker-1", "worker-2")}
+    assert targets == {f"{name}:{port}" for name, port in web_ports.items()}
+
+
+def test_grafana_is_provisioned(compose: dict[str, Any], services: dict[str, Any]) -> None:
+    grafana = services["grafana"]
+    assert re.fullmatch(r"grafana/grafana:\d+\.\d+\.\d+", grafana["image"])
+    mounts = _mounts(grafana)
+    provisioning = ROOT / mounts["/etc/grafana/provisioning"]
+    assert mounts["/var/lib/grafana"] in compose["volumes"]
+    (datasource,) = yaml.safe_load(
+        (provisioning / "datasources" / "prometheus.yml").read_text(encoding="utf-8"))["datasources"]
+    assert datasource["type"] == "prometheus"
+    assert datasource["url"] == "http://prometheus:9090"
+    (provider,) = yaml.safe_load(
+        (provisioning / "dashboards" / "samestyle.yml").read_text(encoding="utf-8"))["providers"]
+    dashboards_in_container = provider["options"]["path"]
+    assert (ROOT / mounts[dashboards_in_container] / "samestyle.json").is_file()
+    assert {"prometheus"} <= set(grafana["depends_on"])
+
+
+def _dashboard() -> dict[str, Any]:
+    return json.loads((DEPLOY / "grafana" / "dashboards" / "samestyle.json").read_text(encoding="utf-8"))
+
+
+def _queries() -> list[str]:
+    return [t["expr"] for panel in _dashboard()["panels"] for t in panel.get("targets", [])]
+
+
+#: PromQL words that look like metric names but are functions, keywords or label names.
+_PROMQL_WORDS = {"sum", "max", "min", "avg", "rate", "increase", "irate", "histogram_quantile", "by", "without",
+                 "le", "on", "ignoring", "offset", "count", "topk", "bool", "and", "or", "unless"}
+
+
+def _metric_names_in(expr: str) -> set[str]:
+    expr = re.sub(r'"[^"]*"', "", expr)        # label values
+    expr = re.sub(r"\{[^}]*\}", "", expr)      # label matchers
+    expr = re.sub(r"\[[^\]]*\]", "", expr)      # range selectors
+    expr = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", "", expr)  # grouping label lists
+    words = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr))
+    return {w for w in words if w not in _PROMQL_WORDS}
+
+
+def test_dashboard_queries_name_only_exported_metrics() -> None:
+    from streams.metrics import Metrics, metric_names
+
+    exported = metric_names(Metrics())
+    named: set[str] = set()
+    for expr in _queries():
+        named |= _metric_names_in(expr)
+    assert named, "the dashboard has no queries"
+    assert named <= exported, f"not exported by streams.metrics: {sorted(named - exported)}"
+
+
+def test_dashboard_covers_what_operators_watch() -> None:
+    queries = " ".join(_queries())
+    for metric in ("samestyle_consumer_lag_messages", "samestyle_messages_processed_total",
+                   "samestyle_listing_to_searchable_seconds_bucket", "samestyle_listing_to_emitted_seconds_bucket",
+                   "samestyle_duplicate_alerts_emitted_total", "samestyle_dead_letters_total"):
+        assert metric in queries, metric
+    assert "partition" in queries  # lag per partition, not only in total
+    assert "histogram_quantile" in queries
+    datasource_uids = {p["datasource"]["uid"] for p in _dashboard()["panels"]}
+    provisioned = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml")
+                                 .read_text(encoding="utf-8"))["datasources"][0]["uid"]
+    assert datasource_uids == {provisioned}
 
 
 def test_dockerfile_pins_cpu_torch() -> None:

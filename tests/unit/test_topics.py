@@ -23,14 +23,18 @@ from hypothesis import strategies as st
 
 import topics
 from topics import (
+    CLICK_EVENTS,
+    CLICK_PAIRS,
     DEAD_LETTERS,
     DUPLICATE_ALERTS,
     LISTING_EMBEDDINGS,
     LISTINGS,
+    POSITIVE_PAIRS,
     SIMILAR_PRODUCTS,
     Codec,
     TopicSpec,
     bytes_to_vector,
+    changelog_topic,
     codec,
     codec_for_topic,
     topic_specs,
@@ -48,7 +52,8 @@ from topics.errors import BadInputError, ConfigError, DecodeError
 
 T0 = 1_717_171_717_123  # 2024-05-31T16:08:37.123Z
 DIM = 8
-SCHEMAS = ["listing", "listing_embedding", "similar_products", "duplicate_alert", "dead_letter"]
+SCHEMAS = ["listing", "listing_embedding", "similar_products", "duplicate_alert", "dead_letter",
+           "click_event", "positive_pair"]
 
 
 def _unit(seed: int) -> np.ndarray:
@@ -119,6 +124,28 @@ def realistic(schema_name: str) -> dict[str, Any]:
             "error": "samestyle.Listing: message too short (8 bytes)",
             "failed_at": T0 + 5,
         },
+        "click_event": {
+            "session_id": "sess-8f2a",
+            "user_id": "u-17",
+            "query": "frog mug",
+            "trigger_id": "L000123",
+            "clicked_id": "L000777",
+            "position": 2,
+            "dwell_ms": 41_250,
+            "event_time": T0,
+        },
+        "positive_pair": {
+            "listing_id_a": "L000123",
+            "listing_id_b": "L000777",
+            "category": "home-garden > drinkware",
+            "co_clicks": 5,
+            "sessions": 3,
+            "dwell_ms_total": 180_500,
+            "relevance_score": 0.8125,
+            "model_version": "crossbert-v3",
+            "event_time": T0,
+            "emitted_at": T0 + 40,
+        },
     }
     return records[schema_name]
 
@@ -129,12 +156,13 @@ def realistic(schema_name: str) -> dict[str, Any]:
 def test_registry_defaults() -> None:
     specs = topic_specs()
     assert list(specs) == [LISTINGS, LISTING_EMBEDDINGS, SIMILAR_PRODUCTS, DUPLICATE_ALERTS,
-                           DEAD_LETTERS]
+                           DEAD_LETTERS, CLICK_EVENTS, CLICK_PAIRS, POSITIVE_PAIRS]
     assert {k: s.partitions for k, s in specs.items()} == {
         "listings": 4, "listing-embeddings": 4, "similar-products": 4,
-        "duplicate-alerts": 2, "dead-letters": 1}
+        "duplicate-alerts": 2, "dead-letters": 1, "click-events": 4, "click-pairs": 4,
+        "positive-pairs": 2}
     assert all(isinstance(s, TopicSpec) and s.key == k and s.name == k for k, s in specs.items())
-    assert [k for k, s in specs.items() if s.compacted] == [LISTING_EMBEDDINGS]
+    assert [k for k, s in specs.items() if s.compacted] == [LISTING_EMBEDDINGS, POSITIVE_PAIRS]
     assert specs[LISTING_EMBEDDINGS].config() == {"cleanup.policy": "compact"}
     assert specs[LISTINGS].config() == {"cleanup.policy": "delete"}
 
@@ -168,9 +196,25 @@ def test_topic_spec_is_frozen() -> None:
         spec.partitions = 8  # type: ignore[misc]
 
 
+def test_registry_adds_table_changelogs_for_an_app_id() -> None:
+    plain = topic_specs("t-1-", partitions=3)
+    specs = topic_specs("t-1-", partitions=3, app_id="app-x")
+    extra = {k: s for k, s in specs.items() if k not in plain}
+    assert {k: s.partitions for k, s in extra.items()} == {
+        "app-x-pairs-sessions-changelog": plain[CLICK_EVENTS].partitions,
+        "app-x-pairs-evidence-changelog": plain[CLICK_PAIRS].partitions}
+    # Faust names changelogs itself: no topic prefix; they are compacted and carry JSON, not Avro.
+    assert all(s.name == k and s.compacted and s.schema is None for k, s in extra.items())
+    assert changelog_topic("app-x", "pairs-evidence") == "app-x-pairs-evidence-changelog"
+    assert {k: s for k, s in specs.items() if k in plain} == plain
+    with pytest.raises(ConfigError):
+        topic_specs(app_id="")
+
+
 def test_every_topic_has_a_schema_and_codec() -> None:
     specs = topic_specs()
-    assert sorted(s.schema for s in specs.values()) == sorted(schema_names()) == sorted(SCHEMAS)
+    # click-events and click-pairs share the click_event schema.
+    assert sorted({s.schema for s in specs.values()}) == sorted(schema_names()) == sorted(SCHEMAS)
     for key, spec in specs.items():
         assert codec_for_topic(key) is codec(spec.schema)
     with pytest.raises(ConfigError):

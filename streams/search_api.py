@@ -1,0 +1,498 @@
+"""Interactive search over the worker's live index: the HTTP API and the web page at ``/``.
+
+Routes (registered on the worker's :class:`~streams.web.WebServer` by :func:`search_routes`)::
+
+    POST /search                    text, image (base64 JSON or multipart upload), image + modifier
+    GET  /listings/{id}             one indexed listing
+    GET  /listings/{id}/similar     its nearest neighbours, with per-view scores
+    GET  /listings/{id}/duplicates  same-supplier neighbours at or above the duplicate threshold
+    GET  /stats                     index size, consumer lag, model version (the page's counters)
+    GET  /openapi.json              OpenAPI 3 description of the above
+    GET  /                          the search page (static files under ``streams/static``)
+
+Why in the worker process: the index *is* the worker's memory. Every worker holds a full replica
+of it (:class:`~streams.replica.IndexReplica`), and the encoder that made its vectors is loaded
+there already; a separate API service would need a second copy of both, or an RPC hop per query
+plus a way to keep model versions in step. Any worker answers any query, so a load balancer in
+front of the workers' web ports scales search with the replicas.
+
+Blocking work never runs on the event loop: the query is embedded on the runtime's model thread
+(the one the embed agent uses, so a search queues behind at most one embed batch) and the index
+is searched on the default executor. Every error a client can cause is a 4xx JSON
+``{"error": ..., "status": ...}``; a middleware turns aiohttp's own HTTP errors into the same shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import numpy as np
+from aiohttp import BodyPartReader, web
+
+from models.query import Query, QueryEmbedding, embed_queries
+from topics.errors import BadInputError
+
+from .web import RouteRegistrar
+
+if TYPE_CHECKING:  # pragma: no cover
+    from index_store import LiveIndex
+    from models import Encoder
+
+    from .app import Runtime
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+DEFAULT_K = 10
+MAX_K = 100
+#: How many neighbours a duplicates request searches before keeping same-supplier ones.
+DUPLICATE_CANDIDATES = 100
+#: Room for the JSON around a base64 image (base64 is 4/3 of the bytes) and for form fields.
+_BODY_OVERHEAD = 64 * 1024
+#: A body this many times over the limit is not drained before answering 413: the connection is
+#: closed instead (the client may then see a reset rather than the JSON error).
+_DRAIN_FACTOR = 4
+_VIEW_ORDER = ("image", "text", "image_text")  # the order of LiveIndex views (streams.pipeline.VIEWS)
+
+
+class ApiError(Exception):
+    """A client error, answered as ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message, "status": status}, status=status)
+
+
+@web.middleware
+async def json_errors(request: web.Request,
+                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Every error of this server as JSON: ApiError, aiohttp's HTTP errors (404, 405, 413)."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return _error(exc.status, exc.message)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _error(exc.status, exc.reason)
+    except Exception:  # a bug or an outage, not the client's fault: logged, and still JSON
+        log.exception("%s %s failed", request.method, request.path)
+        return _error(500, "internal error; see the worker log")
+
+
+# ------------------------------------------------------------------------------ request parsing
+
+
+def _parse_k(raw: Any) -> int:
+    if raw is None or raw == "":
+        return DEFAULT_K
+    try:
+        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+            raise ValueError
+        k = int(raw)
+    except (TypeError, ValueError):
+        raise ApiError(400, f"k must be an integer from 1 to {MAX_K}, got {raw!r}") from None
+    if not 1 <= k <= MAX_K:
+        raise ApiError(400, f"k must be from 1 to {MAX_K}, got {k}")
+    return k
+
+
+def _text_field(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ApiError(400, f"{name} must be a string")
+    return value.strip() or None
+
+
+def _decode_base64_image(value: Any, limit: int) -> bytes | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ApiError(400, "image must be a base64 string (optionally a data: URL)")
+    if value.startswith("data:"):
+        value = value.partition(",")[2]
+    if len(value) > limit * 4 // 3 + 4:
+        raise ApiError(413, f"image is over the {limit:,}-byte limit")
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "image is not valid base64") from None
+    if not data:
+        return None
+    return data
+
+
+async def _read_limited(request: web.Request, limit: int) -> bytes:
+    """The request body, or 413 once it passes ``limit`` (aiohttp's own 1 MiB cap is not used)."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        await _drain(request, declared)
+        raise ApiError(413, f"request body of {declared:,} bytes is over the {limit:,}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            await _drain(request, None)
+            raise ApiError(413, f"request body is over the {limit:,}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _drain(request: web.Request, declared: int | None) -> None:
+    """Read and drop the rest of an oversized body so the client receives the 413 JSON answer."""
+    if declared is not None and declared > _DRAIN_FACTOR * request.app["samestyle_max_body"]:
+        return
+    cap, seen = _DRAIN_FACTOR * request.app["samestyle_max_body"], 0
+    async for chunk in request.content.iter_chunked(256 * 1024):
+        seen += len(chunk)
+        if seen > cap:
+            return
+
+
+async def parse_search(request: web.Request, image_limit: int, body_limit: int) -> tuple[Query, int]:
+    """A :class:`Query` and ``k`` from a JSON or a multipart/form-data request."""
+    ctype = request.content_type
+    if ctype == "multipart/form-data":
+        declared = request.content_length
+        if declared is not None and declared > body_limit:
+            await _drain(request, declared)
+            raise ApiError(413, f"request body of {declared:,} bytes is over the {body_limit:,}-byte limit")
+        fields: dict[str, Any] = {}
+        image: bytes | None = None
+        reader = await request.multipart()
+        total = 0
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader) or part.name is None:
+                continue
+            data = bytearray()
+            while chunk := await part.read_chunk(64 * 1024):
+                data += chunk
+                total += len(chunk)
+                if part.name == "image" and len(data) > image_limit:
+                    await _drain(request, None)
+                    raise ApiError(413, f"image is over the {image_limit:,}-byte limit")
+                if total > body_limit:
+                    await _drain(request, None)
+                    raise ApiError(413, f"request body is over the {body_limit:,}-byte limit")
+            if part.name == "image":
+                image = bytes(data) or None
+            else:
+                try:
+                    fields[part.name] = data.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ApiError(400, f"form field {part.name!r} is not UTF-8 text") from None
+        body = fields
+    else:  # JSON, whatever the client called it (curl -d says x-www-form-urlencoded)
+        raw = await _read_limited(request, body_limit)
+        try:
+            body = json.loads(raw or b"{}")
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        unknown = sorted(set(body) - {"text", "image", "modifier", "k"})
+        if unknown:
+            raise ApiError(400, f"unknown fields {unknown}; expected text, image, modifier, k")
+        image = _decode_base64_image(body.get("image"), image_limit)
+    if image is not None and len(image) > image_limit:
+        raise ApiError(413, f"image of {len(image):,} bytes is over the {image_limit:,}-byte limit")
+    text, modifier = _text_field(body, "text"), _text_field(body, "modifier")
+    if text and modifier:
+        raise ApiError(400, "send text (a query) or modifier (with an image), not both")
+    if modifier and image is None:
+        raise ApiError(400, "modifier needs an image: it says how results should differ from it")
+    query = Query(text=text or modifier, image=image)
+    if not query.has_text and query.image is None:
+        raise ApiError(400, "no query: send text, an image, or an image with a modifier")
+    return query, _parse_k(body.get("k"))
+
+
+# ------------------------------------------------------------------------------------ responses
+
+
+def _listing(listing_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "listing_id": listing_id,
+        "title": payload.get("title"),
+        "supplier_id": payload.get("supplier_id"),
+        "category": payload.get("category"),
+        "has_image": bool(payload.get("has_image")),
+        "event_time": payload.get("event_time"),
+    }
+
+
+def _cos(a: np.ndarray | None, b: np.ndarray) -> float | None:
+    return None if a is None else round(float(a @ b), 6)
+
+
+def search_index(index: "LiveIndex", q: QueryEmbedding, k: int) -> list[dict[str, Any]]:
+    """Top-k listings for one embedded query, with the query's per-view cosines (blocking)."""
+    hits = index.search(q.search[None, :], k)[0]
+    results = []
+    for hit in hits:
+        got = index.get(hit.listing_id)
+        if got is None:  # deleted between the search and here
+            continue
+        _, payload, views = got
+        assert views is not None  # [3, dim] image / text / image_text
+        has_image = bool(payload.get("has_image"))
+        scores = {
+            "image": _cos(q.image, views[0]) if has_image else None,
+            "text": _cos(q.text, views[1]),
+            "image_text": _cos(q.image_text, views[2]),
+        }
+        results.append({**_listing(hit.listing_id, payload), "score": round(float(hit.score), 6),
+                        "scores": scores})
+    return results
+
+
+def similar_to(index: "LiveIndex", listing_id: str, k: int, threshold: float,
+               duplicates_only: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    """A listing and its neighbours by image+text cosine (what similar-products carries), each
+    with per-view cosines and whether it is a duplicate (same supplier, score >= threshold)."""
+    got = index.get(listing_id)
+    if got is None:
+        return None
+    vector, payload, views = got
+    assert views is not None
+    wanted = max(k, DUPLICATE_CANDIDATES) if duplicates_only else k
+    hits = index.search(vector[None, :], wanted, exclude=[listing_id])[0]
+    results = []
+    for hit in hits:
+        other = index.get(hit.listing_id)
+        if other is None:
+            continue
+        _, other_payload, other_views = other
+        assert other_views is not None
+        score = float(hit.score)
+        duplicate = other_payload.get("supplier_id") == payload.get("supplier_id") and score >= threshold
+        if duplicates_only and not duplicate:
+            continue
+        both_images = bool(payload.get("has_image")) and bool(other_payload.get("has_image"))
+        scores = {
+            "image": round(float(views[0] @ other_views[0]), 6) if both_images else None,
+            "text": round(float(views[1] @ other_views[1]), 6),
+            "image_text": round(float(views[2] @ other_views[2]), 6),
+        }
+        results.append({**_listing(hit.listing_id, other_payload), "score": round(score, 6), "scores": scores,
+                        "duplicate": duplicate})
+        if len(results) >= k:
+            break
+    return _listing(listing_id, payload), results
+
+
+# ------------------------------------------------------------------------------------- routes
+
+
+def search_routes(runtime: "Runtime", *, max_image_bytes: int | None = None) -> RouteRegistrar:
+    """The search API and page of one worker. ``max_image_bytes`` (default: the listings' limit,
+    ``settings.max_image_bytes``) caps an uploaded query image."""
+    settings = runtime.settings
+    image_limit = max_image_bytes or settings.max_image_bytes
+    body_limit = image_limit * 4 // 3 + _BODY_OVERHEAD
+    loop_executor = None  # the default executor, for index searches (LiveIndex serialises them)
+
+    def index_or_503() -> "LiveIndex":
+        if runtime.index is None:
+            raise ApiError(503, "the index is not loaded yet")
+        return runtime.index
+
+    async def encoder() -> "Encoder":
+        # The first use loads the model (seconds): on the model thread, never on the loop.
+        return await runtime.run_model(lambda: runtime.encoder)
+
+    def model_version() -> str | None:
+        return runtime.health()["model_version"]
+
+    async def search(request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        query, k = await parse_search(request, image_limit, body_limit)
+        index = index_or_503()
+        enc = await encoder()
+        try:
+            [embedded] = await runtime.run_model(embed_queries, enc, [query])
+        except BadInputError as exc:
+            raise ApiError(400, f"cannot use this query: {exc}") from None
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(loop_executor, search_index, index, embedded, k)
+        return web.json_response({
+            "query": {"mode": embedded.mode, "text": query.text, "has_image": query.image is not None, "k": k,
+                      "searched_view": {"text": "T", "image": "I", "image_text": "IT"}[embedded.mode],
+                      "against_view": "IT"},
+            "model_version": enc.version,
+            "index_size": len(index),
+            "took_ms": round(1000 * (time.perf_counter() - started), 2),
+            "results": results,
+        })
+
+    async def get_listing(request: web.Request) -> web.Response:
+        listing_id = request.match_info["listing_id"]
+        payload = index_or_503().payload(listing_id)
+        if payload is None:
+            raise ApiError(404, f"no listing {listing_id!r} in the index")
+        return web.json_response({**_listing(listing_id, payload), "model_version": model_version()})
+
+    async def neighbours(request: web.Request, duplicates_only: bool) -> web.Response:
+        listing_id = request.match_info["listing_id"]
+        k = _parse_k(request.query.get("k"))
+        index = index_or_503()
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(loop_executor, similar_to, index, listing_id, k,
+                                           settings.duplicate_threshold, duplicates_only)
+        if found is None:
+            raise ApiError(404, f"no listing {listing_id!r} in the index")
+        listing, results = found
+        return web.json_response({"listing": listing, "model_version": model_version(), "k": k,
+                                  "duplicate_threshold": settings.duplicate_threshold, "results": results})
+
+    async def similar(request: web.Request) -> web.Response:
+        return await neighbours(request, duplicates_only=False)
+
+    async def duplicates(request: web.Request) -> web.Response:
+        return await neighbours(request, duplicates_only=True)
+
+    async def stats(request: web.Request) -> web.Response:
+        lag: dict[str, int] = {}
+        for source in list(runtime.metrics.lag_sources):
+            try:
+                rows = source()
+            except Exception as exc:  # a rebalance racing the read: report what the others say
+                log.debug("lag source failed: %r", exc)
+                continue
+            for row in rows:
+                lag[row.consumer] = lag.get(row.consumer, 0) + row.lag
+        health = runtime.health()
+        return web.json_response({
+            "worker_id": settings.worker_id,
+            "ok": health["ok"],
+            "index_size": health["index_vectors"],
+            "model_version": health["model_version"],
+            "replica": health["replica"],
+            "lag": lag,
+            "duplicate_threshold": settings.duplicate_threshold,
+        })
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.json_response(openapi_spec(image_limit))
+
+    async def page(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATIC_DIR / "index.html")
+
+    def register(app: web.Application) -> None:
+        app["samestyle_max_body"] = body_limit
+        app.middlewares.append(json_errors)
+        app.router.add_post("/search", search)
+        app.router.add_get("/listings/{listing_id}", get_listing)
+        app.router.add_get("/listings/{listing_id}/similar", similar)
+        app.router.add_get("/listings/{listing_id}/duplicates", duplicates)
+        app.router.add_get("/stats", stats)
+        app.router.add_get("/openapi.json", openapi)
+        app.router.add_get("/", page)
+        app.router.add_static("/static/", STATIC_DIR, follow_symlinks=False)
+
+    return register
+
+
+# ------------------------------------------------------------------------------------ OpenAPI
+
+
+def openapi_spec(max_image_bytes: int) -> dict[str, Any]:
+    """The API's OpenAPI 3.0 description."""
+    nullable_number = {"type": "number", "nullable": True}
+    scores = {"type": "object", "description": "Cosine of the query's (or listing's) view with the result's same "
+                                               "view; null where either side lacks it.",
+              "properties": {v: nullable_number for v in _VIEW_ORDER}}
+    listing = {"type": "object", "properties": {
+        "listing_id": {"type": "string"}, "title": {"type": "string", "nullable": True},
+        "supplier_id": {"type": "string"}, "category": {"type": "string", "nullable": True},
+        "has_image": {"type": "boolean"}, "event_time": {"type": "integer", "description": "ms since epoch"}}}
+    result = {"allOf": [{"$ref": "#/components/schemas/Listing"}, {"type": "object", "properties": {
+        "score": {"type": "number", "description": "The ranking score: inner product with the listing's IT vector"},
+        "scores": {"$ref": "#/components/schemas/ViewScores"},
+        "duplicate": {"type": "boolean", "description": "similar/duplicates only: same supplier and score >= "
+                                                         "the duplicate threshold"}}}]}
+    error = {"type": "object", "properties": {"error": {"type": "string"}, "status": {"type": "integer"}},
+             "required": ["error", "status"]}
+
+    def err(description: str) -> dict[str, Any]:
+        return {"description": description,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+    k_param = {"name": "k", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_K,
+                                                      "default": DEFAULT_K}}
+    id_param = {"name": "listing_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    neighbours = {"type": "object", "properties": {
+        "listing": {"$ref": "#/components/schemas/Listing"}, "model_version": {"type": "string"},
+        "k": {"type": "integer"}, "duplicate_threshold": {"type": "number"},
+        "results": {"type": "array", "items": {"$ref": "#/components/schemas/Result"}}}}
+    search_fields = {
+        "text": {"type": "string", "description": "A text query (alone), or the modifier when sent with an image"},
+        "modifier": {"type": "string", "description": "How results should differ from the image "
+                                                      "(\"the same, but red\"); needs image"},
+        "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": DEFAULT_K},
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "samestyle search", "version": "1",
+                 "description": "Search the worker's live index by text (T view), image (I view) or image + "
+                                "modifier text (IT view); every query is matched against the listings' IT vectors."},
+        "paths": {
+            "/search": {"post": {
+                "summary": "Search by text, image, or image + modifier",
+                "requestBody": {"required": True, "content": {
+                    "application/json": {"schema": {"type": "object", "properties": {
+                        **search_fields, "image": {"type": "string", "format": "byte",
+                                                   "description": f"base64 image (or data: URL), at most "
+                                                                  f"{max_image_bytes} bytes decoded"}}}},
+                    "multipart/form-data": {"schema": {"type": "object", "properties": {
+                        **search_fields, "image": {"type": "string", "format": "binary"}}}}}},
+                "responses": {
+                    "200": {"description": "Results, best first", "content": {"application/json": {"schema": {
+                        "type": "object", "properties": {
+                            "query": {"type": "object"}, "model_version": {"type": "string"},
+                            "index_size": {"type": "integer"}, "took_ms": {"type": "number"},
+                            "results": {"type": "array", "items": {"$ref": "#/components/schemas/Result"}}}}}}},
+                    "400": err("No query, a broken image, bad fields or k out of range"),
+                    "413": err("Image or body over the limit"),
+                    "503": err("The index is not loaded yet")}}},
+            "/listings/{listing_id}": {"get": {
+                "summary": "One indexed listing", "parameters": [id_param],
+                "responses": {"200": {"description": "The listing", "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/Listing"}}}},
+                    "404": err("Not in the index")}}},
+            "/listings/{listing_id}/similar": {"get": {
+                "summary": "Nearest neighbours by image+text cosine", "parameters": [id_param, k_param],
+                "responses": {"200": {"description": "Neighbours", "content": {"application/json": {
+                    "schema": neighbours}}},
+                    "400": err("k out of range"), "404": err("Not in the index")}}},
+            "/listings/{listing_id}/duplicates": {"get": {
+                "summary": "Same-supplier neighbours at or above the duplicate threshold",
+                "parameters": [id_param, k_param],
+                "responses": {"200": {"description": "Duplicates", "content": {"application/json": {
+                    "schema": neighbours}}},
+                    "400": err("k out of range"), "404": err("Not in the index")}}},
+            "/stats": {"get": {"summary": "Index size, consumer lag per consumer, model version",
+                               "responses": {"200": {"description": "Counters"}}}},
+            "/health": {"get": {"summary": "Worker health", "responses": {
+                "200": {"description": "Healthy"}, "503": {"description": "Not healthy"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "Text format"}}}},
+        },
+        "components": {"schemas": {"Listing": listing, "ViewScores": scores, "Result": result, "Error": error}},
+    }
+
+
+__all__ = ["search_routes", "openapi_spec", "search_index", "similar_to", "parse_search", "ApiError", "STATIC_DIR"]

@@ -1,0 +1,171 @@
+"""Smoke tests of the benchmark scripts: argument parsing, the arithmetic of their ratios and
+percentiles, and the JSON each prints on a tiny run (the streaming ones on the real embedded
+broker with the tiny encoder: a few seconds each)."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bench import common, freshness_bench, index_bench, pipeline_bench
+
+
+def run_json(capsys: pytest.CaptureFixture[str], main: Any, argv: list[str]) -> dict[str, Any]:
+    """Run a bench's main and parse stdout, which must be exactly one JSON object."""
+    assert main(argv) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.count("\n") == 0, "--json must print exactly one line"
+    result = json.loads(out)
+    assert isinstance(result, dict)
+    return result
+
+
+# ------------------------------------------------------------------------------ parsing
+
+
+def test_pipeline_arguments() -> None:
+    args = pipeline_bench.build_parser().parse_args([])
+    assert (args.n, args.batch_size, args.encoder, args.json) == (256, 32, "default", False)
+    args = pipeline_bench.build_parser().parse_args(["--json", "--n", "64", "--batch-size", "8", "--encoder", "tiny"])
+    assert (args.n, args.batch_size, args.encoder, args.json) == (64, 8, "tiny", True)
+    with pytest.raises(SystemExit):
+        pipeline_bench.build_parser().parse_args(["--json", "out.json"])  # --json is a flag
+
+
+def test_freshness_arguments() -> None:
+    args = freshness_bench.build_parser().parse_args(["--rates", "2,5,10", "--duration", "3", "--json"])
+    assert args.rates == [2.0, 5.0, 10.0] and args.duration == 3.0 and args.json
+    assert freshness_bench.build_parser().parse_args(["--rates", "0.5"]).rates == [0.5]
+    for bad in ("", "2,x", "0", "-1"):
+        with pytest.raises(SystemExit):
+            freshness_bench.build_parser().parse_args(["--rates", bad])
+
+
+def test_index_arguments() -> None:
+    args = index_bench.build_parser().parse_args(["--n", "1000000", "--dim", "256", "--json"])
+    assert (args.n, args.dim, args.json, args.approx_n) == (1_000_000, 256, True, 100_000)
+    args = index_bench.build_parser().parse_args(["--ef-sweep", "8,64", "--approx-n", "5000"])
+    assert args.ef_sweep == [8, 64] and args.approx_n == 5000
+
+
+def test_bench_reachable_from_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    from streams.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "index", "--help"])
+    assert exc.value.code == 0
+    assert "--approx-n" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- arithmetic
+
+
+def test_ratio_and_percentile() -> None:
+    assert common.ratio(3.0, 4.0) == 0.75
+    assert common.ratio(1.0, 0.0) is None and common.ratio(None, 2.0) is None
+    values = [0.3, 0.1, 0.9, 0.5, 0.7, 0.2]
+    for q in (0, 50, 95, 99, 100):
+        assert common.percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+    assert common.percentile([], 50) is None
+    assert common.rounded(123456.0) == 123500.0 and common.rounded(0.00123456) == 0.001235
+
+
+def test_pipeline_ratio_is_pooled_pipeline_over_pooled_encoder() -> None:
+    # 100 listings per run: pipeline runs of 10 s and 30 s -> 200 / 40 = 5/s; encoder runs of
+    # 4, 5 and 6 s -> 300 / 15 = 20/s; ratio 0.25.
+    r = pipeline_bench.pipeline_result(100, [10.0, 30.0], [4.0, 5.0, 6.0])
+    assert r["pipeline_listings_per_second"] == pytest.approx(5.0)
+    assert r["encoder_listings_per_second"] == pytest.approx(20.0)
+    assert r["ratio"] == pytest.approx(0.25)
+    assert r["pipeline_runs_listings_per_second"] == pytest.approx([10.0, 100 / 30])
+    assert r["encoder_runs_listings_per_second"] == pytest.approx([25.0, 20.0, 100 / 6])
+    assert r["goal_met"] is False
+    assert pipeline_bench.pipeline_result(90, [10.0], [9.0])["goal_met"] is True  # 9 / 10 = 0.9
+
+
+def test_index_bandwidth_ratio() -> None:
+    r = index_bench.index_result({"read_gbps": 10.0}, {"exact_scan_gbps": 7.5})
+    assert r["bandwidth_ratio"] == pytest.approx(0.75) and r["exact_goal_met"] is True
+    r = index_bench.index_result({"read_gbps": 10.0}, {"exact_scan_gbps": 6.0})
+    assert r["bandwidth_ratio"] == pytest.approx(0.6) and r["exact_goal_met"] is False
+
+
+def test_recall_at_k() -> None:
+    truth = np.array([[1, 2, 3], [4, 5, 6]])
+    assert index_bench.recall_at_k([[3, 2, 1], [4, 5, 6]], truth, 3) == 1.0
+    assert index_bench.recall_at_k([[1, 9, 9], [9, 9, 9]], truth, 3) == pytest.approx(1 / 6)
+
+
+def test_freshness_row_and_goal() -> None:
+    events = {f"l{i}": 1000 * i for i in range(11)}  # 1 listing/s offered for 10 s
+    emitted = {f"l{i}": 1000 * i + 200 + 10 * i for i in range(11)}  # latency 0.2 .. 0.3 s
+    row = freshness_bench.rate_row(1.0, 11, events, emitted, {k: v - 100 for k, v in emitted.items()})
+    assert row["delivered"] == 11
+    assert row["p50_seconds"] == pytest.approx(0.25)
+    assert row["p99_seconds"] == pytest.approx(common.percentile([0.2 + 0.01 * i for i in range(11)], 99))
+    assert row["output_rate"] == pytest.approx(10 / 10.1)
+    assert row["saturated"] is False
+    assert row["p50_embedded_to_emitted_seconds"] == pytest.approx(0.1)
+    # Offered 4/s, out at 1/s: saturated. A missing listing is saturated too.
+    assert freshness_bench.rate_row(4.0, 11, events, emitted)["saturated"] is True
+    assert freshness_bench.rate_row(1.0, 12, {**events, "lost": 0}, emitted)["saturated"] is True
+    goal = freshness_bench.goal_check(1.7, 0.5)
+    assert goal["limit_seconds"] == 1.5 and goal["met"] is False
+    assert goal["missed_by_seconds"] == pytest.approx(0.2)
+    assert freshness_bench.goal_check(1.4, 0.5)["met"] is True
+
+
+def test_clustered_vectors_are_unit_and_clustered() -> None:
+    x = index_bench.clustered(np.random.default_rng(0), 400, 32, 4, 0.8)
+    assert x.dtype == np.float32 and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+    sims = x @ x.T
+    # Nearest neighbours are much closer than random pairs: there is structure to recall.
+    assert np.sort(sims, axis=1)[:, -2].mean() > sims.mean() + 0.3
+
+
+# ------------------------------------------------------------------------------ tiny runs
+
+
+def test_index_json_on_a_tiny_run(capsys: pytest.CaptureFixture[str]) -> None:
+    r = run_json(capsys, index_bench.main, [
+        "--n", "3000", "--dim", "16", "--json", "--approx-n", "2000", "--approx-queries", "50",
+        "--memory-mb", "16", "--repeat", "1", "--query-batches", "1,4", "--query-batch", "4",
+        "--ef-sweep", "16,64", "--ef-search", "64", "--delete-n", "100", "--ivf"])
+    for key in ("memory_gbps", "exact_scan_gbps", "bandwidth_ratio", "recall_at_10", "qps_per_core",
+                "add_per_second", "delete_per_second", "n", "dim", "approx_n", "machine"):
+        assert key in r, key
+    assert r["n"] == 3000 and r["dim"] == 16 and r["approx_n"] == 2000
+    assert r["bandwidth_ratio"] == pytest.approx(r["exact_scan_gbps"] / r["memory_gbps"], rel=2e-3)
+    assert 0.0 <= r["recall_at_10"] <= 1.0 and r["qps_per_core"] > 0
+    assert [row["ef_search"] for row in r["approx"]["ef_sweep"]] == [16, 64]
+    assert r["approx"]["ivf"]["sweep"]
+
+
+def test_pipeline_json_on_a_tiny_run(capsys: pytest.CaptureFixture[str]) -> None:
+    r = run_json(capsys, pipeline_bench.main, [
+        "--json", "--encoder", "tiny", "--n", "8", "--batch-size", "4", "--rounds", "1", "--warmup", "4",
+        "--session-timeout", "2", "--torch-threads", "1"])
+    for key in ("pipeline_listings_per_second", "encoder_listings_per_second", "ratio", "n", "batch_size",
+                "encoder", "machine"):
+        assert key in r, key
+    assert (r["n"], r["batch_size"], r["encoder"]) == (8, 4, "tiny")
+    assert r["ratio"] == pytest.approx(r["pipeline_listings_per_second"] / r["encoder_listings_per_second"])
+    assert len(r["encoder_runs_listings_per_second"]) == 2 and len(r["pipeline_runs_listings_per_second"]) == 1
+    assert r["listings_with_images"] > 0
+
+
+def test_freshness_json_on_a_tiny_run(capsys: pytest.CaptureFixture[str]) -> None:
+    r = run_json(capsys, freshness_bench.main, [
+        "--json", "--encoder", "tiny", "--batch-size", "4", "--rates", "20", "--duration", "0.5",
+        "--max-doublings", "0", "--session-timeout", "2", "--torch-threads", "1"])
+    assert [row["rate"] for row in r["rates"]] == [20.0]
+    row = r["rates"][0]
+    assert row["sent"] == 10 and row["delivered"] == 10
+    for key in ("p50_seconds", "p95_seconds", "p99_seconds"):
+        assert 0 < row[key] < 60, key
+    assert row["p50_seconds"] <= row["p95_seconds"] <= row["p99_seconds"]
+    assert r["batch_encode_seconds"] > 0 and "saturation_rate" in r and not math.isnan(r["batch_encode_seconds"])

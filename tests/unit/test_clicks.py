@@ -1,0 +1,197 @@
+"""Pairs constraints, session windows, evidence counting and the click simulator (no broker)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from models.data import ListingRecord
+from streams.clicks import (
+    PairMiner,
+    PairRules,
+    add_click,
+    category_path,
+    evidence_step,
+    pair_key,
+    session_window,
+)
+from streams.settings import Settings
+from streams.simulate import ClickModel, ClickSimulator, pseudo_category
+from topics import codec_for_topic
+from topics.errors import ConfigError
+
+T0 = 1_717_200_000_000
+RULES = PairRules(min_co_clicks=3, min_sessions=2, min_dwell_ms=1_000, min_cosine=0.5)
+
+
+def click(session: str, a: str, b: str, t: int, dwell: int = 5_000) -> dict:
+    return {"session_id": session, "user_id": None, "query": None, "trigger_id": a, "clicked_id": b,
+            "position": 0, "dwell_ms": dwell, "event_time": t}
+
+
+def evidence(co: int, sessions: int) -> dict:
+    return {"co_clicks": co, "sessions": [f"s{i}" for i in range(sessions)]}
+
+
+def test_pair_key_is_unordered_and_unambiguous() -> None:
+    assert pair_key("b", "a") == pair_key("a", "b") == '["a","b"]'
+    assert pair_key("a|b", "c") != pair_key("a", "b|c")
+
+
+def test_category_path_splits_common_separators() -> None:
+    assert category_path("Electronics > Audio") == ("electronics", "audio")
+    assert category_path("home-garden/drinkware") == ("home-garden", "drinkware")
+    assert category_path("") is None and category_path(None) is None and category_path("  ") is None
+
+
+@pytest.mark.parametrize(("rules", "ev", "cats", "cosine", "ok", "why"), [
+    (RULES, evidence(2, 2), ("A", "A"), None, False, "co_clicks"),
+    (RULES, evidence(3, 1), ("A", "A"), None, False, "sessions"),
+    (RULES, evidence(3, 2), ("A > x", "B > x"), None, False, "categories differ"),
+    (RULES, evidence(3, 2), ("A > x", "a > y"), 0.9, True, "positive"),
+    (PairRules(category_level=2, min_co_clicks=3), evidence(3, 2), ("A > x", "A > y"), None, False, "level 2"),
+    (PairRules(category_level=0, min_co_clicks=3), evidence(3, 2), ("A", "B"), None, True, "positive"),
+    (RULES, evidence(3, 2), (None, "A"), None, True, "positive"),  # unknown category: skipped
+    (PairRules(unknown_category="reject", min_co_clicks=3), evidence(3, 2), (None, "A"), None, False, "unknown"),
+    (RULES, evidence(3, 2), ("A", "A"), 0.4, False, "cosine 0.400"),
+    (PairRules(require_cosine=True, min_co_clicks=3), evidence(3, 2), ("A", "A"), None, False, "not indexed"),
+])
+def test_constraints(rules: PairRules, ev: dict, cats: tuple, cosine: float | None, ok: bool, why: str) -> None:
+    decision = rules.decide(ev, *cats, cosine)
+    assert decision.ok is ok and why in decision.reason
+
+
+def test_shared_category_is_reported_at_the_level() -> None:
+    assert RULES.decide(evidence(3, 2), "Home > Mugs", "home > cups", None).category == "home"
+    assert PairRules(category_level=3).decide(evidence(5, 2), "a > b", "a > b", None).category == "a > b"
+
+
+def test_bounces_and_self_clicks_are_no_evidence() -> None:
+    assert RULES.is_evidence(click("s", "a", "b", T0))
+    assert not RULES.is_evidence(click("s", "a", "b", T0, dwell=999))
+    assert not RULES.is_evidence(click("s", "a", "a", T0))
+
+
+def test_session_windows_split_on_idle_gaps_and_replays_keep_their_window() -> None:
+    state, w = session_window(None, 0, 100)
+    assert w == 0
+    state, w = session_window(state, 50, 100)
+    assert w == 0
+    state, w = session_window(state, 500, 100)  # idle 450 > 100: next window
+    assert w == 1
+    _, w_replay = session_window(state, 50, 100)  # a replayed old click keeps window 0
+    assert w_replay == 0
+    _, w = session_window(state, 550, 100)
+    assert w == 1
+
+
+def test_add_click_counts_each_click_once() -> None:
+    ev, counted = add_click(None, click("s1#0", "a", "b", T0))
+    ev, counted2 = add_click(ev, click("s1#0", "b", "a", T0 + 1, dwell=7_000))
+    ev, replay = add_click(ev, click("s1#0", "a", "b", T0))
+    assert (counted, counted2, replay) == (True, True, False)
+    assert (ev["co_clicks"], ev["sessions"], ev["dwell_ms"]) == (2, ["s1#0"], 12_000)
+
+
+def test_evidence_step_emits_once_and_resends_only_an_unconfirmed_send() -> None:
+    state = None
+    clicks = [click(f"s{i}#0", "a", "b", T0 + i) for i in range(4)]
+    out = []
+    for c in clicks[:3]:
+        state, counted, record = evidence_step(state, c, RULES, lambda _: None, None, now=T0)
+        out.append(record)
+    assert out[:2] == [None, None] and out[2]["co_clicks"] == 3
+    # A replay of the emitting click before the send was confirmed: the same record again.
+    _, counted, again = evidence_step(state, clicks[2], RULES, lambda _: None, None, now=T0 + 99)
+    assert not counted and again == out[2]
+    # Confirmed: neither the replay nor a new click emits again, but counts stay exact.
+    state = {**state, "sent": True}
+    assert evidence_step(state, clicks[2], RULES, lambda _: None, None)[2] is None
+    state, counted, record = evidence_step(state, clicks[3], RULES, lambda _: None, None)
+    assert counted and record is None and state["co_clicks"] == 4
+    codec_for_topic("positive-pairs").encode(out[2])  # fits the schema
+
+
+def test_cosine_and_category_come_from_the_index_lookup() -> None:
+    vec = {"a": np.array([1.0, 0.0], np.float32), "b": np.array([0.6, 0.8], np.float32)}
+    index = {k: (v, {"category": "Home > Mugs"}) for k, v in vec.items()}
+    for threshold, ok in ((0.5, True), (0.7, False)):
+        miner = PairMiner(PairRules(min_co_clicks=2, min_sessions=2, min_dwell_ms=0, min_cosine=threshold),
+                          index.get, "v1")
+        for i in range(2):
+            miner.feed(click(f"s{i}", "a", "b", T0 + i))
+        assert bool(miner.emitted) is ok
+    assert miner.evidence[pair_key("a", "b")]["reason"] == "cosine 0.600 < 0.7"
+
+
+def test_rules_from_settings_and_validation() -> None:
+    rules = PairRules.from_settings(Settings(pairs_min_co_clicks=7, pairs_session_gap_seconds=2.5))
+    assert rules.min_co_clicks == 7 and rules.session_gap_ms == 2_500
+    for bad in ({"pairs_unknown_category": "maybe"}, {"pairs_min_cosine": 2.0}, {"pairs_min_sessions": 0},
+                {"pairs_category_level": -1}):
+        with pytest.raises(ConfigError):
+            Settings(**bad)
+
+
+# --- simulator ---------------------------------------------------------------------------------
+
+
+def catalogue(n_products: int = 30) -> tuple[list[ListingRecord], dict[str, str]]:
+    records, clusters = [], {}
+    for p in range(n_products):
+        for shop in ("x", "y"):
+            lid = f"{shop}{p}"
+            records.append(ListingRecord(lid, f"Brand{p % 3} thing {p}", "", None, shop))
+            clusters[lid] = f"c{p}"
+    return records, clusters
+
+
+def test_simulator_is_reproducible_and_fits_the_schema() -> None:
+    records, clusters = catalogue()
+    a = list(ClickSimulator(records, clusters, seed=3).sessions(200))
+    b = list(ClickSimulator(records, clusters, seed=3).sessions(200))
+    assert a == b and len(a) >= 200
+    codec = codec_for_topic("click-events")
+    for c in a[:50]:
+        assert codec.decode(codec.encode(c)) == c
+    assert all(c["trigger_id"] in clusters and c["clicked_id"] in clusters for c in a)
+
+
+def test_simulator_clicks_mostly_the_same_product_with_position_bias() -> None:
+    records, clusters = catalogue()
+    clicks = list(ClickSimulator(records, clusters, seed=0).sessions(3000))
+    same = sum(clusters[c["trigger_id"]] == clusters[c["clicked_id"]] for c in clicks) / len(clicks)
+    assert 0.4 < same < 0.6  # product_rate 0.5
+    positions = Counter(c["position"] for c in clicks if c["position"] is not None)
+    assert positions[0] > positions[5]
+    product_dwell = np.median([c["dwell_ms"] for c in clicks if clusters[c["trigger_id"]] == clusters[c["clicked_id"]]])
+    other_dwell = np.median([c["dwell_ms"] for c in clicks if clusters[c["trigger_id"]] != clusters[c["clicked_id"]]])
+    assert product_dwell > 2 * other_dwell
+
+
+def test_simulator_noise_rates_are_configurable() -> None:
+    records, clusters = catalogue()
+    clean = ClickModel(product_rate=1.0, category_rate=0.0, cross_category_rate=0.0, random_rate=0.0)
+    clicks = list(ClickSimulator(records, clusters, clean, seed=0).sessions(300))
+    assert all(clusters[c["trigger_id"]] == clusters[c["clicked_id"]] for c in clicks)
+    with pytest.raises(ConfigError):
+        ClickModel(product_rate=0.9, random_rate=0.2)
+
+
+def test_mined_pairs_on_simulated_clicks_are_precise() -> None:
+    records, clusters = catalogue()
+    miner = PairMiner(PairRules())
+    for c in ClickSimulator(records, clusters, seed=1).sessions(1500):
+        miner.feed(c)
+    pairs = {frozenset((p["listing_id_a"], p["listing_id_b"])) for p in miner.emitted}
+    assert len(pairs) == len(miner.emitted) > 20
+    true = sum(len({clusters[i] for i in p}) == 1 for p in pairs)
+    assert true / len(pairs) >= 0.9
+
+
+def test_pseudo_category_prefers_category_then_brand_then_first_word() -> None:
+    assert pseudo_category(ListingRecord("1", "Sony TV", "", "TVs", None, {"brand": "Sony"})) == "TVs"
+    assert pseudo_category(ListingRecord("1", "Sony TV", "", None, None, {"brand": "Sony"})) == "brand:sony"
+    assert pseudo_category(ListingRecord("1", "Sony TV", "", None, None)) == "word:sony"
