@@ -38,6 +38,7 @@ from .metrics import BrokerProbe, Metrics, PartitionLag, partition_lags
 from .pipeline import VIEWS, EmbedStep, Failure, Incoming, Outgoing, SearchStep, decode_embedding, now_ms
 from .replica import IndexReplica
 from .settings import Settings
+from .transport import install as install_transport
 from .search_api import search_routes
 from .web import WebServer, core_routes
 
@@ -207,6 +208,7 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None) -> faust.A
         # A dead agent must take the worker down, not leave it running without committing.
         agent_supervisor=mode.CrashingSupervisor,
     )
+    install_transport(app, settings.consumer_fetch_max_wait_seconds)
     runtime = Runtime(app, settings, encoder)
     app.samestyle = runtime  # type: ignore[attr-defined]  # handy for tests and the web layer
 

@@ -68,6 +68,12 @@ class Settings:
     #: Consumer group session timeout and heartbeat (BROKER.md: group joins take ~half of it).
     session_timeout_seconds: float = 6.0
     heartbeat_interval_seconds: float = 2.0
+    #: Longest a group consumer's fetch waits for more data (Faust's own value is 1.5 s, which
+    #: adds up to 1.5 s of latency per hop at low rates; see streams/transport.py).
+    consumer_fetch_max_wait_seconds: float = 0.1
+    #: torch intra-op threads for the encoder; unset = torch's default (all cores). On a shared
+    #: 2-core machine 1 thread was steadier and faster (bench/results/pipeline_torch_threads1.json).
+    torch_threads: int | None = None
     #: The worker's HTTP port (health now, metrics and search later); 0 disables it.
     web_port: int = 6066
     #: Largest message a producer may send (a dead letter carries the original bytes).
@@ -127,6 +133,10 @@ class Settings:
             problems.append("pairs_min_dwell_ms must be >= 0")
         if not -1.0 <= self.pairs_min_cosine <= 1.0:
             problems.append("pairs_min_cosine is a cosine and must lie in [-1, 1]")
+        if not 0 <= self.consumer_fetch_max_wait_seconds <= 10:
+            problems.append("consumer_fetch_max_wait_seconds must lie in [0, 10]")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            problems.append("torch_threads must be >= 1")
         if problems:
             raise ConfigError("invalid settings: " + "; ".join(problems))
 

@@ -181,3 +181,15 @@ def test_a_copy_searched_before_its_original_arrived_is_alerted_by_the_original(
     apply_updates(index, [original])
     decoded = [codec_for_topic(DUPLICATE_ALERTS).decode(a.value) for a in step([original])[1]]
     assert [(a["listing_id"], a["duplicate_of"], a["event_time"]) for a in decoded] == [("copy", "original", 20)]
+
+
+def test_the_app_consumes_with_the_configured_fetch_wait(tmp_path: Path) -> None:
+    from streams.app import create_app
+    from streams.transport import Consumer, Transport
+
+    settings = Settings(bootstrap="127.0.0.1:1", web_port=0, state_dir=tmp_path, consumer_fetch_max_wait_seconds=0.25)
+    app = create_app(settings, encoder=create_encoder("tiny", "cpu", allow_random_weights=True))
+    assert isinstance(app.transport, Transport)
+    assert app.transport.Consumer is Consumer
+    # Faust alone waits 1500 ms per fetch; ConsumerThread hands this to aiokafka instead.
+    assert app.samestyle_fetch_max_wait_ms == 250
