@@ -97,6 +97,10 @@ def _check_payload(payload: Any, listing_id: str) -> dict[str, Any]:
         raise IndexStoreError(f"payload of {listing_id!r} is not JSON-serialisable: {e}") from e
 
 
+#: Query batches up to this size are scored with one BLAS product instead of faiss.knn.
+SMALL_QUERY_BATCH = 4
+
+
 class LiveIndex:
     """A mutable inner-product index of listings keyed by string listing id.
 
@@ -545,10 +549,19 @@ class LiveIndex:
     ) -> list[list[Hit]]:
         extra = any(e is not None and e in self._slot_of for e in exclude)
         want = min(k + extra, self._size)
-        # _vectors[:size] is a contiguous view: faiss.knn reads it in place, no copy per batch.
-        scores, slots = faiss.knn(
-            queries, self._vectors[: self._size], want, metric=faiss.METRIC_INNER_PRODUCT
-        )
+        matrix = self._vectors[: self._size]  # a contiguous view: read in place, no copy per batch
+        if len(queries) <= SMALL_QUERY_BATCH:
+            # faiss.knn scans with one thread per query; a BLAS matrix-vector product uses every
+            # core and is memory-bound (bench/index_bench.py, exact_sweep at query_batch 1).
+            all_scores = matrix @ queries.T  # [size, nq]
+            hits = []
+            for q in range(len(queries)):
+                column = all_scores[:, q]
+                top = np.argpartition(-column, want - 1)[:want]
+                top = top[np.argsort(-column[top], kind="stable")]
+                hits.append(self._hits(column[top], top, k, exclude[q]))
+            return hits
+        scores, slots = faiss.knn(queries, matrix, want, metric=faiss.METRIC_INNER_PRODUCT)
         return [self._hits(scores[q], slots[q], k, exclude[q]) for q in range(len(queries))]
 
     def _hits(self, scores: np.ndarray, slots: np.ndarray, k: int, exclude: str | None) -> list[Hit]:

@@ -92,6 +92,18 @@ def test_flat_matches_brute_force() -> None:
     check_against_brute(index.search(queries, 10), dict(zip(ids_of(3000), x)), queries, 10)
 
 
+@pytest.mark.parametrize("nq", [1, 2, 4, 5, 9])  # both sides of SMALL_QUERY_BATCH (BLAS vs faiss.knn)
+@pytest.mark.parametrize("k", [1, 7, 600])
+def test_flat_small_and_large_query_batches_match_brute_force(nq: int, k: int) -> None:
+    rng = np.random.default_rng(nq * 1000 + k)
+    x = rand(rng, 500, 16)
+    index = LiveIndex(16)
+    index.upsert(ids_of(500), x)
+    queries = rand(rng, nq, 16)
+    exclude = [f"L{i}" for i in range(nq)]
+    check_against_brute(index.search(queries, k, exclude=exclude), dict(zip(ids_of(500), x)), queries, k, exclude)
+
+
 def test_flat_ties_may_reorder_but_scores_match() -> None:
     rng = np.random.default_rng(1)
     base = rand(rng, 5, 8)
