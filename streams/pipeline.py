@@ -173,6 +173,7 @@ class EmbedStep:
             "vector_image": vector_to_bytes(emb.image[row]) if has_image else None,
             "vector_text": vector_to_bytes(emb.text[row]),
             "vector_image_text": vector_to_bytes(emb.image_text[row]),
+            "image_uri": record.get("image_uri") if has_image else None,
             "event_time": record["event_time"],
             "embedded_at": embedded_at,
         }
@@ -190,6 +191,7 @@ class EmbedStep:
             "vector_image": None,
             "vector_text": None,
             "vector_image_text": None,
+            "image_uri": None,
             "event_time": record["event_time"],
             "embedded_at": now_ms(),
         }
@@ -241,7 +243,7 @@ def decode_embedding(value: bytes | None) -> EmbeddingUpdate:
         views=views,
         payload={"supplier_id": record["supplier_id"], "category": record.get("category"),
                  "title": record.get("title"), "event_time": record["event_time"],
-                 "has_image": record["has_image"]},
+                 "has_image": record["has_image"], "image_uri": record.get("image_uri")},
     )
 
 

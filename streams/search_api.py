@@ -6,6 +6,7 @@ Routes (registered on the worker's :class:`~streams.web.WebServer` by :func:`sea
     GET  /listings/{id}             one indexed listing
     GET  /listings/{id}/similar     its nearest neighbours, with per-view scores
     GET  /listings/{id}/duplicates  same-supplier neighbours at or above the duplicate threshold
+    GET  /listings/{id}/thumbnail   a JPEG thumbnail of its image (when its image_uri is readable)
     GET  /stats                     index size, consumer lag, model version (the page's counters)
     GET  /openapi.json              OpenAPI 3 description of the above
     GET  /                          the search page (static files under ``streams/static``)
@@ -46,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from models import Encoder
 
     from .app import Runtime
+    from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +233,32 @@ def _listing(listing_id: str, payload: dict[str, Any]) -> dict[str, Any]:
         "supplier_id": payload.get("supplier_id"),
         "category": payload.get("category"),
         "has_image": bool(payload.get("has_image")),
+        # Where the page gets a thumbnail, for listings whose image the server can read.
+        "thumbnail": f"/listings/{listing_id}/thumbnail" if payload.get("image_uri") else None,
         "event_time": payload.get("event_time"),
     }
+
+
+#: Longest side of a served thumbnail, in pixels.
+THUMBNAIL_SIZE = 160
+
+
+def render_thumbnail(uri: str, settings: "Settings") -> bytes:
+    """A JPEG thumbnail of an indexed listing's image.
+
+    The file is decoded as an image and re-encoded, never sent as it is: an ``image_uri`` that
+    names something other than an image (``/etc/passwd``) fails to decode instead of leaking.
+    """
+    import io
+
+    from models.images import decode_image, load_image_bytes
+
+    raw = load_image_bytes(uri, base_dir=settings.image_base_dir, max_bytes=settings.max_image_bytes)
+    image = decode_image(raw, max_bytes=settings.max_image_bytes, draft_size=THUMBNAIL_SIZE * 2)
+    image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=85)
+    return out.getvalue()
 
 
 def _cos(a: np.ndarray | None, b: np.ndarray) -> float | None:
@@ -359,6 +385,22 @@ def search_routes(runtime: "Runtime", *, max_image_bytes: int | None = None) -> 
         return web.json_response({"listing": listing, "model_version": model_version(), "k": k,
                                   "duplicate_threshold": settings.duplicate_threshold, "results": results})
 
+    async def thumbnail(request: web.Request) -> web.Response:
+        listing_id = request.match_info["listing_id"]
+        payload = index_or_503().payload(listing_id)
+        if payload is None:
+            raise ApiError(404, f"no listing {listing_id!r} in the index")
+        uri = payload.get("image_uri")
+        if not uri:
+            raise ApiError(404, f"listing {listing_id!r} has no image the server can read")
+        loop = asyncio.get_running_loop()
+        try:
+            data = await loop.run_in_executor(loop_executor, render_thumbnail, uri, settings)
+        except BadInputError as exc:
+            raise ApiError(404, f"listing {listing_id!r}: {exc}") from None
+        return web.Response(body=data, content_type="image/jpeg",
+                            headers={"Cache-Control": "max-age=300"})
+
     async def similar(request: web.Request) -> web.Response:
         return await neighbours(request, duplicates_only=False)
 
@@ -399,6 +441,7 @@ def search_routes(runtime: "Runtime", *, max_image_bytes: int | None = None) -> 
         app.router.add_get("/listings/{listing_id}", get_listing)
         app.router.add_get("/listings/{listing_id}/similar", similar)
         app.router.add_get("/listings/{listing_id}/duplicates", duplicates)
+        app.router.add_get("/listings/{listing_id}/thumbnail", thumbnail)
         app.router.add_get("/stats", stats)
         app.router.add_get("/openapi.json", openapi)
         app.router.add_get("/", page)
@@ -419,7 +462,10 @@ def openapi_spec(max_image_bytes: int) -> dict[str, Any]:
     listing = {"type": "object", "properties": {
         "listing_id": {"type": "string"}, "title": {"type": "string", "nullable": True},
         "supplier_id": {"type": "string"}, "category": {"type": "string", "nullable": True},
-        "has_image": {"type": "boolean"}, "event_time": {"type": "integer", "description": "ms since epoch"}}}
+        "has_image": {"type": "boolean"},
+        "thumbnail": {"type": "string", "nullable": True,
+                      "description": "URL of a JPEG thumbnail, if the server can read the listing's image"},
+        "event_time": {"type": "integer", "description": "ms since epoch"}}}
     result = {"allOf": [{"$ref": "#/components/schemas/Listing"}, {"type": "object", "properties": {
         "score": {"type": "number", "description": "The ranking score: inner product with the listing's IT vector"},
         "scores": {"$ref": "#/components/schemas/ViewScores"},
@@ -485,6 +531,11 @@ def openapi_spec(max_image_bytes: int) -> dict[str, Any]:
                 "responses": {"200": {"description": "Duplicates", "content": {"application/json": {
                     "schema": neighbours}}},
                     "400": err("k out of range"), "404": err("Not in the index")}}},
+            "/listings/{listing_id}/thumbnail": {"get": {
+                "summary": "A JPEG thumbnail of the listing's image (decoded and re-encoded, never the raw file)",
+                "parameters": [id_param],
+                "responses": {"200": {"description": "JPEG", "content": {"image/jpeg": {}}},
+                              "404": err("Not in the index, or no readable image")}}},
             "/stats": {"get": {"summary": "Index size, consumer lag per consumer, model version",
                                "responses": {"200": {"description": "Counters"}}}},
             "/health": {"get": {"summary": "Worker health", "responses": {

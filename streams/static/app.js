@@ -36,8 +36,13 @@ async function api(path, options) {
 function card(result, context) {
   // The leaf of a category path ("Home > Drinkware > Mugs" -> "Mugs") names the placeholder.
   const label = ((result.category || "").split(">").pop() || result.title || "?").trim();
-  const thumb = el("div", { className: "thumb", textContent: label.slice(0, 2).toUpperCase(), title: label });
-  thumb.style.background = palette(label);
+  let thumb;
+  if (result.thumbnail) {
+    thumb = el("img", { className: "thumb", src: result.thumbnail, alt: result.title || label, loading: "lazy" });
+  } else {  // no image the server can read: a coloured tile named after the category
+    thumb = el("div", { className: "thumb", textContent: label.slice(0, 2).toUpperCase(), title: label });
+    thumb.style.background = palette(label);
+  }
   const views = el("div", { className: "views" });
   for (const [name, short] of [["image", "I"], ["text", "T"], ["image_text", "IT"]]) {
     const value = result.scores ? result.scores[name] : null;

@@ -216,3 +216,30 @@ def test_stats_openapi_health_and_page(served: Served) -> None:
     assert status == 200 and b"/search" in script
     status, _ = served.request("GET", "/static/../search_api.py")
     assert status in (403, 404)
+
+
+def test_thumbnails_are_re_encoded_images_never_raw_files(served: Served, tmp_path: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    picture = tmp_path / "lamp.png"
+    picture.write_bytes(served.image(0))
+    with_uri = dict(served.messages[0], listing_id="thumb-uri", image_bytes=None, image_uri=str(picture))
+    served.stack.produce([with_uri])
+    served.stack.collect(lambda o: "thumb-uri" in o.indexed_ids)
+
+    status, listing = served.request("GET", "/listings/thumb-uri")
+    assert status == 200 and listing["thumbnail"] == "/listings/thumb-uri/thumbnail"
+    status, jpeg = served.request("GET", listing["thumbnail"])
+    assert status == 200
+    image = Image.open(io.BytesIO(jpeg))
+    assert image.format == "JPEG" and max(image.size) <= 160
+
+    # A listing sent with inline bytes has no file to read: no thumbnail, a clear 404.
+    status, body = served.request("GET", f"/listings/{served.messages[0]['listing_id']}/thumbnail")
+    assert status == 404 and "no image" in body["error"]
+    # The file behind an indexed image_uri changes into a secret: it is not served.
+    picture.write_text("password=hunter2")
+    status, body = served.request("GET", "/listings/thumb-uri/thumbnail")
+    assert status == 404 and "hunter2" not in json.dumps(body)

@@ -88,6 +88,7 @@ def realistic(schema_name: str) -> dict[str, Any]:
             "vector_image": vector_to_bytes(_unit(1)),
             "vector_text": vector_to_bytes(_unit(2)),
             "vector_image_text": vector_to_bytes(_unit(3)),
+            "image_uri": "file:///srv/images/L000123.jpg",
             "event_time": T0,
             "embedded_at": T0 + 850,
         },
@@ -260,7 +261,7 @@ def test_round_trip_delete_embedding() -> None:
     c = codec("listing_embedding")
     record = {**realistic("listing_embedding"), "op": "DELETE", "title": None,
               "has_image": False, "vector_image": None, "vector_text": None,
-              "vector_image_text": None}
+              "vector_image_text": None, "image_uri": None}
     assert c.decode(c.encode(record)) == record
 
 
