@@ -1,0 +1,418 @@
+"""Click events/s through the pairs agent, against raw aiokafka consumption of the same messages.
+
+Clicks: ``--events`` click events drawn by the click simulator (:mod:`streams.simulate`, default
+click model, seed 0) on the demo's generated catalogue, pre-produced to ``click-events``
+(4 partitions, keyed by session) before any worker starts.
+
+Pairs agent: a real worker process running it (``python -m streams.clicks``: create_app +
+register_pairs_agent, the integration tests' way) on the embedded broker, with a fresh topic
+prefix, app id (consumer group) and changelog topics per run, and the default pair rules (so
+bounces and self-clicks stop at the first stage, as in production). Its ``/metrics`` is scraped
+every ``--scrape-interval`` s; the clock runs
+
+* from the first scrape that shows a fetch high-water mark on every click-events partition (the
+  group has joined and the first fetch answered: group join excluded)
+* to the first scrape where the *committed* offsets have reached the high-water marks on both
+  click-events and the internal click-pairs topic (every event through both stages).
+
+Commits come every second (``broker_commit_interval``), so that end is late by up to 1 s; the
+run also reports a second clock from the broker timestamps of the tables' changelog records
+(first session write to last evidence write), which has no such delay.
+
+Raw: an ``AIOKafkaConsumer`` (no group, assigned every partition, from the beginning) reads the
+same topic in this process, ``--raw-repeats`` times per run, from the first ``getmany`` call to
+the last message. Raw runs alternate with the pairs runs on the noisy machine: raw, pairs (mode
+1), raw, pairs (mode 2), raw, ... Modes (``--modes``): ``on`` = changelog producers send one
+record per batch (``producer_max_batch_size=1``, the default on tansu, BROKER.md trap 1), ``off``
+= Faust's default batching (what real Apache Kafka allows).
+
+    samestyle bench clicks --json [--events 10000] [--rounds 2] [--modes on,off]
+
+``ratio = pairs_agent_events_per_second (mode on) / raw_consume_events_per_second``; goal >= 0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.common import emit, machine_info, ratio, rounded, setup_logging
+
+GOAL_RATIO = 0.5
+MODES = ("on", "off")
+#: A caught-up state must hold this long (several scrapes) to count as the end.
+CONFIRM_SECONDS = 0.5
+
+
+def modes_list(text: str) -> list[str]:
+    """argparse type: ``"on,off"`` -> ``["on", "off"]`` (each of on/off, no repeats)."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values or any(v not in MODES for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of on,off, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="samestyle bench clicks", description=__doc__.splitlines()[0])
+    p.add_argument("--events", type=int, default=10_000, help="click events per run (default 10000)")
+    p.add_argument("--rounds", type=int, default=2, help="pairs runs per mode, alternating with raw runs (default 2)")
+    p.add_argument("--modes", type=modes_list, default=list(MODES),
+                   help="changelog single-record batches: on (tansu default), off, or on,off (default)")
+    p.add_argument("--raw-repeats", type=int, default=5,
+                   help="full reads of the topic per raw run (a single read lasts tens of ms; default 5)")
+    p.add_argument("--products", type=int, default=200, help="products of the generated catalogue (default 200)")
+    p.add_argument("--encoder", default="tiny",
+                   help="encoder spec of the worker; it embeds nothing here (no listings), it only sizes the "
+                        "empty index (default tiny)")
+    p.add_argument("--scrape-interval", type=float, default=0.1, help="seconds between /metrics scrapes (default 0.1)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds a pairs run may take (default 600)")
+    p.add_argument("--session-timeout", type=float, default=6.0,
+                   help="the worker's consumer-group session timeout in s (a group join takes about half)")
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    p.add_argument("--plot", type=Path, help="write a PNG bar chart to PATH")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+# ------------------------------------------------------------------------------ pure helpers
+
+
+def offsets_from_metrics(text: str) -> dict[str, dict[tuple[str, int], float]]:
+    """The group's ``highwater`` and committed ``position`` per (topic, partition) of a /metrics page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = {"samestyle_consumer_highwater_offset": "highwater", "samestyle_consumer_position_offset": "position"}
+    out: dict[str, dict[tuple[str, int], float]] = {"highwater": {}, "position": {}}
+    for family in text_string_to_metric_families(text):
+        key = wanted.get(family.name)
+        if key is None:
+            continue
+        for s in family.samples:
+            if s.labels.get("consumer") == "group":
+                out[key][(s.labels["topic"], int(s.labels["partition"]))] = s.value
+    return out
+
+
+def consumption_started(offsets: dict[str, dict[tuple[str, int], float]], topic: str, partitions: int) -> bool:
+    """True once a fetch high-water mark is known for every partition of ``topic``."""
+    return all((topic, p) in offsets["highwater"] for p in range(partitions))
+
+
+def caught_up(offsets: dict[str, dict[tuple[str, int], float]], topics: dict[str, int], events: int,
+              source: str) -> bool:
+    """Every partition of ``topics`` committed up to its high-water mark, and ``source`` holds all ``events``."""
+    hw, pos = offsets["highwater"], offsets["position"]
+    for topic, partitions in topics.items():
+        for p in range(partitions):
+            if (topic, p) not in hw or pos.get((topic, p), 0) < hw[(topic, p)]:
+                return False
+    return sum(hw[(source, p)] for p in range(topics[source])) >= events
+
+
+def pooled_rate(events: int, seconds: Sequence[float]) -> float | None:
+    """``events`` per run over every run: ``events * runs / total seconds``."""
+    total = sum(seconds)
+    return events * len(seconds) / total if seconds and total > 0 else None
+
+
+def clicks_result(events: int, raw_seconds: Sequence[float], pairs_seconds: dict[str, list[float]]) -> dict[str, Any]:
+    """Pooled rates, the ratio (mode on) and the same for mode off when measured."""
+    raw = pooled_rate(events, raw_seconds)
+    on = pooled_rate(events, pairs_seconds.get("on", []))
+    result: dict[str, Any] = {
+        "pairs_agent_events_per_second": on,
+        "raw_consume_events_per_second": raw,
+        "ratio": ratio(on, raw),
+        "goal_ratio": GOAL_RATIO,
+        "goal_met": (ratio(on, raw) or 0.0) >= GOAL_RATIO,
+        "raw_runs_events_per_second": [events / s for s in raw_seconds],
+        "pairs_agent_runs_events_per_second": [events / s for s in pairs_seconds.get("on", [])],
+    }
+    if pairs_seconds.get("off"):
+        off = pooled_rate(events, pairs_seconds["off"])
+        result["pairs_agent_events_per_second_single_record_batches_off"] = off
+        result["ratio_single_record_batches_off"] = ratio(off, raw)
+        result["pairs_agent_runs_events_per_second_single_record_batches_off"] = [
+            events / s for s in pairs_seconds["off"]]
+    return result
+
+
+# ------------------------------------------------------------------------------ click data
+
+
+def simulated_clicks(count: int, products: int, directory: Path, seed: int = 0) -> list[dict[str, Any]]:
+    """``count`` click events of the default click model on a generated catalogue (session order)."""
+    from models.data import read_clusters, read_listings
+    from models.sample import generate_sample
+    from streams.simulate import ClickSimulator
+
+    listings_csv, clusters_csv = generate_sample(directory / "sample", n_products=products, seed=seed)
+    sim = ClickSimulator(read_listings(listings_csv), read_clusters(clusters_csv), seed=seed)
+    clicks = []
+    for c in sim.sessions(math.ceil(count / 2) + 10):  # 2.5 clicks per session on average
+        clicks.append(c)
+        if len(clicks) == count:
+            return clicks
+    raise RuntimeError(f"the simulator gave {len(clicks)} clicks, not {count}")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------- the runs
+
+
+class Block:
+    """The topics (unique prefix) and settings of one pairs run; clicks pre-produced to its click-events."""
+
+    def __init__(self, bootstrap: str, mode: str, args: argparse.Namespace, run_dir: Path) -> None:
+        from streams.broker import free_port
+        from streams.settings import Settings
+        from topics import topic_specs
+
+        run = uuid.uuid4().hex[:8]
+        self.mode = mode
+        self.settings = Settings(
+            bootstrap=bootstrap, topic_prefix=f"c{run}-", app_id=f"samestyle-clicks-{run}", worker_id=f"clicks-{run}",
+            encoder=args.encoder, allow_random_weights=(args.encoder == "tiny"), state_dir=run_dir / run / "state",
+            web_port=free_port(), session_timeout_seconds=args.session_timeout,
+            heartbeat_interval_seconds=args.session_timeout / 3,
+            changelog_single_record_batches=(mode == "on"))
+        self.specs = topic_specs(self.settings.topic_prefix, app_id=self.settings.app_id)
+        self.log_path = run_dir / run / "worker.log"
+
+
+async def _produce(block: Block, clicks: Sequence[dict[str, Any]]) -> None:
+    from streams.io import send_records
+    from topics import CLICK_EVENTS, codec_for_topic
+
+    codec = codec_for_topic(CLICK_EVENTS)
+    await send_records(block.settings, block.specs[CLICK_EVENTS].name,
+                       [(c["session_id"].encode(), codec.encode(c)) for c in clicks])
+
+
+async def raw_consume(bootstrap: str, topic: str, partitions: int, events: int, repeats: int) -> float:
+    """Seconds for ``repeats`` full reads of ``topic`` (``events`` messages each) with aiokafka."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    total = 0.0
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        for _ in range(repeats):
+            for tp in tps:
+                consumer.seek(tp, 0)
+            n = 0
+            t0 = time.perf_counter()
+            while n < events:
+                for records in (await consumer.getmany(timeout_ms=1000, max_records=10_000)).values():
+                    n += len(records)
+            total += time.perf_counter() - t0
+    finally:
+        await consumer.stop()
+    return total
+
+
+async def _topic_stats(bootstrap: str, specs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Records, first and last broker timestamp (ms) of each topic in ``specs`` (read to the end)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                auto_offset_reset="earliest", fetch_max_wait_ms=100)
+    await consumer.start()
+    out = {key: {"records": 0, "first_ms": None, "last_ms": None} for key in specs}
+    by_name = {spec.name: key for key, spec in specs.items()}
+    try:
+        tps = [TopicPartition(spec.name, p) for spec in specs.values() for p in range(spec.partitions)]
+        consumer.assign(tps)
+        for tp in tps:
+            consumer.seek(tp, 0)
+        idle_until = time.monotonic() + 2.0
+        while time.monotonic() < idle_until:
+            batches = await consumer.getmany(timeout_ms=200, max_records=10_000)
+            if batches:
+                idle_until = time.monotonic() + 1.0
+            for tp, records in batches.items():
+                row = out[by_name[tp.topic]]
+                row["records"] += len(records)
+                stamps = [r.timestamp for r in records]
+                row["first_ms"] = min([*stamps, row["first_ms"]] if row["first_ms"] is not None else stamps)
+                row["last_ms"] = max([*stamps, row["last_ms"]] if row["last_ms"] is not None else stamps)
+    finally:
+        await consumer.stop()
+    return out
+
+
+def pairs_run(block: Block, events: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Start a pairs worker on ``block`` and time it through every pre-produced click."""
+    import urllib.request
+
+    from streams.broker import die_with_parent
+    from topics import CLICK_EVENTS, CLICK_PAIRS, POSITIVE_PAIRS
+    from topics.registry import PAIRS_EVIDENCE_TABLE, PAIRS_SESSIONS_TABLE, changelog_topic
+
+    source = block.specs[CLICK_EVENTS]
+    watched = {source.name: source.partitions, block.specs[CLICK_PAIRS].name: block.specs[CLICK_PAIRS].partitions}
+    url = f"http://127.0.0.1:{block.settings.web_port}/metrics"
+    env = dict(os.environ, **block.settings.to_env(), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    block.log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(block.log_path, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "streams.clicks"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+    launched = time.monotonic()
+    started = ended = candidate = None
+    scrapes = 0
+    try:
+        deadline = launched + args.timeout
+        while ended is None:
+            if proc.poll() is not None:
+                raise RuntimeError(f"pairs worker exited with {proc.returncode}; log {block.log_path}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"pairs run not done in {args.timeout:.0f} s; log {block.log_path}")
+            t = time.monotonic()
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    text = response.read().decode()
+            except OSError:  # web server not up yet
+                text = None
+            if text is not None:
+                scrapes += 1
+                offsets = offsets_from_metrics(text)
+                if started is None and consumption_started(offsets, source.name, source.partitions):
+                    started = t
+                # The high-water mark of click-pairs comes from the worker's last fetch: confirm
+                # over CONFIRM_SECONDS of scrapes, and time the end at the first of them.
+                if started is not None and caught_up(offsets, watched, events, source.name):
+                    candidate = t if candidate is None else candidate
+                    if t - candidate >= CONFIRM_SECONDS:
+                        ended = candidate
+                else:
+                    candidate = None
+            time.sleep(max(0.0, args.scrape_interval - (time.monotonic() - t)))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert started is not None
+    stats_specs = {k: block.specs[k] for k in (CLICK_PAIRS, POSITIVE_PAIRS)}
+    for table in (PAIRS_SESSIONS_TABLE, PAIRS_EVIDENCE_TABLE):
+        stats_specs[table] = block.specs[changelog_topic(block.settings.app_id, table)]
+    stats = asyncio.run(_topic_stats(block.settings.bootstrap or "", stats_specs))
+    first = stats[PAIRS_SESSIONS_TABLE]["first_ms"]
+    last = max(v for v in (stats[PAIRS_EVIDENCE_TABLE]["last_ms"], stats[PAIRS_SESSIONS_TABLE]["last_ms"])
+               if v is not None) if first is not None else None
+    return {
+        "mode": block.mode,
+        "seconds": ended - started,
+        "join_seconds": started - launched,
+        "scrapes": scrapes,
+        # First session-table write to the last table write, from the changelog records' timestamps.
+        "seconds_by_record_timestamps": (last - first) / 1000.0 if first is not None and last is not None else None,
+        "forwarded_to_click_pairs": stats[CLICK_PAIRS]["records"],
+        "positive_pairs": stats[POSITIVE_PAIRS]["records"],
+        "sessions_changelog_records": stats[PAIRS_SESSIONS_TABLE]["records"],
+        "evidence_changelog_records": stats[PAIRS_EVIDENCE_TABLE]["records"],
+    }
+
+
+def _plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["raw aiokafka", "pairs agent\n(1 record/batch)"]
+    values = [result["raw_consume_events_per_second"], result["pairs_agent_events_per_second"]]
+    if result.get("pairs_agent_events_per_second_single_record_batches_off"):
+        names.append("pairs agent\n(batching)")
+        values.append(result["pairs_agent_events_per_second_single_record_batches_off"])
+    fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=80)
+    bars = ax.bar(names, [v or 0 for v in values], color=["#888888", "#3b75af", "#7fb0d8"][:len(values)])
+    ax.bar_label(bars, fmt="%.0f")
+    ax.set_yscale("log")
+    ax.set_ylabel("click events / s (log)")
+    r = result["ratio"]
+    ax.set_title(f"{result['events']} clicks x {result['rounds']} rounds: ratio "
+                 f"{r:.3f} (goal {GOAL_RATIO})" if r is not None else "ratio n/a", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.events < 1 or args.rounds < 1 or args.raw_repeats < 1 or args.scrape_interval <= 0:
+        raise SystemExit("--events, --rounds and --raw-repeats must be >= 1, --scrape-interval > 0")
+    setup_logging(args.verbose)
+    from streams.broker import EmbeddedBroker, create_topics
+    from topics import CLICK_EVENTS
+
+    tmp = Path(tempfile.mkdtemp(prefix="samestyle-bench-clicks-"))
+    clicks = simulated_clicks(args.events, args.products, tmp)
+    raw_seconds: list[float] = []
+    pairs_seconds: dict[str, list[float]] = {m: [] for m in args.modes}
+    runs: list[dict[str, Any]] = []
+    with EmbeddedBroker(log_path=tmp / "broker.log") as broker:
+        blocks = [Block(broker.bootstrap, mode, args, tmp) for _ in range(args.rounds) for mode in args.modes]
+        for block in blocks:  # every topic exists, and every click is in, before any worker starts
+            create_topics(broker.bootstrap, block.specs.values())
+            asyncio.run(_produce(block, clicks))
+
+        def raw(block: Block) -> None:
+            spec = block.specs[CLICK_EVENTS]
+            seconds = asyncio.run(raw_consume(broker.bootstrap, spec.name, spec.partitions, args.events,
+                                              args.raw_repeats))
+            raw_seconds.append(seconds / args.raw_repeats)
+            print(f"raw run {len(raw_seconds)}: {args.events * args.raw_repeats / seconds:,.0f} events/s",
+                  file=sys.stderr)
+
+        for block in blocks:
+            raw(block)
+            run = pairs_run(block, args.events, args)
+            runs.append(run)
+            pairs_seconds[block.mode].append(run["seconds"])
+            print(f"pairs run (single-record batches {block.mode}): {args.events / run['seconds']:,.0f} events/s "
+                  f"(by record timestamps {run['seconds_by_record_timestamps']} s; join {run['join_seconds']:.1f} s)",
+                  file=sys.stderr)
+        raw(blocks[-1])
+
+    result = clicks_result(args.events, raw_seconds, pairs_seconds)
+    by_stamps = {m: [r["seconds_by_record_timestamps"] for r in runs if r["mode"] == m
+                     and r["seconds_by_record_timestamps"]] for m in args.modes}
+    result["pairs_agent_events_per_second_by_record_timestamps"] = {
+        m: rounded(pooled_rate(args.events, s)) for m, s in by_stamps.items()}
+    result.update({
+        "events": args.events,
+        "rounds": args.rounds,
+        "modes": args.modes,
+        "raw_repeats": args.raw_repeats,
+        "runs": [{k: rounded(v) if isinstance(v, float) else v for k, v in r.items()} for r in runs],
+        "forwarded_share": rounded(runs[0]["forwarded_to_click_pairs"] / args.events) if runs else None,
+        "encoder": args.encoder,
+        "scrape_interval_seconds": args.scrape_interval,
+        "machine": machine_info(),
+        "run_dir": str(tmp),
+    })
+    for key, value in list(result.items()):
+        if isinstance(value, float):
+            result[key] = rounded(value)
+        elif isinstance(value, list) and value and isinstance(value[0], float):
+            result[key] = [rounded(v) for v in value]
+    if args.plot is not None:
+        _plot(result, args.plot)
+    emit(result, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
