@@ -109,7 +109,10 @@ class EmbeddedBroker:
         if self.log_path is not None:
             self._log_file = open(self.log_path, "ab")
         out = self._log_file if self._log_file is not None else subprocess.DEVNULL
-        self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        # Own session: a Ctrl-C in the terminal reaches the demo only, which stops the worker
+        # first and the broker last (die_with_parent still covers a demo that dies).
+        self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+                                      start_new_session=True)
         try:
             wait_for_port("127.0.0.1", self.port, timeout)
         except BrokerError:

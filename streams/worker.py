@@ -59,7 +59,9 @@ class WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env, stdout=out,
-                                         stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+                                         stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+                                         # Ctrl-C goes to the parent, which stops the worker in order.
+                                         start_new_session=True)
         return self
 
     @property
