@@ -372,6 +372,24 @@ def listing_text(listing: ListingInput, max_chars: int | None = None) -> str:
     return text[:max_chars] if max_chars is not None else text
 
 
+
+def prepare_listing(listing: ListingInput, preprocess: Callable[[bytes], torch.Tensor],
+                    max_chars: int | None) -> PreparedListing:
+    """The CPU side of every encoder: validate, build the text, decode the image (thread-safe)."""
+    if not isinstance(listing.listing_id, str) or not listing.listing_id:
+        raise InvalidListingError(f"listing id must be a non-empty string, got {listing.listing_id!r}")
+    text = listing_text(listing, max_chars)
+    image = None
+    if listing.image is not None:
+        if not isinstance(listing.image, (bytes, bytearray, memoryview)):
+            raise InvalidListingError(f"listing {listing.listing_id!r}: image must be bytes")
+        try:
+            image = preprocess(bytes(listing.image))  # [3, S, S]
+        except ImageError as exc:
+            raise ImageError(f"listing {listing.listing_id!r}: {exc}") from exc
+    return PreparedListing(listing.listing_id, text, image, listing.category)
+
+
 class ConcatFusion(nn.Module):
     """Untrained block fusion: ``T = [t, 0]``, ``I = [0, i]``, ``IT = normalise([t, i])``.
 
@@ -446,20 +464,7 @@ class ConcatEncoder(Encoder):
         return f"{name}(version={self.version!r}, dim={self.dim}, device={self.device!r})"
 
     def prepare(self, listing: ListingInput) -> PreparedListing:
-        if not isinstance(listing.listing_id, str) or not listing.listing_id:
-            raise InvalidListingError(
-                f"listing id must be a non-empty string, got {listing.listing_id!r}"
-            )
-        text = listing_text(listing, self._max_chars)
-        image = None
-        if listing.image is not None:
-            if not isinstance(listing.image, (bytes, bytearray, memoryview)):
-                raise InvalidListingError(f"listing {listing.listing_id!r}: image must be bytes")
-            try:
-                image = self._preprocess(bytes(listing.image))  # [3, S, S]
-            except ImageError as exc:
-                raise ImageError(f"listing {listing.listing_id!r}: {exc}") from exc
-        return PreparedListing(listing.listing_id, text, image, listing.category)
+        return prepare_listing(listing, self._preprocess, self._max_chars)
 
     def embed(self, batch: Sequence[PreparedListing]) -> Embeddings:
         n = len(batch)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from models.backbones import build_image_backbone, build_text_backbone
 from models.data import read_clusters, read_listings, read_pairs
-from models.encoder import ALLOW_RANDOM_WEIGHTS_ENV, EncoderConfig, load_config
+from models.encoder import ALLOW_RANDOM_WEIGHTS_ENV, load_config
 from models.features import FeatureCache, build_feature_cache
 from models.losses import InBatchHinge, LocalityConsistency, SelfDistinctiveness, SymmetricInfoNCE, same_product_mask
 from models.metrics import best_threshold, pair_metrics

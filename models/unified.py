@@ -53,10 +53,10 @@ from models.encoder import (
     EncoderConfig,
     ListingInput,
     PreparedListing,
-    listing_text,
+    prepare_listing,
 )
 from models.features import image_tokens, text_tokens
-from topics.errors import ConfigError, ImageError, InvalidListingError, MissingWeightsError
+from topics.errors import ConfigError, MissingWeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -393,20 +393,7 @@ class UnifiedEncoder(Encoder):
         return f"UnifiedEncoder(version={self.version!r}, dim={self.dim}, device={self.device!r})"
 
     def prepare(self, listing: ListingInput) -> PreparedListing:
-        if not isinstance(listing.listing_id, str) or not listing.listing_id:
-            raise InvalidListingError(
-                f"listing id must be a non-empty string, got {listing.listing_id!r}"
-            )
-        text = listing_text(listing, self._max_chars)
-        image = None
-        if listing.image is not None:
-            if not isinstance(listing.image, (bytes, bytearray, memoryview)):
-                raise InvalidListingError(f"listing {listing.listing_id!r}: image must be bytes")
-            try:
-                image = self._preprocess(bytes(listing.image))  # [3, S, S]
-            except ImageError as exc:
-                raise ImageError(f"listing {listing.listing_id!r}: {exc}") from exc
-        return PreparedListing(listing.listing_id, text, image, listing.category)
+        return prepare_listing(listing, self._preprocess, self._max_chars)
 
     def _tokens(
         self, batch: Sequence[PreparedListing]
