@@ -252,8 +252,10 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None) -> faust.A
                 await replica.wait_applied(msg.partition, msg.offset)
                 updates.append(update)
             similar, alerts = await loop.run_in_executor(None, search, updates)
-            await runtime.send_all(SIMILAR_PRODUCTS, similar)
+            # Alerts first: once a listing's similar-products message is visible, its alerts are
+            # too (moderation is the more urgent reader, and "indexed" then means "fully handled").
             await runtime.send_all(DUPLICATE_ALERTS, alerts)
+            await runtime.send_all(SIMILAR_PRODUCTS, similar)
             # Acknowledged by the broker: this is when consumers downstream can see them.
             metrics.observe_freshness(metrics.listing_to_emitted,
                                       [u.event_time for u in updates if u.op != "DELETE"], now_ms())

@@ -121,8 +121,10 @@ async def _produce_and_collect(settings: Settings, specs: dict, messages: list[d
                 if time.monotonic() > deadline:
                     raise BrokerError(f"only {settled(reader.outputs)} of {len(wanted)} listings were indexed "
                                       f"in {timeout:.0f} s; worker log: {worker.log_path}")
-        # Alerts of the last batch go out right after its similar-products messages.
-        await reader.poll(timeout=0.5)
+        # A listing's alerts are acknowledged before its similar-products message is sent, but the
+        # reader fetches each topic on its own: read until a poll brings nothing new.
+        while await reader.poll(timeout=0.5):
+            pass
         return reader.outputs
 
 
