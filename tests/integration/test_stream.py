@@ -167,3 +167,20 @@ def test_bad_input_is_dead_lettered_and_the_stream_goes_on(stack: Stack) -> None
         assert letter["topic"] == stack.specs[LISTINGS].name
         assert letter["stage"] == "embed"
         assert letter["offset"] >= 0
+
+
+@pytest.mark.faults
+def test_kill_9_mid_stream_then_restart_loses_nothing(stack: Stack) -> None:
+    messages = sample_messages(stack.tmp, n_products=30, seed=5)
+    ids = {m["listing_id"] for m in messages}
+    worker = stack.start_worker("w1", batch_size=4)  # small batches: the kill lands between many of them
+    stack.produce(messages)
+    partial = stack.collect(lambda o: len(o.indexed_ids) >= len(ids) // 4)
+    worker.kill()  # mid-stream: no snapshot, no commit, batches in flight
+    assert len(partial.indexed_ids) < len(ids), "the whole stream was done before the kill"
+
+    stack.start_worker("w2", batch_size=4)
+    out = stack.collect(all_indexed(ids))
+    assert out.indexed_ids == ids  # every listing's similar-products message was emitted (repeats allowed)
+    assert stack.workers[-1].stop() == 0
+    assert sorted(_snapshot_ids(stack)) == sorted(ids)  # every listing in the index exactly once
