@@ -188,6 +188,26 @@ def create_topics(bootstrap: str, specs: Iterable[TopicSpec], extra: Iterable[tu
     log.info("topics ready: %s", ", ".join(sorted(wanted)))
 
 
+def check_topics(bootstrap: str, specs: Iterable[TopicSpec]) -> None:
+    """Fail loudly when a topic is missing or has other partitions than the registry says.
+
+    Lists topics first and describes only existing ones: asking metadata of a missing topic would
+    make tansu (or a Kafka with auto-create on) create it with the wrong partition count.
+    """
+    wanted = {s.name: s.partitions for s in specs}
+    with admin_client(bootstrap) as admin:
+        existing = set(admin.list_topics())
+        missing = sorted(set(wanted) - existing)
+        if missing:
+            raise BrokerError(f"missing topics {', '.join(missing)} on {bootstrap}: run `samestyle create-topics` "
+                              "(with the same SAMESTYLE_TOPIC_PREFIX / SAMESTYLE_PARTITIONS) before starting workers")
+        for topic in admin.describe_topics(list(wanted)):
+            name = topic.get("name") or topic.get("topic")
+            have = len(topic.get("partitions") or [])
+            if name in wanted and have != wanted[name]:
+                raise BrokerError(f"topic {name} has {have} partitions but the registry wants {wanted[name]}")
+
+
 def _topic_results(response: object) -> list[dict]:
     if isinstance(response, dict):
         return list(response.get("topics", []))
@@ -201,4 +221,4 @@ def _topic_results(response: object) -> list[dict]:
     return out
 
 
-__all__ = ["EmbeddedBroker", "create_topics", "tansu_binary", "free_port", "die_with_parent", "wait_for_port"]
+__all__ = ["EmbeddedBroker", "create_topics", "check_topics", "tansu_binary", "free_port", "die_with_parent", "wait_for_port"]

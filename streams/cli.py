@@ -145,7 +145,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         from .broker import create_topics
 
-        create_topics(",".join(settings.bootstrap_servers), topic_specs(settings.topic_prefix, settings.partitions).values())
+        # app_id: the Faust tables' changelogs are created up front too (BROKER.md trap 2).
+        create_topics(",".join(settings.bootstrap_servers),
+                      topic_specs(settings.topic_prefix, settings.partitions, app_id=settings.app_id).values())
         return 0
     if args.command == "produce":
         from models.data import read_listings

@@ -22,8 +22,13 @@ def run_worker(settings: Settings) -> int:
     """Run the Faust worker until SIGTERM/SIGINT; returns the exit code (non-zero after a crash)."""
     import faust  # imported here so `samestyle --help` stays fast
 
-    from .app import create_app
+    from topics import topic_specs
 
+    from .app import create_app
+    from .broker import check_topics
+
+    # The default worker runs no Faust tables, so no changelog topics are required here.
+    check_topics(",".join(settings.bootstrap_servers), topic_specs(settings.topic_prefix, settings.partitions).values())
     if settings.torch_threads:
         import torch
 

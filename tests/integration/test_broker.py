@@ -23,3 +23,18 @@ def test_create_topics_is_idempotent_and_checks_partition_counts(broker: Embedde
     assert described == {s.name: s.partitions for s in specs.values()}
     with pytest.raises(BrokerError, match="partitions"):
         create_topics(broker.bootstrap, topic_specs(prefix, partitions=2).values())
+
+
+def test_a_worker_refuses_to_start_without_its_topics(broker: EmbeddedBroker, tmp_path) -> None:
+    from streams.settings import Settings
+    from streams.worker import WorkerProcess
+
+    settings = Settings(bootstrap=broker.bootstrap, topic_prefix=f"none{uuid.uuid4().hex[:6]}-", encoder="tiny",
+                        allow_random_weights=True, state_dir=tmp_path / "state", web_port=0)
+    worker = WorkerProcess(settings, tmp_path / "worker.log").start()
+    assert worker.proc is not None
+    code = worker.proc.wait(60)
+    log = (tmp_path / "worker.log").read_text()
+    assert code == 2 and "samestyle create-topics" in log
+    with admin_client(broker.bootstrap) as admin:  # and it asked no metadata that auto-creates them
+        assert not [t for t in admin.list_topics() if t.startswith(settings.topic_prefix)]
