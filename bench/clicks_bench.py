@@ -46,7 +46,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import emit, machine_info, ratio, rounded, setup_logging
+from bench.common import finish, machine_info, ratio, rounded, setup_logging
 
 GOAL_RATIO = 0.5
 MODES = ("on", "off")
@@ -408,10 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             result[key] = rounded(value)
         elif isinstance(value, list) and value and isinstance(value[0], float):
             result[key] = [rounded(v) for v in value]
-    if args.plot is not None:
-        _plot(result, args.plot)
-    emit(result, args.json)
-    return 0
+    return finish(result, args, _plot)
 
 
 if __name__ == "__main__":

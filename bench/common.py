@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +109,14 @@ def emit(result: dict[str, Any], as_json: bool) -> None:
     else:
         print(json.dumps(result, indent=2, sort_keys=True))
     sys.stdout.flush()
+
+
+def finish(result: dict[str, Any], args: Any, plot: Callable[[dict[str, Any], Path], None]) -> int:
+    """The end of every bench's main: the PNG when ``--plot`` asks for one, then the JSON."""
+    if args.plot is not None:
+        plot(result, args.plot)
+    emit(result, args.json)
+    return 0
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -24,9 +24,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import (Stack, embedded_times, emit, encode_listing, listing_inputs, machine_info, median,
-                          percentile, positive_float_list, rounded, sample_messages, setup_logging,
-                          streaming_stack, time_encoder, wait_indexed, worker_environment)
+from bench.common import (
+    Stack, embedded_times, encode_listing, finish, listing_inputs, machine_info, median, percentile,
+    positive_float_list, rounded, sample_messages, setup_logging, streaming_stack, time_encoder,
+    wait_indexed, worker_environment,
+)
 
 #: Emitting below this share of the offered rate means the worker cannot keep up.
 SATURATED_BELOW = 0.9
@@ -290,10 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "run_dir": str(tmp),
     }
-    if args.plot is not None:
-        _plot(result, args.plot)
-    emit(result, args.json)
-    return 0
+    return finish(result, args, _plot)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import emit, machine_info, median, positive_int_list, ratio, rounded, setup_logging
+from bench.common import finish, machine_info, median, positive_int_list, ratio, rounded, setup_logging
 
 GOAL_BANDWIDTH_RATIO = 0.7
 GOAL_RECALL = 0.95
@@ -390,10 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
     })
     result = _round_tree(result)
-    if args.plot is not None:
-        _plot(result, args.plot)
-    emit(result, args.json)
-    return 0
+    return finish(result, args, _plot)
 
 
 if __name__ == "__main__":

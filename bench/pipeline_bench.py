@@ -31,9 +31,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import (Stack, embedded_times, emit, encode_listing, listing_inputs, machine_info, median,
-                          ratio, rounded, sample_messages, setup_logging, streaming_stack, time_encoder,
-                          wait_indexed, worker_environment)
+from bench.common import (
+    Stack, embedded_times, encode_listing, finish, listing_inputs, machine_info, median, ratio, rounded,
+    sample_messages, setup_logging, streaming_stack, time_encoder, wait_indexed, worker_environment,
+)
 
 GOAL_RATIO = 0.9
 
@@ -268,10 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                 "encoder_runs_listings_per_second", "round_ratios"):
         value = result[key]
         result[key] = [rounded(v) for v in value] if isinstance(value, list) else rounded(value)
-    if args.plot is not None:
-        _plot(result, args.plot)
-    emit(result, args.json)
-    return 0
+    return finish(result, args, _plot)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.common import (Stack, emit, encode_listing, machine_info, percentile, rounded, sample_messages,
-                          setup_logging, wait_indexed, worker_environment)
+from bench.common import (
+    Stack, encode_listing, finish, machine_info, percentile, rounded, sample_messages, setup_logging,
+    wait_indexed, worker_environment,
+)
 
 LAG_METRIC = "samestyle_consumer_lag_messages"
 
@@ -390,10 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "run_dir": str(tmp),
     }
-    if args.plot is not None:
-        _plot(result, args.plot)
-    emit(result, args.json)
-    return 0
+    return finish(result, args, _plot)
 
 
 def _has_psutil() -> bool:

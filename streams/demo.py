@@ -155,7 +155,7 @@ def summarize(outputs: Outputs, wanted: set[str], clusters: dict[str, str] | Non
     return summary
 
 
-def format_summary(summary: dict[str, Any], outputs_example: list[dict] | None = None) -> str:
+def format_summary(summary: dict[str, Any]) -> str:
     def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.1%}"
 

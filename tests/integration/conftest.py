@@ -100,3 +100,12 @@ def stack(broker: EmbeddedBroker, tmp_path: Path) -> Iterator[Stack]:
         yield s
     finally:
         s.stop()
+
+
+def text_listing(listing_id: str, title: str, supplier: str = "s1", **extra: Any) -> dict[str, Any]:
+    """A text-only ``listings`` record; ``extra`` overrides any field."""
+    record = {"listing_id": listing_id, "supplier_id": supplier, "category": "mugs", "title": title,
+              "description": f"{title} for everyday use", "attributes": {"colour": "red"}, "image_uri": None,
+              "image_bytes": None, "op": "UPSERT", "event_time": int(time.time() * 1000)}
+    record.update(extra)
+    return record

@@ -27,19 +27,11 @@ from streams.settings import Settings
 from streams.worker import WorkerProcess
 from topics import LISTING_EMBEDDINGS, LISTINGS, codec_for_topic, topic_specs
 
-from .conftest import Stack
+from .conftest import Stack, text_listing
 
 pytestmark = pytest.mark.integration
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def text_listing(listing_id: str, title: str, supplier: str = "s1", **extra: Any) -> dict:
-    record = {"listing_id": listing_id, "supplier_id": supplier, "category": "mugs", "title": title,
-              "description": f"{title} for everyday use", "attributes": {"colour": "red"}, "image_uri": None,
-              "image_bytes": None, "op": "UPSERT", "event_time": int(time.time() * 1000)}
-    record.update(extra)
-    return record
 
 
 def listings(prefix: str, n: int) -> list[dict]:
@@ -325,7 +317,6 @@ def test_generated_bad_input_is_dead_lettered_and_nothing_crashes(stack: Stack, 
     """Random bytes, schema-valid nonsense and oversized fields: each either lands in dead-letters
     or is a valid listing that gets indexed (or deleted); the worker never dies."""
     bad: list[tuple[bytes, bytes]] = []
-    valid_ids: set[str] = set()
 
     @hsettings(max_examples=40, deadline=None, derandomize=True,
                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

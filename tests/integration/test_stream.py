@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from streams.app import snapshot_dir
 from streams.io import Outputs, delete_message, listing_message
 from topics import LISTINGS, codec_for_topic
 
-from .conftest import Stack
+from .conftest import Stack, text_listing
 
 pytestmark = pytest.mark.integration
 
@@ -26,15 +27,7 @@ def sample_messages(tmp: Path, n_products: int = 12, seed: int = 0) -> list[dict
     return [listing_message(r, image_mode="bytes") for r in read_listings(listings_csv)]
 
 
-def text_listing(listing_id: str, title: str, supplier: str = "s1", **extra: object) -> dict:
-    record = {"listing_id": listing_id, "supplier_id": supplier, "category": "mugs", "title": title,
-              "description": f"{title} for everyday use", "attributes": {"colour": "red"}, "image_uri": None,
-              "image_bytes": None, "op": "UPSERT", "event_time": int(time.time() * 1000)}
-    record.update(extra)
-    return record
-
-
-def all_indexed(ids: set[str]) -> "callable":
+def all_indexed(ids: set[str]) -> Callable[[Outputs], bool]:
     return lambda o: ids <= o.indexed_ids
 
 

@@ -4,24 +4,14 @@ broker with the tiny encoder: a few seconds each)."""
 
 from __future__ import annotations
 
-import json
 import math
-from typing import Any
 
 import numpy as np
 import pytest
 
 from bench import common, freshness_bench, index_bench, pipeline_bench
 
-
-def run_json(capsys: pytest.CaptureFixture[str], main: Any, argv: list[str]) -> dict[str, Any]:
-    """Run a bench's main and parse stdout, which must be exactly one JSON object."""
-    assert main(argv) == 0
-    out = capsys.readouterr().out.strip()
-    assert out.count("\n") == 0, "--json must print exactly one line"
-    result = json.loads(out)
-    assert isinstance(result, dict)
-    return result
+from .benchutil import run_json
 
 
 # ------------------------------------------------------------------------------ parsing

@@ -5,7 +5,6 @@ soak) replaced by canned results. The real runs take minutes and are not run her
 from __future__ import annotations
 
 import argparse
-import json
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -14,14 +13,7 @@ import pytest
 
 from bench import clicks_bench, soak_bench
 
-
-def run_json(capsys: pytest.CaptureFixture[str], main: Any, argv: list[str]) -> dict[str, Any]:
-    assert main(argv) == 0
-    out = capsys.readouterr().out.strip()
-    assert out.count("\n") == 0, "--json must print exactly one line"
-    result = json.loads(out)
-    assert isinstance(result, dict)
-    return result
+from .benchutil import run_json
 
 
 # ------------------------------------------------------------------------------ clicks
