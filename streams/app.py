@@ -8,7 +8,17 @@ Agents (both in the consumer group ``settings.app_id``, so partitions split acro
   near copies.
 
 Beside them, :class:`~streams.replica.IndexReplica` keeps this worker's full copy of the index
-from *all* partitions of ``listing-embeddings``.
+from *all* partitions of ``listing-embeddings``, one index per model version, and
+:class:`~streams.models_live.ModelWatcher` follows ``model-updates``.
+
+Model switch (blue/green), when the trainer promotes a model: the worker loads it; the embed
+agent embeds every new listing with both the serving and the promoted model (one record, both
+vectors); the ``model_switch`` task re-embeds the listings partitions this worker owns with the
+promoted model (:mod:`streams.backfill`). Meanwhile the index agent keeps searching the serving
+index and emitting with the serving version; each replica switches to the promoted index the
+moment it holds every listing, and from then on outputs carry the new version. No listing goes
+unanswered in between: a record carries the vectors of the index its replica serves, or of the
+promoted one when that is all it has.
 
 Messages travel as raw bytes through Faust and are decoded by the steps in
 :mod:`streams.pipeline`, so a message that does not decode is dead-lettered with its original
@@ -31,11 +41,16 @@ from faust.types import EventT
 
 from index_store import LiveIndex
 from models import Encoder, encoder_from_spec
-from topics import DEAD_LETTERS, DUPLICATE_ALERTS, LISTING_EMBEDDINGS, LISTINGS, SIMILAR_PRODUCTS, topic_specs
-from topics.errors import BadInputError
+from topics import (DEAD_LETTERS, DUPLICATE_ALERTS, LISTING_EMBEDDINGS, LISTINGS, MODEL_UPDATES, SIMILAR_PRODUCTS,
+                    topic_specs)
+from topics.errors import BadInputError, ConfigError
 
 from .metrics import BrokerProbe, Metrics, PartitionLag, partition_lags
-from .pipeline import VIEWS, EmbedStep, Failure, Incoming, Outgoing, SearchStep, decode_embedding, now_ms
+from .backfill import Backfill
+from .indexes import ModelIndexes
+from .models_live import ModelWatcher
+from .pipeline import (VIEWS, EmbeddingUpdate, EmbedStep, Failure, Incoming, Outgoing, SearchStep, decode_embedding,
+                       now_ms)
 from .replica import IndexReplica
 from .settings import Settings
 from .transport import install as install_transport
@@ -60,7 +75,11 @@ class Runtime:
     def __init__(self, app: faust.App, settings: Settings, encoder: Encoder | None) -> None:
         self.app = app
         self.settings = settings
-        self._encoder = encoder
+        #: The encoder SAMESTYLE_ENCODER names (loaded on first use): the model served until the
+        #: trainer promotes another.
+        self._configured = encoder
+        #: Loaded encoders of promoted models, by version (the serving one and the target).
+        self._encoders: dict[str, Encoder] = {}
         self.specs = topic_specs(settings.topic_prefix, settings.partitions)
         # Model work gets one thread: torch already spreads one forward pass over every core.
         self.model_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
@@ -68,39 +87,145 @@ class Runtime:
                                       value_serializer="raw", partitions=spec.partitions)
                        for key, spec in self.specs.items()}
         self._embed_step: EmbedStep | None = None
-        self.index: LiveIndex | None = None
         self.replica: IndexReplica | None = None
+        self.watcher = ModelWatcher(settings, self.specs[MODEL_UPDATES].name)
+        self.backfill = Backfill(settings, self.specs[LISTINGS].name)
+        #: Held while a batch is embedded and sent, by the embed agent and by the re-embedding,
+        #: so their records reach listing-embeddings in the order they were decided.
+        self.embed_lock = asyncio.Lock()
         self.metrics = Metrics()
         self.metrics.lag_sources.append(self.group_lags)
         self.metrics.rebalance_count = lambda: int(getattr(app, "rebalancing_count", 0))
         self.web: WebServer | None = None
         self._truncated_suspects: set[Any] = set()
+        self._reported_version: str | None = None
+
+    # ------------------------------------------------------------------ models
+
+    def configured_encoder(self) -> Encoder:
+        """The encoder of ``settings.encoder`` (loads it on first use: call it off the event loop)."""
+        if self._configured is None:
+            self._configured = encoder_from_spec(self.settings.encoder, device=self.settings.device,
+                                                 allow_random_weights=self.settings.allow_random_weights)
+            log.info("encoder %s (dim %d) on %s", self._configured.version, self._configured.dim,
+                     self._configured.device)
+        return self._configured
+
+    def _known_encoder(self, version: str) -> Encoder | None:
+        if version in self._encoders:
+            return self._encoders[version]
+        if self._configured is not None and self._configured.version == version:
+            return self._configured
+        return None
+
+    def encoder_for(self, version: str) -> Encoder:
+        """The encoder of ``version`` (loads a promoted model directory on first use; off the loop).
+
+        Raises ConfigError when the version is neither the configured encoder nor a promoted model.
+        """
+        known = self._known_encoder(version)
+        if known is not None:
+            return known
+        model_dir = self.watcher.chain.model_dir(version)
+        if model_dir is None:
+            configured = self.configured_encoder()
+            if configured.version == version:
+                return configured
+            raise ConfigError(f"model {version!r} is neither SAMESTYLE_ENCODER ({configured.version}) nor a "
+                              f"promoted model on {self.specs[MODEL_UPDATES].name}")
+        encoder = encoder_from_spec(model_dir, device=self.settings.device,
+                                    allow_random_weights=self.settings.allow_random_weights)
+        if encoder.version != version:
+            raise ConfigError(f"{model_dir} holds model {encoder.version}, but {version} was promoted from it")
+        log.info("loaded promoted model %s (dim %d) from %s", version, encoder.dim, model_dir)
+        self._encoders[version] = encoder
+        return encoder
+
+    def target_version(self) -> str | None:
+        """The model this worker should serve: the newest promoted, else the configured one
+        (None until the decision log and the configured encoder are known)."""
+        if not self.watcher.ready.is_set():
+            return None
+        latest = self.watcher.chain.latest
+        if latest is not None:
+            return latest.version
+        return self._configured.version if self._configured is not None else None
+
+    def version_order(self) -> dict[str, int]:
+        return {p.version: i for i, p in enumerate(self.watcher.chain.promotions)}
+
+    async def prepare_models(self) -> None:
+        """Read the decision log, then load the target model (the replica needs its version)."""
+        await self.watcher.ready.wait()
+        latest = self.watcher.chain.latest
+        await self.run_model(self.encoder_for, latest.version) if latest else await self.run_model(
+            self.configured_encoder)
+
+    @property
+    def serving_version(self) -> str | None:
+        return self.replica.active_version if self.replica is not None else None
 
     @property
     def encoder(self) -> Encoder:
-        if self._encoder is None:
-            self._encoder = encoder_from_spec(self.settings.encoder, device=self.settings.device,
-                                              allow_random_weights=self.settings.allow_random_weights)
-            log.info("encoder %s (dim %d) on %s", self._encoder.version, self._encoder.dim, self._encoder.device)
-            self.metrics.model.info({"version": self._encoder.version, "dim": str(self._encoder.dim),
-                                     "device": str(self._encoder.device)})
-        return self._encoder
+        """The encoder of the index being served (loads it on first use: call it off the event loop)."""
+        version = self.serving_version
+        encoder = self.encoder_for(version) if version is not None else self.configured_encoder()
+        if encoder.version != self._reported_version:
+            self._reported_version = encoder.version
+            self.metrics.model.info({"version": encoder.version, "dim": str(encoder.dim),
+                                     "device": str(encoder.device)})
+        return encoder
+
+    @property
+    def index(self) -> LiveIndex | None:
+        """The index being served (None until the replica is ready)."""
+        return self.replica.index if self.replica is not None else None
+
+    def embedding_encoders(self) -> list[Encoder]:
+        """[serving] or, during a switch, [serving, target] (loads them: call it off the loop)."""
+        serving, target = self.serving_version, self.target_version()
+        assert serving is not None and target is not None, "embedding before the replica is ready"
+        if target == serving:
+            return [self.encoder_for(serving)]
+        try:
+            current = self.encoder_for(serving)
+        except ConfigError as exc:
+            # The served model cannot be loaded (its directory is unknown): nothing can embed for
+            # its index any more, so serve the target's index, complete or not.
+            log.error("%s; switching to %s now", exc, target)
+            assert self.replica is not None
+            self.replica.indexes.try_switch(target, force=True)
+            return [self.encoder_for(target)]
+        return [current, self.encoder_for(target)]
+
+    def drop_unused_encoders(self) -> None:
+        keep = {self.serving_version, self.target_version()}
+        for version in list(self._encoders):
+            if version not in keep:
+                del self._encoders[version]
 
     def embed_step(self) -> EmbedStep:
         if self._embed_step is None:
-            self._embed_step = EmbedStep(self.encoder, self.settings)
+            self._embed_step = EmbedStep(self.configured_encoder(), self.settings)
         return self._embed_step
 
     def build_replica(self) -> IndexReplica:
         directory = snapshot_dir(self.settings)
-        index, offsets = LiveIndex.load_or_create(directory, dim=self.encoder.dim, kind=self.settings.index_kind,
-                                                  n_views=len(VIEWS))
-        self.index = index
-        self.replica = IndexReplica(self.settings, index, self.specs[LISTING_EMBEDDINGS].name,
+        indexes, offsets = ModelIndexes.load(directory, kind=self.settings.index_kind, n_views=len(VIEWS))
+        self.replica = IndexReplica(self.settings, indexes, self.specs[LISTING_EMBEDDINGS].name,
                                     self.specs[LISTING_EMBEDDINGS].partitions, directory, offsets,
-                                    metrics=self.metrics)
+                                    metrics=self.metrics, target_version=self.target_version,
+                                    version_order=self.version_order)
         self.metrics.lag_sources.append(self.replica.lags)
         return self.replica
+
+    def assigned_partitions(self, topic_key: str) -> set[int]:
+        """Partitions of ``topic_key`` the group gave this worker."""
+        consumer = getattr(self.app, "_consumer", None)
+        if consumer is None:
+            return set()
+        name = self.specs[topic_key].name
+        return {tp.partition for tp in consumer.assignment() if tp.topic == name}
 
     def group_lags(self) -> list[PartitionLag]:
         """Lag of the agents' consumer group on this worker's assigned partitions.
@@ -157,13 +282,16 @@ class Runtime:
         crashed = [str(getattr(a, "name", a)) for a in self.app.agents.values()
                    if any(getattr(actor, "crash_reason", None) for actor in getattr(a, "_actors", []))]
         replica_running = self.replica is not None and self.replica.state == "running"
+        index = self.index
+        target = self.target_version()
         return {
             "ok": not crashed and replica_running and not self.app.should_stop,
             "worker_id": self.settings.worker_id,
             "replica": self.replica.state if self.replica is not None else None,
             "crashed_agents": crashed,
-            "index_vectors": len(self.index) if self.index is not None else 0,
-            "model_version": self._encoder.version if self._encoder is not None else None,
+            "index_vectors": len(index) if index is not None else 0,
+            "model_version": self.serving_version,
+            "switching_to": target if target is not None and target != self.serving_version else None,
             "rebalancing": bool(getattr(self.app, "rebalancing", False)),
         }
 
@@ -184,6 +312,28 @@ class Runtime:
                         type(f.error).__name__, f.error)
         await self.send_all(DEAD_LETTERS, [Outgoing(f.incoming.key or b"", f.dead_letter()) for f in failures])
         self.metrics.observe_dead_letters([(f.stage, type(f.error).__name__) for f in failures])
+
+
+def searchable(updates: Sequence[EmbeddingUpdate], indexes: ModelIndexes) -> dict[str, list[EmbeddingUpdate]]:
+    """Group the upserts by the index each is searched in: the serving one when the record has
+    its vectors, else the newest index the record has vectors for (a worker that switched earlier
+    embedded it with the promoted model only). Deletes need no search."""
+    groups: dict[str, list[EmbeddingUpdate]] = {}
+    for update in updates:
+        if update.op == "DELETE":
+            continue
+        if indexes.active in update.vectors:
+            version = indexes.active
+        else:
+            candidates = [v for v in update.vectors if v in indexes.indexes]
+            if not candidates:
+                log.warning("listing %s: no index for its model(s) %s; not searched", update.listing_id,
+                            sorted(update.vectors))
+                continue
+            version = candidates[-1]
+        assert version is not None
+        groups.setdefault(version, []).append(update.for_version(version))
+    return groups
 
 
 def create_app(settings: Settings, *, encoder: Encoder | None = None) -> faust.App:
@@ -213,6 +363,7 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None) -> faust.A
     app.samestyle = runtime  # type: ignore[attr-defined]  # handy for tests and the web layer
 
     replica = runtime.build_replica()
+    app.service(runtime.watcher)
     app.service(replica)
     app.service(BrokerProbe(runtime.metrics, settings.bootstrap_servers))
     if settings.web_port:
@@ -224,21 +375,63 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None) -> faust.A
     async def restart_truncated_partitions() -> None:
         await runtime.restart_truncated_partitions()
 
+    @app.task
+    async def model_switch() -> None:
+        """Load the target model; during a switch, re-embed this worker's listings partitions."""
+        await runtime.prepare_models()
+        await replica.wait_ready()
+        backfill, step = runtime.backfill, runtime.embed_step()
+        last_missing_check = 0.0
+        while not app.should_stop:
+            serving, target = runtime.serving_version, runtime.target_version()
+            if serving is None or target is None or serving == target:
+                if backfill.active:
+                    log.info("model switch to %s complete on this worker", backfill.version)
+                    backfill.reset()
+                    runtime.drop_unused_encoders()
+                metrics.model_switch_missing.set(0)
+                changed = runtime.watcher.changed
+                try:
+                    await asyncio.wait_for(changed.wait(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            encoder = await runtime.run_model(runtime.encoder_for, target)
+            await backfill.plan(target, runtime.assigned_partitions(LISTINGS))
+            chunk = await backfill.next_chunk(settings.batch_size)
+            if chunk:
+                async with runtime.embed_lock:
+                    if runtime.target_version() == target:
+                        chunk = backfill.unseen(chunk)
+                        outgoing, _ = await runtime.run_model(step, chunk, [encoder], True)
+                        await runtime.send_all(LISTING_EMBEDDINGS, outgoing)
+                        metrics.reembedded.inc(len(outgoing))
+            elif not backfill.pending():
+                await asyncio.sleep(0.2)
+            if time.monotonic() - last_missing_check > 2.0 and replica.index is not None:
+                last_missing_check = time.monotonic()
+                metrics.model_switch_missing.set(replica.indexes.missing(target))
+
     @app.agent(runtime.topics[LISTINGS], name="embed", supervisor_strategy=mode.CrashingSupervisor)
     async def embed(stream: faust.StreamT) -> None:
         step = runtime.embed_step()
         async for events in stream.take_events(settings.batch_size, within=settings.batch_linger_seconds):
             batch = [incoming(e) for e in events]
-            started = time.perf_counter()
-            outgoing, failures = await runtime.run_model(step, batch)
-            metrics.observe_embed_batch(len(batch), time.perf_counter() - started, len(outgoing), len(failures))
-            await runtime.send_all(LISTING_EMBEDDINGS, outgoing)
+            await runtime.prepare_models()
+            await replica.wait_ready()
+            async with runtime.embed_lock:
+                started = time.perf_counter()
+                encoders = await runtime.run_model(runtime.embedding_encoders)
+                if len(encoders) > 1:
+                    runtime.backfill.note_live(batch)
+                outgoing, failures = await runtime.run_model(step, batch, encoders)
+                metrics.observe_embed_batch(len(batch), time.perf_counter() - started, len(outgoing), len(failures))
+                await runtime.send_all(LISTING_EMBEDDINGS, outgoing)
             await runtime.dead_letter(failures)
 
     @app.agent(runtime.topics[LISTING_EMBEDDINGS], name="index", supervisor_strategy=mode.CrashingSupervisor)
     async def index(stream: faust.StreamT) -> None:
-        assert runtime.index is not None
-        search = SearchStep(runtime.index, settings)
+        search = SearchStep(None, settings)
         loop = asyncio.get_running_loop()
         async for events in stream.take_events(settings.batch_size, within=settings.batch_linger_seconds):
             updates, failures = [], []
@@ -250,8 +443,13 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None) -> faust.A
                     failures.append(Failure(msg, "index", exc))
                     continue
                 await replica.wait_applied(msg.partition, msg.offset)
-                updates.append(update)
-            similar, alerts = await loop.run_in_executor(None, search, updates)
+                if not update.reembed:  # re-embedded for a model switch: the listing did not change
+                    updates.append(update)
+            similar, alerts = [], []
+            for version, group in searchable(updates, replica.indexes).items():
+                found = await loop.run_in_executor(None, search, group, replica.indexes.indexes[version])
+                similar += found[0]
+                alerts += found[1]
             # Alerts first: once a listing's similar-products message is visible, its alerts are
             # too (moderation is the more urgent reader, and "indexed" then means "fully handled").
             await runtime.send_all(DUPLICATE_ALERTS, alerts)

@@ -162,6 +162,14 @@ class Metrics:
             PREFIX + "log_resets", "Partitions read again from 0 because their log ended below the consumed offset "
             "(topic recreated, or an in-memory broker restarted empty)", ["consumer"], registry=r)
         self.model = Info(PREFIX + "model", "Encoder model version of this worker", registry=r)
+        self.model_switches = Counter(
+            PREFIX + "model_switches", "Times this worker's index switched to a newly promoted model", registry=r)
+        self.model_switch_missing = Gauge(
+            PREFIX + "model_switch_missing",
+            "Listings of the serving index the promoted model's index still lacks (0 when no switch is under way)",
+            registry=r)
+        self.reembedded = Counter(
+            PREFIX + "reembedded", "Catalogue records re-embedded by this worker for a model switch", registry=r)
         self.broker_up = Gauge(
             PREFIX + "broker_up", "1 when a bootstrap server accepted a connection at the last probe", registry=r)
         self.broker_down_seconds = Counter(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -130,11 +130,21 @@ class EmbedStep:
         self._listings = codec_for_topic(LISTINGS)
         self._embeddings = codec_for_topic(LISTING_EMBEDDINGS)
 
-    def __call__(self, batch: Sequence[Incoming]) -> tuple[list[Outgoing], list[Failure]]:
+    def __call__(self, batch: Sequence[Incoming], encoders: Sequence[Encoder] | None = None,
+                 reembed: bool = False) -> tuple[list[Outgoing], list[Failure]]:
+        """Embed ``batch`` with ``encoders`` (default: the step's encoder).
+
+        With two encoders (a model switch under way) each record carries the first one's vectors
+        and, in ``next_model``, the second one's. ``reembed`` marks records of the catalogue
+        re-embedding that a switch runs: replicas apply them, nothing is emitted for them.
+        """
+        encoders = list(encoders) if encoders else [self.encoder]
+        if len(encoders) > 2:
+            raise ValueError(f"at most two encoders at a time, got {len(encoders)}")
         failures: list[Failure] = []
         # Output slots keep input order, so an upsert and a later delete of one listing stay in order.
         slots: list[dict[str, Any] | None] = [None] * len(batch)
-        to_embed: list[tuple[int, dict[str, Any], Any]] = []
+        to_embed: list[tuple[int, dict[str, Any], list[Any]]] = []
         for i, msg in enumerate(batch):
             try:
                 if msg.value is None:
@@ -142,24 +152,39 @@ class EmbedStep:
                 record = self._listings.decode(msg.value)
                 validate_listing(record, self.settings)
                 if record.get("op") == "DELETE":
-                    slots[i] = self._delete_record(record)
+                    slots[i] = self._delete_record(record, encoders[0], reembed)
                     continue
-                prepared = self.encoder.prepare(listing_input(record, self.settings))
-                to_embed.append((i, record, prepared))
+                listing = listing_input(record, self.settings)
+                to_embed.append((i, record, [encoder.prepare(listing) for encoder in encoders]))
             except BadInputError as exc:
                 failures.append(Failure(msg, self.stage, exc))
         if to_embed:
-            embeddings = self.encoder.embed([p for _, _, p in to_embed])
+            embedded = [encoder.embed([p[k] for _, _, p in to_embed]) for k, encoder in enumerate(encoders)]
             embedded_at = now_ms()
             for row, (i, record, _) in enumerate(to_embed):
-                slots[i] = self._upsert_record(record, embeddings, row, embedded_at)
+                out = self._upsert_record(record, encoders[0], embedded[0], row, embedded_at, reembed)
+                if len(encoders) == 2:
+                    out["next_model"] = self._vectors(encoders[1], embedded[1], row)
+                slots[i] = out
         out = []
         for record in slots:
             if record is not None:
                 out.append(Outgoing(record["listing_id"].encode(), self._embeddings.encode(record)))
         return out, failures
 
-    def _upsert_record(self, record: dict[str, Any], emb: Embeddings, row: int, embedded_at: int) -> dict[str, Any]:
+    @staticmethod
+    def _vectors(encoder: Encoder, emb: Embeddings, row: int) -> dict[str, Any]:
+        has_image = bool(emb.has_image[row])
+        return {
+            "model_version": encoder.version,
+            "dim": encoder.dim,
+            "vector_image": vector_to_bytes(emb.image[row]) if has_image else None,
+            "vector_text": vector_to_bytes(emb.text[row]),
+            "vector_image_text": vector_to_bytes(emb.image_text[row]),
+        }
+
+    def _upsert_record(self, record: dict[str, Any], encoder: Encoder, emb: Embeddings, row: int,
+                       embedded_at: int, reembed: bool) -> dict[str, Any]:
         has_image = bool(emb.has_image[row])
         return {
             "listing_id": record["listing_id"],
@@ -167,31 +192,31 @@ class EmbedStep:
             "category": record.get("category"),
             "title": record.get("title"),
             "op": "UPSERT",
-            "model_version": self.encoder.version,
-            "dim": self.encoder.dim,
             "has_image": has_image,
-            "vector_image": vector_to_bytes(emb.image[row]) if has_image else None,
-            "vector_text": vector_to_bytes(emb.text[row]),
-            "vector_image_text": vector_to_bytes(emb.image_text[row]),
+            **self._vectors(encoder, emb, row),
             "image_uri": record.get("image_uri") if has_image else None,
+            "reembed": reembed,
+            "next_model": None,
             "event_time": record["event_time"],
             "embedded_at": embedded_at,
         }
 
-    def _delete_record(self, record: dict[str, Any]) -> dict[str, Any]:
+    def _delete_record(self, record: dict[str, Any], encoder: Encoder, reembed: bool) -> dict[str, Any]:
         return {
             "listing_id": record["listing_id"],
             "supplier_id": record.get("supplier_id") or DEFAULT_SUPPLIER,
             "category": record.get("category"),
             "title": None,
             "op": "DELETE",
-            "model_version": self.encoder.version,
-            "dim": self.encoder.dim,
+            "model_version": encoder.version,
+            "dim": encoder.dim,
             "has_image": False,
             "vector_image": None,
             "vector_text": None,
             "vector_image_text": None,
             "image_uri": None,
+            "reembed": reembed,
+            "next_model": None,
             "event_time": record["event_time"],
             "embedded_at": now_ms(),
         }
@@ -213,11 +238,21 @@ class EmbeddingUpdate:
     has_image: bool
     views: np.ndarray | None  # [3, dim] image / text / image_text; None for DELETE
     payload: dict[str, Any]
+    #: model version -> views [3, dim]: the record's own model first, then ``next_model``'s.
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    #: Written by a model switch's re-embedding: apply it, emit nothing for it.
+    reembed: bool = False
 
     @property
     def vector(self) -> np.ndarray:
         assert self.views is not None
         return self.views[2]
+
+    def for_version(self, version: str) -> EmbeddingUpdate:
+        """This update as seen by ``version``'s index (its vectors, its version on the outputs)."""
+        if version == self.model_version:
+            return self
+        return replace(self, model_version=version, views=self.vectors[version])
 
 
 def decode_embedding(value: bytes | None) -> EmbeddingUpdate:
@@ -225,14 +260,13 @@ def decode_embedding(value: bytes | None) -> EmbeddingUpdate:
         raise InvalidListingError("empty message (null value)")
     record = codec_for_topic(LISTING_EMBEDDINGS).decode(value)
     views = None
+    vectors: dict[str, np.ndarray] = {}
     if record["op"] != "DELETE":
-        dim = record["dim"]
-        text = bytes_to_vector(record["vector_text"], dim) if record["vector_text"] else None
-        image_text = bytes_to_vector(record["vector_image_text"], dim) if record["vector_image_text"] else None
-        if text is None or image_text is None:
-            raise InvalidListingError(f"listing {record['listing_id']!r}: upsert without text/image+text vectors")
-        image = bytes_to_vector(record["vector_image"], dim) if record["vector_image"] else np.zeros(dim, np.float32)
-        views = np.stack([image, text, image_text]).astype(np.float32)  # [3, dim]
+        views = _views(record, record["listing_id"])
+        vectors[record["model_version"]] = views
+        other = record.get("next_model")
+        if other is not None and other["model_version"] != record["model_version"]:
+            vectors[other["model_version"]] = _views(other, record["listing_id"])
     return EmbeddingUpdate(
         listing_id=record["listing_id"],
         supplier_id=record["supplier_id"],
@@ -244,7 +278,20 @@ def decode_embedding(value: bytes | None) -> EmbeddingUpdate:
         payload={"supplier_id": record["supplier_id"], "category": record.get("category"),
                  "title": record.get("title"), "event_time": record["event_time"],
                  "has_image": record["has_image"], "image_uri": record.get("image_uri")},
+        vectors=vectors,
+        reembed=bool(record.get("reembed")),
     )
+
+
+def _views(record: dict[str, Any], listing_id: str) -> np.ndarray:
+    """``[3, dim]`` image / text / image_text of one model's vectors (zeros for a missing image)."""
+    dim = record["dim"]
+    text = bytes_to_vector(record["vector_text"], dim) if record["vector_text"] else None
+    image_text = bytes_to_vector(record["vector_image_text"], dim) if record["vector_image_text"] else None
+    if text is None or image_text is None:
+        raise InvalidListingError(f"listing {listing_id!r}: upsert without text/image+text vectors")
+    image = bytes_to_vector(record["vector_image"], dim) if record["vector_image"] else np.zeros(dim, np.float32)
+    return np.stack([image, text, image_text]).astype(np.float32)
 
 
 def apply_updates(index: LiveIndex, updates: Sequence[EmbeddingUpdate]) -> None:
@@ -279,7 +326,12 @@ class SearchStep:
         #: Pairs this worker has alerted on, oldest first (bounded: at-least-once, not exactly-once).
         self._alerted: OrderedDict[tuple[str, str], None] = OrderedDict()
 
-    def __call__(self, updates: Sequence[EmbeddingUpdate]) -> tuple[list[Outgoing], list[Outgoing]]:
+    def __call__(self, updates: Sequence[EmbeddingUpdate],
+                 index: LiveIndex | None = None) -> tuple[list[Outgoing], list[Outgoing]]:
+        """Search ``index`` (default: the step's) for every upsert; the updates' vectors must be
+        that index's model's (see :meth:`EmbeddingUpdate.for_version`)."""
+        if index is not None:
+            self.index = index
         upserts = [u for u in updates if u.op != "DELETE"]
         if not upserts:
             return [], []

@@ -12,6 +12,9 @@ agent re-keys each click by its unordered listing pair onto the internal ``click
 so all the evidence of one pair meets on one partition, and emits ``positive-pairs`` keyed by
 the pair (compacted: a byte-identical re-send after a crash leaves one record per pair).
 
+``model-updates`` is the trainer's decision log (one partition, so every worker sees the same
+order): each worker follows it and switches to the newest promoted model.
+
 Faust tables write changelog topics named ``{app_id}-{table}-changelog`` with as many partitions
 as the topic that feeds the table. tansu would auto-create a missing one with 4 partitions
 (BROKER.md, trap 2), so ``topic_specs(app_id=...)`` lists them too and ``create_topics``
@@ -32,6 +35,7 @@ DEAD_LETTERS = "dead-letters"
 CLICK_EVENTS = "click-events"
 CLICK_PAIRS = "click-pairs"
 POSITIVE_PAIRS = "positive-pairs"
+MODEL_UPDATES = "model-updates"
 
 #: Faust tables of the pairs agent and the topic that feeds each (its changelog is
 #: co-partitioned with that topic).
@@ -74,6 +78,9 @@ _DEFAULTS: tuple[tuple[str, int, str, bool], ...] = (
     (CLICK_PAIRS, 4, "click_event", False),
     # Compacted: one record per pair survives a re-send after a crash.
     (POSITIVE_PAIRS, 2, "positive_pair", True),
+    # One partition: the order of decisions is the order workers apply them. Not compacted: the
+    # whole history (promoted and rejected) stays, and a worker reads it from the start.
+    (MODEL_UPDATES, 1, "model_update", False),
 )
 
 

@@ -20,8 +20,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from index_store import LiveIndex
 from streams.app import snapshot_dir
+from streams.indexes import load_active_snapshot
 from streams.broker import EmbeddedBroker, create_topics, free_port
 from streams.settings import Settings
 from streams.worker import WorkerProcess
@@ -80,7 +80,7 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, worker: Wor
 
 
 def snapshot_ids(settings: Settings) -> list[str]:
-    index, _ = LiveIndex.load(snapshot_dir(settings))
+    index, _, _ = load_active_snapshot(snapshot_dir(settings))
     return list(index.ids())
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from index_store import LiveIndex
 from models.data import read_listings
 from models.sample import generate_sample
 from streams.app import snapshot_dir
+from streams.indexes import load_active_snapshot
 from streams.io import Outputs, delete_message, listing_message
 from topics import LISTINGS, codec_for_topic
 
@@ -102,7 +102,7 @@ def test_a_delete_removes_the_listing_from_the_index(stack: Stack) -> None:
 
 
 def _snapshot_ids(stack: Stack) -> list[str]:
-    index, _ = LiveIndex.load(snapshot_dir(stack.settings))
+    index, _, _ = load_active_snapshot(snapshot_dir(stack.settings))
     return index.ids()
 
 

@@ -29,6 +29,7 @@ from topics import (
     DUPLICATE_ALERTS,
     LISTING_EMBEDDINGS,
     LISTINGS,
+    MODEL_UPDATES,
     POSITIVE_PAIRS,
     SIMILAR_PRODUCTS,
     Codec,
@@ -53,7 +54,7 @@ from topics.errors import BadInputError, ConfigError, DecodeError
 T0 = 1_717_171_717_123  # 2024-05-31T16:08:37.123Z
 DIM = 8
 SCHEMAS = ["listing", "listing_embedding", "similar_products", "duplicate_alert", "dead_letter",
-           "click_event", "positive_pair"]
+           "click_event", "positive_pair", "model_update"]
 
 
 def _unit(seed: int) -> np.ndarray:
@@ -89,6 +90,10 @@ def realistic(schema_name: str) -> dict[str, Any]:
             "vector_text": vector_to_bytes(_unit(2)),
             "vector_image_text": vector_to_bytes(_unit(3)),
             "image_uri": "file:///srv/images/L000123.jpg",
+            "reembed": False,
+            "next_model": {"model_version": "crossbert-v4", "dim": DIM, "vector_image": None,
+                           "vector_text": vector_to_bytes(_unit(4)),
+                           "vector_image_text": vector_to_bytes(_unit(5))},
             "event_time": T0,
             "embedded_at": T0 + 850,
         },
@@ -147,6 +152,18 @@ def realistic(schema_name: str) -> dict[str, Any]:
             "event_time": T0,
             "emitted_at": T0 + 40,
         },
+        "model_update": {
+            "version": "unified-abt-20261124T101500Z-3f9c",
+            "model_dir": "/srv/samestyle/models/unified-abt-20261124T101500Z-3f9c",
+            "decision": "PROMOTED",
+            "previous_version": "pretrained-concat-v1",
+            "metric": "valid_f1",
+            "score": 0.8125,
+            "previous_score": 0.5,
+            "pairs_used": 812,
+            "reason": "valid_f1 0.8125 > 0.5000 of pretrained-concat-v1",
+            "created_at": T0 + 99,
+        },
     }
     return records[schema_name]
 
@@ -157,11 +174,11 @@ def realistic(schema_name: str) -> dict[str, Any]:
 def test_registry_defaults() -> None:
     specs = topic_specs()
     assert list(specs) == [LISTINGS, LISTING_EMBEDDINGS, SIMILAR_PRODUCTS, DUPLICATE_ALERTS,
-                           DEAD_LETTERS, CLICK_EVENTS, CLICK_PAIRS, POSITIVE_PAIRS]
+                           DEAD_LETTERS, CLICK_EVENTS, CLICK_PAIRS, POSITIVE_PAIRS, MODEL_UPDATES]
     assert {k: s.partitions for k, s in specs.items()} == {
         "listings": 4, "listing-embeddings": 4, "similar-products": 4,
         "duplicate-alerts": 2, "dead-letters": 1, "click-events": 4, "click-pairs": 4,
-        "positive-pairs": 2}
+        "positive-pairs": 2, "model-updates": 1}
     assert all(isinstance(s, TopicSpec) and s.key == k and s.name == k for k, s in specs.items())
     assert [k for k, s in specs.items() if s.compacted] == [LISTING_EMBEDDINGS, POSITIVE_PAIRS]
     assert specs[LISTING_EMBEDDINGS].config() == {"cleanup.policy": "compact"}

@@ -1,0 +1,195 @@
+"""One live index per model version, and the rule that switches a worker from one to the next.
+
+Vectors of different models never mix, so a worker's replica keeps a :class:`LiveIndex` per
+model version it has seen on ``listing-embeddings``. Exactly one is *active*: searches, the
+search API and the pairs agent use it. During a model switch a second one (the *target*) fills
+up from the target's vectors (re-embedded catalogue + new listings embedded twice); the replica
+switches the moment the target index holds every listing the active one holds
+(:meth:`ModelIndexes.try_switch`), then drops the old index. Deletes apply to every index.
+
+Snapshot layout (one directory per worker)::
+
+    root/
+      MODELS.json           {"active": version, "indexes": {version: subdirectory}}, written last
+      m-<sha1(version)>/    a LiveIndex snapshot (index_store) of that version's index
+
+Every index is snapshotted with the same topic offsets; ``MODELS.json`` is replaced atomically
+after them, so a crash in between leaves the previous, consistent set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import numpy as np
+
+from index_store import LiveIndex
+from topics.errors import IndexStoreError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pipeline import EmbeddingUpdate
+
+log = logging.getLogger(__name__)
+
+MODELS_FILE = "MODELS.json"
+
+
+def _subdir(version: str) -> str:
+    return "m-" + hashlib.sha1(version.encode()).hexdigest()[:16]
+
+
+class ModelIndexes:
+    """The per-version indexes of one replica. Not thread-safe across writers: one applier."""
+
+    def __init__(self, kind: str, n_views: int, indexes: dict[str, LiveIndex] | None = None,
+                 active: str | None = None) -> None:
+        self.kind = kind
+        self.n_views = n_views
+        self.indexes: dict[str, LiveIndex] = dict(indexes or {})
+        #: The version searches use; None until the replica has read the log at start-up once.
+        self.active = active
+
+    @property
+    def active_index(self) -> LiveIndex | None:
+        return self.indexes.get(self.active) if self.active is not None else None
+
+    def index_for(self, version: str, dim: int) -> LiveIndex:
+        index = self.indexes.get(version)
+        if index is None:
+            index = LiveIndex(dim, self.kind, n_views=self.n_views)
+            self.indexes[version] = index
+            log.info("new index for model %s (dim %d)", version, dim)
+        elif index.dim != dim:
+            raise IndexStoreError(f"model {version}: vectors of dim {dim}, its index has dim {index.dim}")
+        return index
+
+    def apply(self, updates: Sequence["EmbeddingUpdate"]) -> None:
+        """Bring every index to the state the updates describe (idempotent, like a replay).
+
+        A delete applies to every version; an upsert to each version it carries vectors of. Per
+        version and listing, the last record wins (a key's records are in order within a
+        partition).
+        """
+        versions = set(self.indexes) | {v for u in updates for v in u.vectors}
+        final: dict[str, dict[str, EmbeddingUpdate | None]] = {v: {} for v in versions}
+        for update in updates:
+            if update.op == "DELETE":
+                for ops in final.values():
+                    ops[update.listing_id] = None
+            else:
+                for version in update.vectors:
+                    final[version][update.listing_id] = update
+        for version, ops in final.items():
+            deletes = [listing_id for listing_id, u in ops.items() if u is None]
+            upserts = [u for u in ops.values() if u is not None]
+            if deletes and version in self.indexes:
+                self.indexes[version].delete(deletes)
+            if upserts:
+                views = np.stack([u.vectors[version] for u in upserts])  # [n, 3, dim]
+                self.index_for(version, views.shape[2]).upsert(
+                    [u.listing_id for u in upserts], views[:, -1], payloads=[u.payload for u in upserts],
+                    views=views)
+
+    def missing(self, target: str) -> int:
+        """How many listings of the active index the ``target`` index still lacks."""
+        active = self.active_index
+        if active is None or target == self.active:
+            return 0
+        index = self.indexes.get(target)
+        if index is None:
+            return len(active)
+        return sum(1 for listing_id in active.ids() if listing_id not in index)
+
+    def try_switch(self, target: str, force: bool = False) -> bool:
+        """Make ``target`` active if its index is complete (or ``force``); drop the other indexes.
+        True if switched."""
+        if target == self.active:
+            return False
+        active = self.active_index
+        if not force and active is not None and len(active) > 0:
+            index = self.indexes.get(target)
+            if index is None or len(index) < len(active) or self.missing(target):
+                return False
+        previous = self.active
+        self.active = target
+        self.indexes = {target: self.indexes[target]} if target in self.indexes else {}
+        log.info("switched the index from model %s to %s (%d listings)", previous, target,
+                 len(self.indexes.get(target, ())))
+        return True
+
+    def choose_active(self, target: str, order: Mapping[str, int]) -> str:
+        """After the first read of the log: which index to serve from.
+
+        The target when its index holds every listing any index holds (or no index exists);
+        otherwise (a switch was under way when this worker started) the version with the most
+        listings, newest first on a tie, and the switch resumes from there.
+        """
+        everything: set[str] = set()
+        for index in self.indexes.values():
+            everything.update(index.ids())
+        target_index = self.indexes.get(target)
+        if not everything or (target_index is not None and everything <= set(target_index.ids())):
+            self.active = target
+        else:
+            self.active = max(self.indexes, key=lambda v: (len(self.indexes[v]), order.get(v, -1)))
+        return self.active
+
+    # ---------------------------------------------------------------- snapshots
+
+    def snapshot(self, root: Path, offsets: Mapping[int, int]) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        written = {}
+        for version, index in list(self.indexes.items()):
+            index.snapshot(root / _subdir(version), offsets)
+            written[version] = _subdir(version)
+        tmp = root / f".{MODELS_FILE}.tmp"
+        tmp.write_text(json.dumps({"active": self.active, "indexes": written}, indent=1))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, root / MODELS_FILE)
+        for stale in root.glob("m-*"):
+            if stale.is_dir() and stale.name not in written.values():
+                shutil.rmtree(stale, ignore_errors=True)
+
+    @classmethod
+    def load(cls, root: Path, kind: str, n_views: int) -> tuple[ModelIndexes, dict[int, int]]:
+        """The snapshot set under ``root`` (empty and ``{}`` if there is none).
+
+        The offsets returned are the smallest per partition over the indexes: replaying from
+        there is harmless (the last record per listing wins) and loses nothing.
+        """
+        path = root / MODELS_FILE
+        if not path.is_file():
+            return cls(kind, n_views), {}
+        try:
+            meta = json.loads(path.read_text())
+            active, subdirs = meta["active"], dict(meta["indexes"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise IndexStoreError(f"{path} is not a model index set: {e!r}") from e
+        indexes: dict[str, LiveIndex] = {}
+        offsets: dict[int, int] = {}
+        for version, subdir in subdirs.items():
+            index, index_offsets = LiveIndex.load(root / subdir)
+            if index.kind != kind or index.n_views != n_views:
+                raise IndexStoreError(f"index snapshot {root / subdir} is {index.kind}/{index.n_views} views, "
+                                      f"but {kind}/{n_views} was asked")
+            indexes[version] = index
+            for p, o in index_offsets.items():
+                offsets[p] = min(o, offsets.get(p, o))
+        return cls(kind, n_views, indexes, active), offsets
+
+
+def load_active_snapshot(root: Path) -> tuple[LiveIndex, dict[int, int], str]:
+    """The active index of a snapshot set, its offsets and its model version (tests, tools)."""
+    meta = json.loads((root / MODELS_FILE).read_text())
+    index, offsets = LiveIndex.load(root / meta["indexes"][meta["active"]])
+    return index, offsets, meta["active"]
+
+
+__all__ = ["ModelIndexes", "load_active_snapshot", "MODELS_FILE"]
