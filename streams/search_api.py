@@ -337,9 +337,13 @@ def search_routes(runtime: "Runtime", *, max_image_bytes: int | None = None) -> 
             raise ApiError(503, "the index is not loaded yet")
         return runtime.index
 
-    async def encoder() -> "Encoder":
-        # The first use loads the model (seconds): on the model thread, never on the loop.
-        return await runtime.run_model(lambda: runtime.encoder)
+    async def encoder(index: "LiveIndex") -> "Encoder":
+        # The encoder of the model whose index is searched (a switch can happen in between; the
+        # first use loads the model, seconds: on the model thread, never on the loop).
+        version = runtime.serving_version
+        if version is None or runtime.index is not index:
+            raise ApiError(503, "the served model is switching; retry")
+        return await runtime.run_model(runtime.encoder_for, version)
 
     def model_version() -> str | None:
         return runtime.health()["model_version"]
@@ -348,7 +352,7 @@ def search_routes(runtime: "Runtime", *, max_image_bytes: int | None = None) -> 
         started = time.perf_counter()
         query, k = await parse_search(request, image_limit, body_limit)
         index = index_or_503()
-        enc = await encoder()
+        enc = await encoder(index)
         try:
             [embedded] = await runtime.run_model(embed_queries, enc, [query])
         except BadInputError as exc:
