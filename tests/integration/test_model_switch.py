@@ -124,3 +124,38 @@ def test_a_worker_started_after_a_promotion_serves_the_promoted_model(stack: Sta
     stack.produce(listings)
     outputs = stack.collect(lambda o: len(o.indexed_ids) >= 6)
     assert {m["model_version"] for m in outputs.similar} == {v2}
+
+
+def test_two_workers_split_the_reembedding_and_both_switch(stack: Stack, tmp_path: Path) -> None:
+    ports = [free_port(), free_port()]
+    for name, port in zip(("w1", "w2"), ports):
+        stack.start_worker(name, web_port=port, state_dir=tmp_path / f"state-{name}")
+    before = [text_listing(f"old-{i:03d}", f"walnut chopping board {i}") for i in range(30)]
+    stack.produce(before)
+    stack.collect(lambda o: len(o.indexed_ids) >= 30)
+    v2 = "promoted-v2"
+    promote(stack, v2, make_model_dir(tmp_path / "v2", v2))
+    during = [text_listing(f"new-{i}", f"oak serving tray {i}") for i in range(12)]
+    for i in range(0, 12, 3):
+        stack.produce(during[i:i + 3])
+        time.sleep(0.3)
+    every = {x["listing_id"] for x in before + during}
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        states = [health(p) for p in ports]
+        if all(s["model_version"] == v2 and s["index_vectors"] == len(every) for s in states):
+            break
+        time.sleep(1)
+    assert [(s["model_version"], s["index_vectors"]) for s in states] == [(v2, len(every))] * 2
+    copy = text_listing("copy-7", "walnut chopping board 7")
+    stack.produce([copy])
+    outputs = stack.collect(lambda o: (every | {"copy-7"}) <= o.indexed_ids)
+    [message] = [m for m in outputs.similar if m["listing_id"] == "copy-7"]
+    assert message["model_version"] == v2 and message["neighbours"][0]["listing_id"] == "old-007"
+    # Each worker re-embedded only the listings partitions it owned.
+    reembedded = []
+    for port in ports:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        reembedded.append(sum(float(line.split()[-1]) for line in text.splitlines()
+                              if line.startswith("samestyle_reembedded_total")))
+    assert sum(reembedded) >= 30 and all(r > 0 for r in reembedded), reembedded
