@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("eval", help="evaluate a model on a dataset (`samestyle eval --help`)")
     sub.add_parser("simulate-clicks", help="produce simulated click sessions to click-events")
     sub.add_parser("pairs-report", help="score the mined positive pairs against clusters")
+    sub.add_parser("trainer", help="retrain from mined positive pairs, promote only what beats the current model")
 
     topics = sub.add_parser("create-topics", help="create every topic with the registry's partitions")
     _add_common(topics)
@@ -80,6 +81,7 @@ FORWARDED = {
     "eval": "models.evaluate",
     "simulate-clicks": "streams.simulate",
     "pairs-report": "streams.pairs_report",
+    "trainer": "streams.trainer",
 }
 
 

@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from models.backbones import build_image_backbone, build_text_backbone
@@ -24,6 +25,8 @@ from streams.io import Outputs, send_records
 from topics import MODEL_UPDATES, codec_for_topic
 
 from .conftest import Stack, text_listing
+
+pytestmark = pytest.mark.integration
 
 SMALL = UnifiedConfig(dim=16, hidden=32, layers=1, heads=2, ffn=64, image_grid=2, dropout=0.0, scorer_layers=0)
 

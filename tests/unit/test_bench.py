@@ -151,7 +151,7 @@ def test_pipeline_json_on_a_tiny_run(capsys: pytest.CaptureFixture[str]) -> None
 def test_freshness_json_on_a_tiny_run(capsys: pytest.CaptureFixture[str]) -> None:
     r = run_json(capsys, freshness_bench.main, [
         "--json", "--encoder", "tiny", "--batch-size", "4", "--rates", "20", "--duration", "0.5",
-        "--max-doublings", "0", "--session-timeout", "2", "--torch-threads", "1"])
+        "--max-doublings", "0", "--no-half-run", "--session-timeout", "2", "--torch-threads", "1"])
     assert [row["rate"] for row in r["rates"]] == [20.0]
     row = r["rates"][0]
     assert row["sent"] == 10 and row["delivered"] == 10

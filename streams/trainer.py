@@ -1,0 +1,557 @@
+"""``samestyle trainer``: continuous retraining from mined positive pairs (issue 4, part 5).
+
+    samestyle trainer --listings L.csv (--valid-pairs V.csv | --valid-clusters C.csv)
+                      [--work-dir DIR] [--models-dir DIR] [--min-new-pairs N] [--once]
+
+One cycle:
+
+1. **Consume** ``positive-pairs`` (every partition) from where the trainer left off and dedupe
+   by unordered pair: the topic is compacted and keyed by pair, but a re-send after a crash, a
+   replay or a broker that has not compacted yet can deliver one pair more than once.
+2. When at least ``--min-new-pairs`` pairs arrived since the last candidate, **write every mined
+   pair so far** to ``WORK_DIR/pairs/pairs-<n>.csv`` (label 1) and **train a candidate** with
+   ``models.train.main`` on ``--listings``, bi-encoder only (``--scorer-layers 0``: mined pairs
+   are positives only, and a cross-scorer needs negatives). No valid pairs reach training: the
+   epoch count is fixed, so the valid set decides promotion only. The model directory is
+   ``MODELS_DIR/<version>``. Labelled pairs are never read for training.
+3. **Evaluate** the candidate and the current model on the same valid set in the same run:
+   ``--valid-pairs`` → F1 of the image+text cosine at the threshold that maximises F1 on that
+   set (a relative comparison, not a held-out figure), or ``--valid-clusters`` → IT→IT
+   recall@1 (queries and gallery chosen as ``samestyle eval`` does). The current model is the
+   newest PROMOTED record on ``model-updates``, or ``--current`` (default: the workers'
+   encoder setting, ``SAMESTYLE_ENCODER``) when none was promoted yet.
+4. **Decide**: PROMOTED only if the candidate is strictly better, else REJECTED. The decision is
+   produced to ``model-updates`` keyed by the candidate's version and logged; then the
+   trainer's state is saved.
+
+**Where it left off: an offsets file, not a consumer group.** ``WORK_DIR/state.json`` holds the
+next offset of every partition *and* every mined pair, replaced atomically in one write. The
+trainer needs all pairs, not only the new ones (each candidate trains on everything mined so
+far), so it keeps them anyway; with the offsets in the same file, pairs and offsets can never
+disagree, which committing offsets to Kafka and writing a local file could not promise. It also
+avoids a consumer-group join (about half the session timeout on tansu, BROKER.md trap 5) for a
+process that is alone by design. A crash between two saves re-reads some pairs, and the
+dedupe absorbs them. A lost work directory is harmless too: the trainer re-reads the compacted
+topic from the beginning, and the newest decision's ``pairs_used`` on ``model-updates`` keeps it
+from training again on pairs it already used.
+
+**Catching up** (``--once`` stops there): a partition is read up to the high-water mark that
+fetch responses carry (``AIOKafkaConsumer.highwater``), never ``end_offsets`` (wrong on tansu,
+BROKER.md trap 1).
+
+Decisions are at least once: a crash after a decision is produced and before the state is saved
+trains and decides again on restart (a new version; workers follow the newest PROMOTED record).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import csv
+import json
+import logging
+import os
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from topics import MODEL_UPDATES, POSITIVE_PAIRS, TopicSpec, codec_for_topic, topic_specs
+from topics.errors import BrokerError, ConfigError
+
+from .settings import Settings
+
+log = logging.getLogger("samestyle.trainer")
+
+STATE_FILE = "state.json"
+PROMOTED, REJECTED = "PROMOTED", "REJECTED"
+#: Metric names as they appear in ModelUpdate.metric.
+METRIC_PAIRS, METRIC_CLUSTERS = "valid_f1", "recall_at_1"
+
+Pair = tuple[str, str]
+
+
+# --- pure logic (unit-tested without a broker or a model) -------------------------------------
+
+
+def pair_of(record: Mapping[str, Any]) -> Pair:
+    """The unordered pair of a ``positive-pairs`` record, as a sorted tuple."""
+    a, b = record["listing_id_a"], record["listing_id_b"]
+    return (a, b) if a <= b else (b, a)
+
+
+@dataclass
+class TrainerState:
+    """What survives a restart: next offset per partition, every mined pair, the last candidate."""
+
+    offsets: dict[int, int] = field(default_factory=dict)
+    #: Every distinct mined pair, in the order first seen (the order of the pairs CSV).
+    pairs: dict[Pair, None] = field(default_factory=dict)
+    #: How many pairs the last candidate was trained on (0: none yet).
+    pairs_at_last_candidate: int = 0
+    candidates: int = 0
+
+    def add(self, records: Iterable[Mapping[str, Any]]) -> int:
+        """Add mined pairs, each unordered pair once; returns how many were new."""
+        before = len(self.pairs)
+        for record in records:
+            self.pairs.setdefault(pair_of(record), None)
+        return len(self.pairs) - before
+
+    @property
+    def new_pairs(self) -> int:
+        return len(self.pairs) - self.pairs_at_last_candidate
+
+    def to_json(self) -> dict[str, Any]:
+        return {"offsets": {str(p): o for p, o in sorted(self.offsets.items())},
+                "pairs": [list(p) for p in self.pairs],
+                "pairs_at_last_candidate": self.pairs_at_last_candidate,
+                "candidates": self.candidates}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "TrainerState":
+        return cls(offsets={int(p): int(o) for p, o in data.get("offsets", {}).items()},
+                   pairs={(str(a), str(b)): None for a, b in data.get("pairs", [])},
+                   pairs_at_last_candidate=int(data.get("pairs_at_last_candidate", 0)),
+                   candidates=int(data.get("candidates", 0)))
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainerState":
+        if not path.is_file():
+            return cls()
+        try:
+            return cls.from_json(json.loads(path.read_text()))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ConfigError(f"{path} is not a trainer state file ({exc}); move it away to start over") from None
+
+    def save(self, path: Path) -> None:
+        """Atomic: a crash leaves the old file or the new one, never half of one."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".state-", dir=path.parent)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(self.to_json(), fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+
+def should_train(state: TrainerState, min_new_pairs: int) -> bool:
+    """A candidate is due when at least ``min_new_pairs`` pairs arrived since the last one."""
+    return len(state.pairs) > 0 and state.new_pairs >= min_new_pairs
+
+
+def decide(metric: str, score: float, previous_score: float, previous_version: str | None) -> tuple[str, str]:
+    """``(decision, reason)``: PROMOTED only when the candidate is strictly better; a tie keeps
+    the current model (a swap re-embeds the whole catalogue, so it must buy something)."""
+    versus = f"{metric} {score:.4f} vs {previous_score:.4f} of {previous_version or 'the current model'}"
+    if score > previous_score:
+        return PROMOTED, f"better: {versus} (+{score - previous_score:.4f})"
+    if score == previous_score:
+        return REJECTED, f"not better (tie): {versus}"
+    return REJECTED, f"worse: {versus} ({score - previous_score:.4f})"
+
+
+def current_model(updates: Sequence[Mapping[str, Any]], fallback: str) -> tuple[str, str | None]:
+    """``(spec, version)`` of the serving model: the newest PROMOTED record's directory, else
+    ``fallback`` (an encoder spec, version unknown until it is loaded)."""
+    for record in reversed(updates):
+        if record["decision"] == PROMOTED:
+            return record["model_dir"], record["version"]
+    return fallback, None
+
+
+def last_pairs_used(updates: Sequence[Mapping[str, Any]]) -> int:
+    """Pairs the newest decision (either kind) was trained on; 0 when there is none."""
+    return int(updates[-1]["pairs_used"]) if updates else 0
+
+
+def write_pairs_csv(path: Path, pairs: Iterable[Pair]) -> int:
+    """The pairs file ``samestyle train --pairs`` reads: every mined pair, label 1."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["listing_id_a", "listing_id_b", "label"])
+        for a, b in pairs:
+            writer.writerow([a, b, 1])
+            n += 1
+    return n
+
+
+def update_record(version: str, model_dir: Path, decision: str, previous_version: str | None, metric: str,
+                  score: float, previous_score: float, pairs_used: int, reason: str,
+                  created_at: int | None = None) -> dict[str, Any]:
+    """A ``model-updates`` record (topics/schemas/model_update.avsc)."""
+    return {"version": version, "model_dir": str(model_dir), "decision": decision,
+            "previous_version": previous_version, "metric": metric, "score": float(score),
+            "previous_score": float(previous_score), "pairs_used": int(pairs_used), "reason": reason,
+            "created_at": int(time.time() * 1000) if created_at is None else created_at}
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+
+class Validation:
+    """One valid set and its metric; ``score(spec)`` loads a model and measures it."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from models.data import read_listings, read_pairs
+
+        self.args = args
+        path = args.valid_listings or args.listings
+        self.records = read_listings(path)
+        index = {r.listing_id: k for k, r in enumerate(self.records)}
+        if args.valid_pairs is not None:
+            self.metric = METRIC_PAIRS
+            self.pairs = read_pairs(args.valid_pairs)
+            missing = sorted({i for a, b, _ in self.pairs for i in (a, b) if i not in index})
+            if missing:
+                raise ConfigError(f"{args.valid_pairs}: {len(missing)} listings are not in {path} "
+                                  f"(e.g. {missing[0]!r}); give --valid-listings")
+            if not any(y for _, _, y in self.pairs):
+                raise ConfigError(f"{args.valid_pairs} has no positive pair")
+            # Only the listings the pairs name need embedding.
+            needed = sorted({index[i] for a, b, _ in self.pairs for i in (a, b)})
+            self.records = [self.records[k] for k in needed]
+            self.clusters = None
+        else:
+            from models.evaluate import run_clusters
+
+            self.metric = METRIC_CLUSTERS
+            self.pairs = None
+            # Queries and gallery as `samestyle eval` picks them (first source -> second, or all
+            # against all). model=the work dir, which holds no manifest: no query is filtered as
+            # "trained on" (candidates never train on clusters).
+            setup = run_clusters(argparse.Namespace(clusters=args.valid_clusters, split_column=None, query_split=None,
+                                                    gallery_split=None, model=str(args.work_dir)), self.records)
+            q, g, clusters = setup["_q"], setup["_g"], setup["_clusters"]
+            if len(q) == 0:
+                raise ConfigError(f"{args.valid_clusters}: no query listing has a cluster (with two sources, "
+                                  "queries are the first source's listings)")
+            # Only queries and gallery need embedding: re-index both into the kept rows.
+            keep = np.union1d(q, g)
+            self.records = [self.records[k] for k in keep]
+            self.q, self.g = np.searchsorted(keep, q), np.searchsorted(keep, g)
+            self.same = setup["_same"]  # [Q, G]: a query never finds itself
+            self.clusters = clusters[keep]
+            log.info("valid clusters: %s, %d queries, %d gallery", setup["queries"], len(q), len(g))
+
+    def score(self, spec: str, label: str) -> tuple[float, str]:
+        """``(metric value, model version)`` of a model directory or encoder spec."""
+        from models.evaluate import embed_records, load_model
+        from models.metrics import best_threshold, pair_metrics, retrieval_metrics
+
+        args = self.args
+        model = load_model(spec, args.device, args.allow_random_weights)
+        log.info("embedding %d valid listings with %s (%s)", len(self.records), label, model.version)
+        emb = embed_records(model, self.records, with_images=not args.no_images, batch_size=64,
+                            progress=args.progress, label=label)[0]
+        version = str(model.version)
+        del model
+        it = emb.image_text  # [n, dim]
+        index = {r.listing_id: k for k, r in enumerate(self.records)}
+        if self.pairs is not None:
+            a = np.array([index[p[0]] for p in self.pairs])
+            b = np.array([index[p[1]] for p in self.pairs])
+            y = np.array([p[2] for p in self.pairs])
+            scores = np.sum(it[a] * it[b], axis=1)
+            return float(pair_metrics(scores, y, best_threshold(scores, y))["f1"]), version
+        sim = it[self.q] @ it[self.g].T  # [Q, G]
+        metrics = retrieval_metrics(sim, self.clusters[self.q], self.clusters[self.g], self.same)
+        return float(metrics["recall_at_1"]), version
+
+
+# --- the candidate ------------------------------------------------------------------------------
+
+
+def train_candidate(args: argparse.Namespace, pairs: Sequence[Pair], catalogue: set[str]) -> tuple[Path, str, int]:
+    """Write the pairs CSV and train a candidate; returns ``(model dir, version, pairs used)``."""
+    from models import train
+    from models.encoder import load_config
+
+    usable = [p for p in pairs if p[0] in catalogue and p[1] in catalogue]
+    if len(usable) < len(pairs):
+        log.warning("%d of %d mined pairs name listings not in %s: left out", len(pairs) - len(usable),
+                    len(pairs), args.listings)
+    if len(usable) < 2:
+        raise ConfigError(f"only {len(usable)} mined pairs name listings of {args.listings}: nothing to train on")
+    pairs_csv = args.work_dir / "pairs" / f"pairs-{len(usable)}.csv"
+    write_pairs_csv(pairs_csv, usable)
+    args.models_dir.mkdir(parents=True, exist_ok=True)
+    # The version (name + time + weights hash) is known only once trained: train into a fresh
+    # directory, then rename it to the version.
+    staging = Path(tempfile.mkdtemp(prefix=".candidate-", dir=args.models_dir))
+    argv = ["--listings", str(args.listings), "--pairs", str(pairs_csv), "--out", str(staging), "--overwrite",
+            "--scorer-layers", "0", "--base", args.base, "--epochs", str(args.epochs),
+            "--batch-size", str(args.batch_size), "--loss", args.loss, "--seed", str(args.seed),
+            "--cache-dir", str(args.cache_dir)]
+    if args.name:
+        argv += ["--name", args.name]
+    if args.no_images:
+        argv.append("--no-images")
+    if args.device:
+        argv += ["--device", args.device]
+    if args.allow_random_weights:
+        argv.append("--allow-random-weights")
+    if not args.progress:
+        argv.append("--no-progress")
+    argv += shlex.split(args.train_args or "")
+    log.info("training a candidate on %d mined pairs (%s): samestyle train %s", len(usable), pairs_csv,
+             " ".join(shlex.quote(a) for a in argv))
+    started = time.monotonic()
+    # train prints its summary on stdout; ours is the decision.
+    with contextlib.redirect_stdout(sys.stderr):
+        code = train.main(argv)
+    if code:
+        raise ConfigError(f"training the candidate failed (exit code {code})")
+    version = load_config(staging).version
+    model_dir = args.models_dir / version
+    os.replace(staging, model_dir)
+    log.info("candidate %s trained in %.0f s: %s", version, time.monotonic() - started, model_dir)
+    return model_dir.resolve(), version, len(usable)
+
+
+# --- Kafka ----------------------------------------------------------------------------------------
+
+
+def _consumer(settings: Settings) -> Any:
+    from aiokafka import AIOKafkaConsumer
+
+    return AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None, enable_auto_commit=False,
+                            auto_offset_reset="earliest", fetch_max_wait_ms=200,
+                            client_id=f"samestyle-trainer-{settings.worker_id}")
+
+
+async def read_to_end(consumer: Any, tps: Sequence[Any], timeout: float) -> list[Any]:
+    """Every record from the consumer's positions up to the high-water marks seen in fetch
+    responses (``end_offsets`` is wrong on tansu: BROKER.md trap 1)."""
+    records: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        batches = await consumer.getmany(*tps, timeout_ms=300, max_records=10_000)
+        for batch in batches.values():
+            records.extend(batch)
+        done = True
+        for tp in tps:
+            high = consumer.highwater(tp)
+            if high is None or await consumer.position(tp) < high:
+                done = False
+        if done:
+            return records
+        if time.monotonic() > deadline:
+            raise BrokerError(f"could not read {sorted({tp.topic for tp in tps})} to the end in {timeout:.0f} s")
+
+
+async def read_model_updates(settings: Settings, spec: TopicSpec, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """Every ``model-updates`` record, oldest first (one partition: the order of decisions)."""
+    from aiokafka import TopicPartition
+
+    codec = codec_for_topic(MODEL_UPDATES)
+    consumer = _consumer(settings)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(spec.name, p) for p in range(spec.partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        return [codec.decode(r.value) for r in await read_to_end(consumer, tps, timeout)]
+    finally:
+        await consumer.stop()
+
+
+class PairsReader:
+    """Reads ``positive-pairs`` (every partition, manually assigned) from the state's offsets."""
+
+    def __init__(self, settings: Settings, spec: TopicSpec) -> None:
+        self.settings, self.spec = settings, spec
+        self.codec = codec_for_topic(POSITIVE_PAIRS)
+        self.consumer: Any = None
+        self.tps: list[Any] = []
+
+    async def start(self, offsets: Mapping[int, int]) -> None:
+        from aiokafka import TopicPartition
+
+        self.consumer = _consumer(self.settings)
+        await self.consumer.start()
+        self.tps = [TopicPartition(self.spec.name, p) for p in range(self.spec.partitions)]
+        self.consumer.assign(self.tps)
+        for tp in self.tps:
+            if tp.partition in offsets:
+                self.consumer.seek(tp, offsets[tp.partition])
+            else:
+                await self.consumer.seek_to_beginning(tp)
+
+    async def catch_up(self, state: TrainerState, timeout: float) -> tuple[int, int]:
+        """Read to the end into ``state``; returns (records read, new distinct pairs)."""
+        records = await read_to_end(self.consumer, self.tps, timeout)
+        new = state.add(self.codec.decode(r.value) for r in records)
+        for tp in self.tps:
+            state.offsets[tp.partition] = await self.consumer.position(tp)
+        return len(records), new
+
+    async def stop(self) -> None:
+        if self.consumer is not None:
+            await self.consumer.stop()
+
+
+async def produce_update(settings: Settings, spec: TopicSpec, record: Mapping[str, Any]) -> None:
+    from .io import send_records
+
+    value = codec_for_topic(MODEL_UPDATES).encode(dict(record))
+    await send_records(settings, spec.name, [(record["version"].encode(), value)])
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """The catalogue, the valid set and the state of one trainer; :meth:`run` is the loop."""
+
+    def __init__(self, args: argparse.Namespace, settings: Settings) -> None:
+        from models.data import read_listings
+
+        self.args, self.settings = args, settings
+        self.specs = topic_specs(settings.topic_prefix, settings.partitions)
+        self.catalogue = {r.listing_id for r in read_listings(args.listings)}
+        self.validation = Validation(args)
+        self.state_path = args.work_dir / STATE_FILE
+        self.state = TrainerState.load(self.state_path)
+
+    async def run(self) -> dict[str, Any] | None:
+        """Consume, and train when due; ``--once``: one catch-up, at most one candidate.
+        Returns the last decision made (None when none was)."""
+        args, state = self.args, self.state
+        updates = await read_model_updates(self.settings, self.specs[MODEL_UPDATES])
+        used = last_pairs_used(updates)
+        if used > state.pairs_at_last_candidate:
+            log.info("the newest decision on %s used %d pairs: counting new pairs from there",
+                     self.specs[MODEL_UPDATES].name, used)
+            state.pairs_at_last_candidate = used
+        reader = PairsReader(self.settings, self.specs[POSITIVE_PAIRS])
+        await reader.start(state.offsets)
+        last: dict[str, Any] | None = None
+        try:
+            while True:
+                read, new = await reader.catch_up(state, args.read_timeout)
+                if read:
+                    state.save(self.state_path)
+                    log.info("%d records read, %d new pairs; %d distinct pairs, %d since the last candidate",
+                             read, new, len(state.pairs), state.new_pairs)
+                if should_train(state, args.min_new_pairs):
+                    last = await asyncio.to_thread(self.cycle)
+                    if args.once:
+                        return last
+                elif args.once:
+                    if not state.pairs:
+                        raise ConfigError(f"no positive pairs on {self.specs[POSITIVE_PAIRS].name}: run the pairs "
+                                          "agent on click events first (docs/PAIRS.md)")
+                    log.info("%d new pairs since the last candidate, fewer than --min-new-pairs %d: nothing to train",
+                             state.new_pairs, args.min_new_pairs)
+                    return None
+                else:
+                    await asyncio.sleep(args.poll_seconds)
+        finally:
+            await reader.stop()
+
+    def cycle(self) -> dict[str, Any]:
+        """Train, evaluate against the current model, decide, record. Runs off the event loop."""
+        args, state = self.args, self.state
+        model_dir, version, used = train_candidate(args, list(state.pairs), self.catalogue)
+        updates = asyncio.run(read_model_updates(self.settings, self.specs[MODEL_UPDATES]))
+        current_spec, _ = current_model(updates, args.current or self.settings.encoder)
+        score, _ = self.validation.score(str(model_dir), "candidate")
+        previous_score, previous_version = self.validation.score(current_spec, "current")
+        decision, reason = decide(self.validation.metric, score, previous_score, previous_version)
+        record = update_record(version, model_dir, decision, previous_version, self.validation.metric, score,
+                               previous_score, used, reason)
+        asyncio.run(produce_update(self.settings, self.specs[MODEL_UPDATES], record))
+        log.info("%s %s (%d pairs): %s", decision, version, used, reason)
+        state.pairs_at_last_candidate = len(state.pairs)
+        state.candidates += 1
+        state.save(self.state_path)
+        return record
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="samestyle trainer", description=__doc__.split("\n\n")[0])
+    p.add_argument("--listings", required=True, type=Path, help="the catalogue, listings CSV in the common form")
+    valid = p.add_mutually_exclusive_group(required=True)
+    valid.add_argument("--valid-pairs", type=Path, help="labelled valid pairs: compare F1 at the best threshold")
+    valid.add_argument("--valid-clusters", type=Path, help="valid clusters: compare IT->IT recall@1")
+    p.add_argument("--valid-listings", type=Path, help="listings the valid set names (default: --listings)")
+    p.add_argument("--work-dir", type=Path, default=Path("runs/trainer"),
+                   help="state (offsets + mined pairs) and the pairs CSVs (default runs/trainer)")
+    p.add_argument("--models-dir", type=Path, default=Path("runs/models"),
+                   help="candidates go to DIR/<version> (default runs/models); workers must see the same path")
+    p.add_argument("--min-new-pairs", type=int, default=100,
+                   help="train a candidate when this many new pairs arrived since the last one (default 100)")
+    p.add_argument("--once", action="store_true", help="read what is there, train at most one candidate, exit")
+    p.add_argument("--current", help="the current model when none was promoted yet (default: SAMESTYLE_ENCODER)")
+    p.add_argument("--json", action="store_true", help="print the decision as one JSON object")
+    p.add_argument("--poll-seconds", type=float, default=10.0, help="pause between reads when not --once")
+    p.add_argument("--read-timeout", type=float, default=120.0, help="longest a catch-up read may take")
+    p.add_argument("--bootstrap", help="Kafka bootstrap servers (env SAMESTYLE_BOOTSTRAP)")
+    p.add_argument("--topic-prefix", dest="topic_prefix", help="prefix of every topic name")
+    t = p.add_argument_group("candidate training (passed to `samestyle train`)")
+    t.add_argument("--base", default="default", help="backbones: default, tiny (tests), or a JSON config")
+    t.add_argument("--name", help="model name (default: the listings' folder name)")
+    t.add_argument("--epochs", type=int, default=4)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--loss", choices=("hinge", "infonce"), default="infonce",
+                   help="default infonce: +0.10 held-out R@1 over hinge on Abt-Buy (docs/MODEL.md)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-images", action="store_true", help="text only")
+    t.add_argument("--cache-dir", type=Path, default=Path("runs/cache"), help="backbone token cache")
+    t.add_argument("--device", default=None, help="cpu, cuda (default: CUDA when available)")
+    t.add_argument("--train-args", default="", help="more `samestyle train` flags, one shell-quoted string")
+    t.add_argument("--allow-random-weights", action="store_true",
+                   help="tests only: tiny random backbones (also SAMESTYLE_ALLOW_RANDOM_WEIGHTS=1)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .broker import check_topics
+
+    args = build_parser().parse_args(argv)
+    if args.min_new_pairs < 1:
+        raise ConfigError("--min-new-pairs must be >= 1")
+    settings = Settings.from_env(bootstrap=args.bootstrap, topic_prefix=args.topic_prefix)
+    args.allow_random_weights = args.allow_random_weights or settings.allow_random_weights
+    args.progress = sys.stderr.isatty()
+    for path in (args.listings, args.valid_pairs, args.valid_clusters, args.valid_listings):
+        if path is not None and "test" in path.stem.lower():
+            raise ConfigError(f"{path}: the trainer never reads a test split (promotion is model selection)")
+    bootstrap = ",".join(settings.bootstrap_servers)  # a clear error when none is configured
+    trainer = Trainer(args, settings)  # reads the catalogue and the valid set: file errors before any work
+    specs = topic_specs(settings.topic_prefix, settings.partitions)
+    # Lists topics before describing them: asking metadata of a missing topic would auto-create
+    # it with the wrong partition count (BROKER.md trap 2). The message says to run create-topics.
+    check_topics(bootstrap, [specs[POSITIVE_PAIRS], specs[MODEL_UPDATES]])
+    try:
+        record = asyncio.run(trainer.run())
+    except KeyboardInterrupt:
+        # The state file is saved after every read and every decision: nothing to flush.
+        log.info("stopped; %d pairs, %d candidates so far", len(trainer.state.pairs), trainer.state.candidates)
+        return 130
+    if record is not None:
+        print(json.dumps(record, sort_keys=True) if args.json else
+              f"{record['decision']} {record['version']} ({record['pairs_used']} pairs): {record['reason']}")
+    elif args.json:
+        print(json.dumps(None))
+    else:
+        print(f"no candidate: {trainer.state.new_pairs} new pairs since the last one "
+              f"(--min-new-pairs {args.min_new_pairs}); {len(trainer.state.pairs)} pairs in all")
+    return 0
+
+
+__all__ = ["TrainerState", "Validation", "current_model", "decide", "last_pairs_used", "main", "pair_of",
+           "should_train", "update_record", "write_pairs_csv"]
