@@ -247,10 +247,10 @@ def streaming_stack(encoder: str, batch_size: int, run_dir: Path | None = None,
     run_dir = run_dir or Path(tempfile.mkdtemp(prefix="samestyle-bench-"))
     run = uuid.uuid4().hex[:8]
     with EmbeddedBroker(log_path=run_dir / "broker.log") as broker:
-        settings = Settings(
-            bootstrap=broker.bootstrap, topic_prefix=f"b{run}-", app_id=f"samestyle-bench-{run}",
-            encoder=encoder, allow_random_weights=(encoder == "tiny"), batch_size=batch_size,
-            state_dir=run_dir / "state", web_port=0, **overrides)
+        settings = Settings(**{
+            "bootstrap": broker.bootstrap, "topic_prefix": f"b{run}-", "app_id": f"samestyle-bench-{run}",
+            "encoder": encoder, "allow_random_weights": encoder == "tiny", "batch_size": batch_size,
+            "state_dir": run_dir / "state", "web_port": 0, **overrides})
         specs = topic_specs(settings.topic_prefix, settings.partitions)
         create_topics(broker.bootstrap, specs.values())
         worker = WorkerProcess(settings, run_dir / "worker.log", extra_env=worker_env).start()

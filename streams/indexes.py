@@ -10,7 +10,8 @@ switches the moment the target index holds every listing the active one holds
 Snapshot layout (one directory per worker)::
 
     root/
-      MODELS.json           {"active": version, "indexes": {version: subdirectory}}, written last
+      MODELS.json           {"active": version, "indexes": {version: subdirectory},
+                            "retired": [versions switched away from]}, written last
       m-<sha1(version)>/    a LiveIndex snapshot (index_store) of that version's index
 
 Every index is snapshotted with the same topic offsets; ``MODELS.json`` is replaced atomically
@@ -48,12 +49,15 @@ class ModelIndexes:
     """The per-version indexes of one replica. Not thread-safe across writers: one applier."""
 
     def __init__(self, kind: str, n_views: int, indexes: dict[str, LiveIndex] | None = None,
-                 active: str | None = None) -> None:
+                 active: str | None = None, retired: set[str] | None = None) -> None:
         self.kind = kind
         self.n_views = n_views
         self.indexes: dict[str, LiveIndex] = dict(indexes or {})
         #: The version searches use; None until the replica has read the log at start-up once.
         self.active = active
+        #: Versions switched away from: their vectors (records still in flight from workers that
+        #: had not switched yet, or a replay) are ignored, never a new index.
+        self.retired: set[str] = set(retired or ())
 
     @property
     def active_index(self) -> LiveIndex | None:
@@ -76,7 +80,7 @@ class ModelIndexes:
         version and listing, the last record wins (a key's records are in order within a
         partition).
         """
-        versions = set(self.indexes) | {v for u in updates for v in u.vectors}
+        versions = set(self.indexes) | {v for u in updates for v in u.vectors if v not in self.retired}
         final: dict[str, dict[str, EmbeddingUpdate | None]] = {v: {} for v in versions}
         for update in updates:
             if update.op == "DELETE":
@@ -84,7 +88,8 @@ class ModelIndexes:
                     ops[update.listing_id] = None
             else:
                 for version in update.vectors:
-                    final[version][update.listing_id] = update
+                    if version in final:
+                        final[version][update.listing_id] = update
         for version, ops in final.items():
             deletes = [listing_id for listing_id, u in ops.items() if u is None]
             upserts = [u for u in ops.values() if u is not None]
@@ -118,6 +123,10 @@ class ModelIndexes:
                 return False
         previous = self.active
         self.active = target
+        self.retired |= set(self.indexes) - {target}
+        if previous is not None:
+            self.retired.add(previous)
+        self.retired.discard(target)
         self.indexes = {target: self.indexes[target]} if target in self.indexes else {}
         log.info("switched the index from model %s to %s (%d listings)", previous, target,
                  len(self.indexes.get(target, ())))
@@ -149,7 +158,8 @@ class ModelIndexes:
             index.snapshot(root / _subdir(version), offsets)
             written[version] = _subdir(version)
         tmp = root / f".{MODELS_FILE}.tmp"
-        tmp.write_text(json.dumps({"active": self.active, "indexes": written}, indent=1))
+        tmp.write_text(json.dumps({"active": self.active, "indexes": written, "retired": sorted(self.retired)},
+                                  indent=1))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, root / MODELS_FILE)
@@ -169,7 +179,7 @@ class ModelIndexes:
             return cls(kind, n_views), {}
         try:
             meta = json.loads(path.read_text())
-            active, subdirs = meta["active"], dict(meta["indexes"])
+            active, subdirs, retired = meta["active"], dict(meta["indexes"]), set(meta.get("retired", ()))
         except (ValueError, KeyError, TypeError) as e:
             raise IndexStoreError(f"{path} is not a model index set: {e!r}") from e
         indexes: dict[str, LiveIndex] = {}
@@ -182,7 +192,7 @@ class ModelIndexes:
             indexes[version] = index
             for p, o in index_offsets.items():
                 offsets[p] = min(o, offsets.get(p, o))
-        return cls(kind, n_views, indexes, active), offsets
+        return cls(kind, n_views, indexes, active, retired), offsets
 
 
 def load_active_snapshot(root: Path) -> tuple[LiveIndex, dict[int, int], str]:

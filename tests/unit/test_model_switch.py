@@ -56,6 +56,10 @@ def test_switch_waits_for_a_complete_index_then_drops_the_old_one() -> None:
     assert indexes.try_switch("v2") and indexes.active == "v2" and list(indexes.indexes) == ["v2"]
     assert sorted(indexes.active_index.ids()) == ["a", "b", "c"]
     assert not indexes.try_switch("v2")  # already there
+    # A record still carrying the old model's vectors (in flight from a worker that had not
+    # switched) does not bring the old index back.
+    indexes.apply([upsert("d", {"v1": _views(13, 8), "v2": _views(14, 4)}), upsert("e", {"v1": _views(15, 8)})])
+    assert list(indexes.indexes) == ["v2"] and "d" in indexes.active_index and "e" not in indexes.active_index
 
 
 def test_switch_from_an_empty_index_is_immediate_and_force_skips_the_check() -> None:
@@ -91,6 +95,7 @@ def test_snapshot_round_trip_keeps_every_version_and_the_active_one(tmp_path: Pa
     assert loaded.try_switch("v2")
     loaded.snapshot(tmp_path, {0: 9, 1: 9})
     assert len(list(tmp_path.glob("m-*"))) == 1
+    assert ModelIndexes.load(tmp_path, "flat", 3)[0].retired == {"v1"}
     assert ModelIndexes.load(tmp_path / "absent", "flat", 3)[1] == {}
 
 
