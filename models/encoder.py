@@ -7,9 +7,9 @@ honest stand-in built from two unrelated pretrained backbones and an untrained b
 
     t = normalise(MiniLM(text))              # [384]
     i = normalise(EfficientNet-Lite0(image)) # [1280]
-    T  = [t, 0]                              # [1664]
-    I  = [0, i]
-    IT = normalise([t, i])  with an image,  [t, 0] without
+    T  = [t, 0]                              # [1664]; all-zero for an image-only listing
+    I  = [0, i]                              # all-zero for a listing without an image
+    IT = normalise([t, i])  with both,  [t, 0] text only,  [0, i] image only
 
 so T·IT and I·IT carry real similarity (each through its own block), and T·I is exactly 0: there
 is no cross-modal signal without training. A trained fusion (a later issue) implements the same
@@ -109,12 +109,15 @@ class PreparedListing:
 @dataclass(frozen=True)
 class Embeddings:
     """Embeddings of a batch, row ``k`` for the batch's ``k``-th listing; every row unit-norm
-    except the all-zero image rows of listings without an image."""
+    except the all-zero image rows of listings without an image and the all-zero text rows of
+    image-only listings (no title, no text)."""
 
     image: np.ndarray  # [n, dim] float32; all-zero rows where has_image is False
-    text: np.ndarray  # [n, dim] float32
-    image_text: np.ndarray  # [n, dim] float32; from the text alone where has_image is False
+    text: np.ndarray  # [n, dim] float32; all-zero rows where has_text is False
+    image_text: np.ndarray  # [n, dim] float32; from the one modality a listing has, else both
     has_image: np.ndarray  # [n] bool
+    # [n] bool; None derives it from the text rows (a listing has text iff its T row is non-zero)
+    has_text: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = self.has_image.shape[0]
@@ -122,6 +125,10 @@ class Embeddings:
             array = getattr(self, name)
             if array.ndim != 2 or array.shape[0] != n or array.shape != self.text.shape:
                 raise ValueError(f"Embeddings.{name} has shape {array.shape}, expected [{n}, dim]")
+        if self.has_text is None:
+            object.__setattr__(self, "has_text", np.any(self.text != 0, axis=1))
+        elif self.has_text.shape != (n,):
+            raise ValueError(f"Embeddings.has_text has shape {self.has_text.shape}, expected [{n}]")
 
     def __len__(self) -> int:
         return int(self.has_image.shape[0])
@@ -140,7 +147,7 @@ class Embeddings:
     @classmethod
     def empty(cls, dim: int) -> Embeddings:
         zeros = np.zeros((0, dim), dtype=np.float32)
-        return cls(zeros, zeros.copy(), zeros.copy(), np.zeros(0, dtype=bool))
+        return cls(zeros, zeros.copy(), zeros.copy(), np.zeros(0, dtype=bool), np.zeros(0, dtype=bool))
 
 
 # ------------------------------------------------------------------------------------ config
@@ -331,8 +338,12 @@ class Encoder(ABC):
     def prepare(self, listing: ListingInput) -> PreparedListing:
         """Validate and preprocess one listing on CPU. Thread-safe.
 
+        A listing needs a title or an image: an image-only listing (empty title) is valid and
+        gets an all-zero T row, its IT from the image alone.
+
         Raises:
-            InvalidListingError: no listing id, an empty title, or a field of the wrong type.
+            InvalidListingError: no listing id, neither a title nor an image, or a field of the
+                wrong type.
             ImageError: the image is undecodable, truncated or too large.
         """
 
@@ -345,15 +356,29 @@ class Encoder(ABC):
         return self.embed([self.prepare(listing) for listing in listings])
 
 
-def listing_text(listing: ListingInput, max_chars: int | None = None) -> str:
+def listing_text(
+    listing: ListingInput, max_chars: int | None = None, *, has_image: bool | None = None
+) -> str:
     """The text a listing is embedded from: title, description, then sorted ``key: value``
     attributes, whitespace-normalised (attribute order must not change the vector).
 
+    A listing with an image may have no title (a photo-only listing, e.g. a shopper's photo
+    query): its text is what the other fields give, possibly ``""`` (the listing then has no T
+    view). ``has_image`` overrides ``listing.image is not None`` for callers that know about
+    an image they have not loaded (the feature cache).
+
     Raises:
-        InvalidListingError: an empty title, or a field that is not text.
+        InvalidListingError: an empty title and no image (nothing to embed), or a field that is
+            not text.
     """
-    if not isinstance(listing.title, str) or not listing.title.strip():
-        raise InvalidListingError(f"listing {listing.listing_id!r} has an empty title")
+    with_image = listing.image is not None if has_image is None else has_image
+    title = listing.title
+    if title is not None and not isinstance(title, str):
+        raise InvalidListingError(f"listing {listing.listing_id!r}: title is not a string")
+    if not (title or "").strip() and not with_image:
+        raise InvalidListingError(
+            f"listing {listing.listing_id!r} has an empty title and no image: nothing to embed"
+        )
     if not isinstance(listing.description, str):
         raise InvalidListingError(f"listing {listing.listing_id!r}: description is not a string")
     if not isinstance(listing.attributes, Mapping):
@@ -364,7 +389,7 @@ def listing_text(listing: ListingInput, max_chars: int | None = None) -> str:
         if key and value:
             pairs.append(f"{key}: {value}")
     parts = [
-        " ".join(listing.title.split()),
+        " ".join((title or "").split()),
         " ".join(listing.description.split()),
         "; ".join(pairs),
     ]
@@ -372,17 +397,18 @@ def listing_text(listing: ListingInput, max_chars: int | None = None) -> str:
     return text[:max_chars] if max_chars is not None else text
 
 
-
 def prepare_listing(listing: ListingInput, preprocess: Callable[[bytes], torch.Tensor],
                     max_chars: int | None) -> PreparedListing:
-    """The CPU side of every encoder: validate, build the text, decode the image (thread-safe)."""
+    """The CPU side of every encoder: validate, build the text, decode the image (thread-safe).
+
+    ``text`` is ``""`` for an image-only listing (see :func:`listing_text`)."""
     if not isinstance(listing.listing_id, str) or not listing.listing_id:
         raise InvalidListingError(f"listing id must be a non-empty string, got {listing.listing_id!r}")
+    if listing.image is not None and not isinstance(listing.image, (bytes, bytearray, memoryview)):
+        raise InvalidListingError(f"listing {listing.listing_id!r}: image must be bytes")
     text = listing_text(listing, max_chars)
     image = None
     if listing.image is not None:
-        if not isinstance(listing.image, (bytes, bytearray, memoryview)):
-            raise InvalidListingError(f"listing {listing.listing_id!r}: image must be bytes")
         try:
             image = preprocess(bytes(listing.image))  # [3, S, S]
         except ImageError as exc:
@@ -393,22 +419,26 @@ def prepare_listing(listing: ListingInput, preprocess: Callable[[bytes], torch.T
 class ConcatFusion(nn.Module):
     """Untrained block fusion: ``T = [t, 0]``, ``I = [0, i]``, ``IT = normalise([t, i])``.
 
-    Inputs must be unit rows (image rows all-zero where there is no image). With an image, t and
-    i weigh the same in IT; without one IT equals T.
+    Inputs must be unit rows, all-zero where the listing has no image (image) or no text
+    (text). With both, t and i weigh the same in IT; with one modality IT equals that view.
     """
 
     def forward(
-        self, text: torch.Tensor, image: torch.Tensor, has_image: torch.Tensor
+        self, text: torch.Tensor, image: torch.Tensor, has_image: torch.Tensor,
+        has_text: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # text: [n, Dt], image: [n, Di], has_image: [n] bool
+        # text: [n, Dt], image: [n, Di], has_image / has_text: [n] bool (has_text: all True)
+        if has_text is None:
+            has_text = torch.ones_like(has_image)
         zeros_t = torch.zeros_like(text)
         zeros_i = torch.zeros_like(image)
         image_view = torch.cat([zeros_t, image], dim=1)  # [n, Dt + Di]
         text_view = torch.cat([text, zeros_i], dim=1)  # [n, Dt + Di]
-        # Rows without an image have image == 0, so this is [t, 0] there; both blocks are unit
-        # vectors otherwise, so dividing by sqrt(2) is exact normalisation. Kept explicit for
+        # A missing modality's block is 0, so [t, i] is [t, 0] or [0, i] there; with both
+        # blocks unit vectors, dividing by sqrt(2) is exact normalisation. Kept explicit for
         # clarity rather than relying on F.normalize's eps behaviour.
-        scale = torch.where(has_image, 1.0 / math.sqrt(2.0), 1.0).to(text.dtype).unsqueeze(1)
+        both = has_image & has_text
+        scale = torch.where(both, 1.0 / math.sqrt(2.0), 1.0).to(text.dtype).unsqueeze(1)
         image_text_view = torch.cat([text, image], dim=1) * scale  # [n, Dt + Di]
         return image_view, text_view, image_text_view
 
@@ -480,7 +510,9 @@ class ConcatEncoder(Encoder):
                 )
         with self._lock, torch.inference_mode():
             text = self.text_backbone([p.text for p in batch], self.config.max_text_tokens)
-            text = F.normalize(text.float(), dim=-1)  # [n, Dt]
+            has_text = torch.tensor([bool(p.text) for p in batch], device=text.device)  # [n]
+            # Image-only listings: the backbone read an empty string; their T row is zero.
+            text = F.normalize(text.float(), dim=-1) * has_text.unsqueeze(1)  # [n, Dt]
             image = torch.zeros(n, self.image_dim, device=text.device)  # [n, Di]
             has_image = torch.zeros(n, dtype=torch.bool, device=text.device)  # [n]
             if images:
@@ -489,13 +521,14 @@ class ConcatEncoder(Encoder):
                 rows = torch.tensor([k for k, _ in images], device=text.device)  # [m]
                 image[rows] = F.normalize(self.image_backbone(pixels).float(), dim=-1)
                 has_image[rows] = True
-            views = self.fusion(text, image, has_image)
+            views = self.fusion(text, image, has_image, has_text)
             image_view, text_view, image_text_view = (v.cpu().numpy() for v in views)
         return Embeddings(
             image=np.ascontiguousarray(image_view, dtype=np.float32),
             text=np.ascontiguousarray(text_view, dtype=np.float32),
             image_text=np.ascontiguousarray(image_text_view, dtype=np.float32),
             has_image=has_image.cpu().numpy(),
+            has_text=has_text.cpu().numpy(),
         )
 
 

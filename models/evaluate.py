@@ -36,7 +36,8 @@ from models.data import ListingRecord, read_clusters, read_listings, read_pairs
 from models.encoder import Embeddings, Encoder, encoder_from_spec
 from models.features import listing_input
 from models.metrics import KS, best_threshold, pair_metrics, retrieval_metrics, tfidf_similarity, tfidf_vectors
-from topics.errors import ConfigError, ImageError
+from models.train import TRAINING_SPLITS
+from topics.errors import ConfigError, ImageError, InvalidListingError
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,14 @@ def embed_records(
             prepared.append(encoder.prepare(listing_input(record, with_image=with_images)))
         except ImageError as exc:
             logger.warning("listing %s: image ignored (%s)", record.listing_id, exc)
-            prepared.append(encoder.prepare(listing_input(record, with_image=False)))
+            try:
+                prepared.append(encoder.prepare(listing_input(record, with_image=False)))
+            except InvalidListingError as inner:
+                raise ConfigError(f"listing {record.listing_id!r} cannot be evaluated: its image is "
+                                  f"unreadable ({exc}) and {inner}") from inner
+        except InvalidListingError as exc:
+            hint = " (it has no title: drop --no-images)" if not with_images and record.image_path else ""
+            raise ConfigError(f"listing {record.listing_id!r} cannot be evaluated: {exc}{hint}") from exc
     parts, tokens = [], []
     for start in tqdm(range(0, len(prepared), batch_size), desc=f"embed {label}", disable=not progress):
         chunk = prepared[start : start + batch_size]
@@ -120,6 +128,7 @@ def embed_records(
         text=np.concatenate([e.text for e in parts]),
         image_text=np.concatenate([e.image_text for e in parts]),
         has_image=np.concatenate([e.has_image for e in parts]),
+        has_text=np.array([bool(p.text) for p in prepared]),
     )
     return emb, [p.text for p in prepared], tokens
 
@@ -136,19 +145,23 @@ def _split_rows(path: Path, column: str) -> dict[str, str]:
 
 
 def _retrieval(
-    views: dict[str, np.ndarray], has_image: np.ndarray, q: np.ndarray, g: np.ndarray,
-    clusters: np.ndarray, pairs: Sequence[tuple[str, str]], same: np.ndarray,
+    emb: Embeddings, q: np.ndarray, g: np.ndarray, clusters: np.ndarray,
+    pairs: Sequence[tuple[str, str]], same: np.ndarray,
 ) -> dict[str, Any]:
+    """Retrieval metrics per view pair. A query without the query view (an I query of a
+    text-only listing, a T query of a photo) is left out; a gallery item without the gallery
+    view is excluded from the ranking. View pairs with no query or no gallery item are skipped."""
+    has = {"I": emb.has_image, "T": emb.has_text, "IT": emb.has_image | emb.has_text}
+    views = _views(emb)
     out: dict[str, Any] = {}
     for qv, gv in pairs:
-        qrows = q if "I" not in qv or qv == "IT" else q[has_image[q]]
-        if qv == "I":
-            qrows = q[has_image[q]]
-        grows_ok = has_image[g] if gv == "I" else np.ones(len(g), dtype=bool)
-        if len(qrows) == 0 or not grows_ok.any():
+        keep = has[qv][q]  # [len(q)]
+        qrows = q[keep]
+        gallery_ok = has[gv][g]  # [G]
+        if len(qrows) == 0 or not gallery_ok.any():
             continue
         sim = views[qv][qrows] @ views[gv][g].T  # [Q, G]
-        exclude = same[np.searchsorted(q, qrows)] | ~grows_ok[None, :]
+        exclude = same[keep] | ~gallery_ok[None, :]
         out[f"{qv}->{gv}"] = retrieval_metrics(sim, clusters[qrows], clusters[g], exclude)
     return out
 
@@ -182,8 +195,12 @@ def run_clusters(args: argparse.Namespace, records: list[ListingRecord]) -> dict
     held = manifest.get("held_out_clusters") or []
     trained_clusters = manifest.get("clusters") or {}
     leak_note = "model was not trained on this clusters file"
+    trained_split = (manifest.get("args") or {}).get("split_column")
     if trained_clusters and trained_clusters.get("sha256") == _sha256(args.clusters):
-        if not held:
+        if trained_split and args.split_column == trained_split and args.query_split not in TRAINING_SPLITS:
+            leak_note = (f"queries are {trained_split}={args.query_split}, a split the model never trained on "
+                         f"(it trained on {'/'.join(TRAINING_SPLITS)})")
+        elif not held:
             leak_note = "WARNING: model trained on every cluster of this file (retrieval leaks)"
         else:
             held_set = set(held)
@@ -233,6 +250,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         raise ConfigError(f"unknown baselines {sorted(unknown)}")
     records = read_listings(args.listings)
+    if args.clusters is not None and args.split_column:
+        if not (args.query_split and args.gallery_split):
+            raise ConfigError("--split-column needs --query-split and --gallery-split")
+        # Only the two splits take part: embedding the others (e.g. training photos) is waste.
+        split = _split_rows(args.clusters, args.split_column)
+        records = [r for r in records if split.get(r.listing_id) in (args.query_split, args.gallery_split)]
     index = {r.listing_id: k for k, r in enumerate(records)}
     progress = not args.no_progress and not args.json
     with_images = not args.no_images
@@ -246,30 +269,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {"model": args.model, "version": model.version}
     if manifest:
         result["trained_on"] = {k: (manifest.get(k) or {}).get("path") for k in ("listings", "pairs", "clusters", "valid_pairs")}
-    others: dict[str, dict[str, np.ndarray] | np.ndarray] = {}
+    others: dict[str, Embeddings] = {}
     titles = [r.title for r in records]
     if "default" in baselines:
         base = encoder_from_spec("default", args.device)
-        others["default"] = _views(embed_records(base, records, with_images=with_images,
-                                                 batch_size=args.batch_size, progress=progress, label="default")[0])
+        others["default"] = embed_records(base, records, with_images=with_images,
+                                          batch_size=args.batch_size, progress=progress, label="default")[0]
         del base
 
     if args.clusters is not None:
         setup = run_clusters(args, records)
         q, g, same, clusters = setup.pop("_q"), setup.pop("_g"), setup.pop("_same"), setup.pop("_clusters")
         result.update(setup)
-        any_image = bool(emb.has_image[q].any() and emb.has_image[g].any())
+        any_image = bool(emb.has_image[q].any() or emb.has_image[g].any())
         pairs = VIEW_PAIRS_IMAGE if any_image else VIEW_PAIRS_TEXT
-        result["views"] = _retrieval(_views(emb), emb.has_image, q, g, clusters, pairs, same)
+        result["views"] = _retrieval(emb, q, g, clusters, pairs, same)
         result["baselines"] = {}
-        if "tfidf" in baselines:
+        titled = np.array([bool(t.strip()) for t in titles])
+        if "tfidf" in baselines and titled[q].any():
+            # Like any T view: queries without a title (photos) are left out, untitled gallery
+            # items never rank.
             vec = tfidf_vectors(titles)
-            sim = tfidf_similarity(vec[q], vec[g])
-            result["baselines"]["tfidf"] = {"views": {"T->T": retrieval_metrics(sim, clusters[q], clusters[g], same)}}
+            sim = tfidf_similarity(vec[q[titled[q]]], vec[g])
+            exclude = same[titled[q]] | ~titled[g][None, :]
+            result["baselines"]["tfidf"] = {"views": {"T->T": retrieval_metrics(
+                sim, clusters[q[titled[q]]], clusters[g], exclude)}}
         if "default" in baselines:
-            views = others["default"]
-            assert isinstance(views, dict)
-            result["baselines"]["default"] = {"views": _retrieval(views, emb.has_image, q, g, clusters, pairs, same)}
+            base_emb = others["default"]
+            assert isinstance(base_emb, Embeddings)
+            result["baselines"]["default"] = {"views": _retrieval(base_emb, q, g, clusters, pairs, same)}
     else:
         valid = read_pairs(args.valid_pairs)
         test = read_pairs(args.pairs)
@@ -304,9 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result["baselines"]["tfidf"] = _pair_result(
                 np.sum(vec[va] * vec[vb], 1), vy, np.sum(vec[ta] * vec[tb], 1), ty)
         if "default" in baselines:
-            views = others["default"]
-            assert isinstance(views, dict)
-            d = views["IT"]
+            d = others["default"].image_text
             result["baselines"]["default"] = _pair_result(np.sum(d[va] * d[vb], 1), vy, np.sum(d[ta] * d[tb], 1), ty)
     if args.report is not None:
         write_report(args.report, result)

@@ -39,6 +39,7 @@ DROPPED_ATTRIBUTES = frozenset({"source"})
 __all__ = [
     "DROPPED_ATTRIBUTES",
     "FeatureCache",
+    "LiveTextFeatures",
     "build_feature_cache",
     "image_tokens",
     "listing_input",
@@ -69,6 +70,8 @@ def text_tokens(
     """Contextual token states of the text backbone and the token ids:
     ``([B, L, Dt] float, [B, L] bool mask, [B, L] long ids)``.
 
+    An empty text (an image-only listing) gets an all-False mask row: the tokenizer's special
+    tokens alone are no text, and the fusion then gives that listing no T view.
     Gradients flow when called outside ``no_grad`` (fine-tuning the backbone).
     """
     device = next(backbone.model.parameters()).device
@@ -77,7 +80,9 @@ def text_tokens(
     )
     batch = {k: v.to(device) for k, v in batch.items()}
     hidden = backbone.model(**batch).last_hidden_state  # [B, L, Dt]
-    return hidden, batch["attention_mask"].bool(), batch["input_ids"]
+    has_text = torch.tensor([bool(t) for t in texts], device=device)  # [B]
+    mask = batch["attention_mask"].bool() & has_text.unsqueeze(1)  # [B, L]
+    return hidden, mask, batch["input_ids"]
 
 
 def image_tokens(backbone: ImageBackbone, pixels: torch.Tensor, grid: int) -> torch.Tensor:
@@ -115,6 +120,12 @@ class FeatureCache:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def usable_ids(self) -> list[str]:
+        """Listings with at least one view (text tokens or an image): an image-only listing
+        whose image could not be read has none and cannot be trained on."""
+        usable = self.text_mask.any(dim=1) | self.has_image  # [n]
+        return [listing_id for listing_id, ok in zip(self.ids, usable.tolist(), strict=True) if ok]
 
     def rows(self, listing_ids: Sequence[str]) -> torch.Tensor:
         """Row numbers of listing ids; ConfigError names an id the cache does not hold."""
@@ -164,6 +175,26 @@ class FeatureCache:
         return cls(
             data["ids"], data["texts"], data["text"], data["text_mask"], data["token_ids"], data["image"], data["has_image"]
         )
+
+
+class LiveTextFeatures(FeatureCache):
+    """A :class:`FeatureCache` whose text tokens come from the text backbone at every
+    :meth:`batch` call (image tokens still from the cache): the inputs when the text backbone
+    is fine-tuned. Gradients reach the backbone when called with grad enabled."""
+
+    def __init__(self, cache: FeatureCache, backbone: HFTextBackbone, max_tokens: int) -> None:
+        super().__init__(cache.ids, cache.texts, cache.text, cache.text_mask, cache.token_ids,
+                         cache.image, cache.has_image)
+        self.backbone = backbone
+        self.max_tokens = max_tokens
+
+    def batch(
+        self, rows: torch.Tensor, device: str | torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        image, has_image = self.image[rows].to(device).float(), self.has_image[rows].to(device)
+        texts = [self.texts[r] for r in rows.tolist()]
+        text, mask, token_ids = text_tokens(self.backbone, texts, self.max_tokens)
+        return text.float(), mask, image, has_image, token_ids
 
 
 def _cache_key(listings_path: Path, config: EncoderConfig, image_grid: int, with_images: bool) -> str:
@@ -228,7 +259,11 @@ def build_feature_cache(
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         inputs = [listing_input(r, with_image=False) for r in chunk]
-        chunk_texts = [listing_text(x, max_chars) for x in inputs]
+        # Images are loaded below; an image-only row (no title) is valid when it has one.
+        chunk_texts = [
+            listing_text(x, max_chars, has_image=any_image and bool(r.image_path))
+            for x, r in zip(inputs, chunk, strict=True)
+        ]
         with autocast:
             hidden, mask, token_ids = text_tokens(text_backbone, chunk_texts, config.max_text_tokens)
         text_chunks.append(hidden.float().cpu().half())

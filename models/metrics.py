@@ -74,8 +74,14 @@ def retrieval_metrics(
     if len(sim) == 0:
         return {"queries": 0}
     best_relevant = np.where(relevant, sim, -np.inf).max(axis=1)  # [Q]
-    # Rank of the first hit: 1 + items scoring strictly higher (ties resolved in its favour).
-    rank = 1 + (np.where(relevant, -np.inf, sim) > best_relevant[:, None]).sum(axis=1)
+    # Rank of the first hit: 1 + irrelevant items scoring strictly higher + half of those tied
+    # with it (its expected rank under random tie-breaking). Resolving ties in the hit's favour
+    # would give a view pair with no signal at all (every score equal, e.g. the untrained
+    # block-concat encoder's I->T, or a TF-IDF query sharing no word) a perfect recall.
+    irrelevant = np.where(relevant, np.nan, sim)  # [Q, G]
+    higher = (irrelevant > best_relevant[:, None]).sum(axis=1)
+    tied = (irrelevant == best_relevant[:, None]).sum(axis=1)
+    rank = 1 + higher + tied / 2.0
     out: dict[str, float] = {"queries": int(len(rank))}
     for k in KS:
         out[f"recall_at_{k}"] = float((rank <= k).mean())

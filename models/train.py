@@ -3,7 +3,10 @@
     samestyle train --listings L.csv (--pairs P.csv | --clusters C.csv) [--valid-pairs V.csv] --out DIR
 
 1. Backbone tokens of every listing are computed once and cached (``--cache-dir``, default
-   ``runs/cache``): the backbones stay frozen, only the fusion and the heads learn.
+   ``runs/cache``): the backbones stay frozen, only the fusion and the heads learn. With
+   ``--finetune`` the text backbone trains too (all of it, or its last ``--finetune-layers``
+   layers, at ``--backbone-lr``; bf16 autocast on CUDA) and is saved in the model directory;
+   the image backbone stays frozen (its cached tokens are used).
 2. The bi-encoder learns from positive pairs (label-1 pairs, or listings that share a cluster)
    with the contrastive unit of :mod:`models.losses`: hinge IT-IT, T-IT and I-IT against the
    positive's IT embedding, both directions, plus self-distinctiveness and locality consistency
@@ -11,7 +14,9 @@
    two anchors of the same product; label-0 pairs give each anchor a hard negative.
 3. With ``--scorer-layers > 0`` a cross-scorer learns the pairwise decision on labelled pairs
    (pairs mode) or on cluster positives and mined bi-encoder neighbours (clusters mode).
-4. The best epoch on the valid pairs is kept; the model directory gets its config, weights,
+4. ``--fusion concat`` replaces the single-stream transformer by per-modality towers (the
+   ablation of cross-modal attention; see :class:`models.unified.UnifiedFusion`).
+5. The best epoch on the valid pairs is kept; the model directory gets its config, weights,
    the data manifest and the validation metrics. Test splits are refused.
 
 ``--holdout-fraction`` (clusters mode) keeps a seeded fraction of clusters out of training and
@@ -42,10 +47,11 @@ import torch.nn.functional as F
 from models.backbones import build_image_backbone, build_text_backbone
 from models.data import read_clusters, read_listings, read_pairs
 from models.encoder import ALLOW_RANDOM_WEIGHTS_ENV, load_config
-from models.features import FeatureCache, build_feature_cache
+from models.features import FeatureCache, LiveTextFeatures, build_feature_cache
 from models.losses import InBatchHinge, LocalityConsistency, SelfDistinctiveness, SymmetricInfoNCE, same_product_mask
 from models.metrics import best_threshold, pair_metrics
 from models.unified import (
+    FUSION_MODES,
     FUSION_NAME,
     CrossScorer,
     UnifiedConfig,
@@ -58,7 +64,11 @@ from topics.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["main", "build_parser"]
+__all__ = ["TRAINING_SPLITS", "main", "build_parser"]
+
+#: With ``--split-column``, the rows of these splits are trained on; every other split (val,
+#: test) is never read as a positive or a negative.
+TRAINING_SPLITS = ("train", "catalog")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-text-tokens", type=int, default=32)
     p.add_argument("--no-images", action="store_true", help="ignore image_path (text only)")
     p.add_argument("--holdout-fraction", type=float, default=0.0, help="clusters kept out (clusters mode)")
-    p.add_argument("--split-column", default=None, help="clusters column whose value 'train' marks training rows")
+    p.add_argument("--partner-split", default=None,
+                   help="with --split-column: the positive of every other row is its cluster's row of this "
+                        "split (e.g. catalog: photo -> catalog entry) instead of any cluster member")
+    p.add_argument("--split-column", default=None,
+                   help="clusters column: rows whose value is 'train' or 'catalog' are trained on, others never")
     # architecture
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--hidden", type=int, default=256)
@@ -87,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-lexical", action="store_true", help="cross-scorer without lexical features")
     p.add_argument("--no-token-ids", action="store_true", help="ablation: no token-id embedding")
     p.add_argument("--no-scorer-tokens", action="store_true", help="scorer on lexical features + cosine only")
+    p.add_argument("--fusion", choices=FUSION_MODES, default="single_stream",
+                   help="single_stream (one transformer over both modalities) or concat (ablation: "
+                        "per-modality towers over pooled tokens, summed)")
+    # fine-tuning
+    p.add_argument("--finetune", action="store_true",
+                   help="fine-tune the text backbone too (the image backbone stays frozen, its tokens cached)")
+    p.add_argument("--finetune-layers", type=int, default=0,
+                   help="with --finetune: train only the last N transformer layers (0: the whole backbone)")
+    p.add_argument("--backbone-lr", type=float, default=2e-5, help="learning rate of fine-tuned backbone weights")
     # loss
     p.add_argument("--loss", choices=("hinge", "infonce"), default="hinge")
     p.add_argument("--margin", type=float, default=0.2)
@@ -153,12 +176,15 @@ class TrainingData:
         product: dict[str, str],
         labelled: list[tuple[str, str, int]],
         held_out: list[str],
+        excluded: set[str] | None = None,
     ) -> None:
         self.positives = positives
         self.negatives = negatives
         self.product = product
         self.labelled = labelled  # pairs for the cross-scorer (pairs mode)
         self.held_out = held_out
+        # Listings training must not see even as negatives: held-out clusters, other splits.
+        self.excluded = excluded or set()
 
 
 def load_training_data(args: argparse.Namespace, ids: set[str]) -> TrainingData:
@@ -167,6 +193,7 @@ def load_training_data(args: argparse.Namespace, ids: set[str]) -> TrainingData:
     uf = _UnionFind()
     labelled: list[tuple[str, str, int]] = []
     held_out: list[str] = []
+    excluded: set[str] = set()
     if args.pairs is not None:
         for a, b, label in read_pairs(args.pairs):
             if a not in ids or b not in ids:
@@ -182,6 +209,9 @@ def load_training_data(args: argparse.Namespace, ids: set[str]) -> TrainingData:
     else:
         clusters = read_clusters(args.clusters)
         split_ok: set[str] | None = None
+        split_of: dict[str, str] = {}
+        if args.partner_split and not args.split_column:
+            raise ConfigError("--partner-split needs --split-column")
         if args.split_column:
             import csv
 
@@ -191,7 +221,8 @@ def load_training_data(args: argparse.Namespace, ids: set[str]) -> TrainingData:
                 raise ConfigError(f"{args.clusters}: no column {args.split_column!r}")
             if any("test" in (r[args.split_column] or "").lower() for r in rows):
                 logger.info("rows of split 'test' in %s are ignored", args.clusters)
-            split_ok = {r["listing_id"] for r in rows if r[args.split_column] in ("train", "catalog")}
+            split_of = {r["listing_id"]: r[args.split_column] for r in rows}
+            split_ok = {i for i, v in split_of.items() if v in TRAINING_SPLITS}
         members: dict[str, list[str]] = defaultdict(list)
         for listing_id, cluster in clusters.items():
             if listing_id in ids and (split_ok is None or listing_id in split_ok):
@@ -203,15 +234,22 @@ def load_training_data(args: argparse.Namespace, ids: set[str]) -> TrainingData:
             rng.shuffle(shuffled)
             held_out = sorted(shuffled[: int(round(args.holdout_fraction * len(shuffled)))])
         keep = set(names) - set(held_out)
+        held_set = set(held_out)
+        excluded = {i for i in ids if (split_ok is not None and i not in split_ok)
+                    or clusters.get(i) in held_set}
         for cluster in sorted(keep):
             group = members[cluster]
+            anchors_of = [x for x in group if split_of.get(x) == args.partner_split] if args.partner_split else []
             for listing_id in group:
-                positives[listing_id] = [x for x in group if x != listing_id]
+                # With --partner-split, a photo's positive is its product's catalog entry (the
+                # gallery it will be searched against), not another photo.
+                partners = [x for x in anchors_of if x != listing_id]
+                positives[listing_id] = partners or [x for x in group if x != listing_id]
                 uf.union(listing_id, group[0])
     product = {listing_id: uf.find(listing_id) for listing_id in ids}
     if not positives:
         raise ConfigError("no positive pairs to train on")
-    return TrainingData(dict(positives), dict(negatives), product, labelled, held_out)
+    return TrainingData(dict(positives), dict(negatives), product, labelled, held_out, excluded)
 
 
 def _batches(data: TrainingData, batch_size: int, rng: random.Random) -> list[list[tuple[str, str]]]:
@@ -259,6 +297,29 @@ class ContrastiveUnit:
         return self.hinge(q, keys, same, valid)
 
 
+def _embed_view(
+    fusion: UnifiedFusion, view: str, text: torch.Tensor, mask: torch.Tensor, image: torch.Tensor,
+    has_image: torch.Tensor, token_ids: torch.Tensor, token_drop: float = 0.0,
+) -> torch.Tensor:
+    """``fusion(view, ...)[0]`` ``[B, dim]``, computed only where the view has tokens: image-only
+    rows (photos) skip the padded text positions of a mixed batch and rows without the view
+    skip the forward pass (their row is zero, as the fusion would give). The same numbers as
+    one call, at a fraction of the cost on photo-heavy data."""
+    has_text = mask.any(dim=1)  # [B]
+    has = {"T": has_text, "I": has_image, "IT": has_text | has_image}[view]
+    # Rows that need no text positions at all: no text, or a view that does not read text.
+    short = has & (~has_text if "T" in view else torch.ones_like(has))
+    if bool(has.all()) and not bool(short.any()):
+        return fusion(view, text, mask, image, has_image, token_ids, token_drop)[0]
+    out = text.new_zeros(text.shape[0], fusion.config.dim)  # [B, dim]
+    for rows, length in ((has & ~short, text.shape[1]), (short, 1)):
+        if bool(rows.any()):
+            z = fusion(view, text[rows, :length], mask[rows, :length], image[rows], has_image[rows],
+                       token_ids[rows, :length], token_drop)[0]
+            out = out.index_put((rows.nonzero(as_tuple=True)[0],), z.to(out.dtype))
+    return out
+
+
 def _step_loss(
     fusion: UnifiedFusion,
     cache: FeatureCache,
@@ -282,10 +343,12 @@ def _step_loss(
     b = len(batch)
     products = [data.product[i] for i in ids]
     views: dict[str, torch.Tensor] = {}
-    views["IT"] = fusion("IT", text, mask, image, has_image, tids)[0]  # [2B + E, d]
-    if with_images:
-        views["T"] = fusion("T", text[: 2 * b], mask[: 2 * b], image[: 2 * b], has_image[: 2 * b], tids[: 2 * b])[0]
-        views["I"] = fusion("I", text[: 2 * b], mask[: 2 * b], image[: 2 * b], has_image[: 2 * b], tids[: 2 * b])[0]
+    views["IT"] = _embed_view(fusion, "IT", text, mask, image, has_image, tids)  # [2B + E, d]
+    if with_images:  # a view whose term is switched off is not computed at all
+        for name, weight in (("T", args.w_t), ("I", args.w_i)):
+            if weight > 0:
+                views[name] = _embed_view(fusion, name, text[: 2 * b], mask[: 2 * b], image[: 2 * b],
+                                          has_image[: 2 * b], tids[: 2 * b])
     it = views["IT"]
     if not with_images:
         # Without images the T sequence is the IT sequence (the image is masked either way):
@@ -301,12 +364,14 @@ def _step_loss(
         for name, weight in (("IT", args.w_it), ("T", args.w_t), ("I", args.w_i)):
             if weight <= 0 or name not in views:
                 continue
-            valid = has_image[q_slice] if name == "I" else None
+            # Queries without the view (no image for I, no text for T) are left out of the mean.
+            valid = {"I": has_image[q_slice], "T": mask[q_slice].any(dim=1)}.get(name)
             term = unit.pair_term(views[name][q_slice], keys, same, valid) * 0.5
             losses[f"{name}-IT"] = losses.get(f"{name}-IT", 0.0) + term
             total = total + weight * term
     if args.w_self > 0 or args.w_local > 0:
-        transformed = fusion("IT", text[:b], mask[:b], image[:b], has_image[:b], tids[:b], token_drop=args.token_drop)[0]
+        transformed = _embed_view(fusion, "IT", text[:b], mask[:b], image[:b], has_image[:b], tids[:b],
+                                  token_drop=args.token_drop)
         if args.w_self > 0:
             same = same_product_mask(products[:b], products[:b]).to(it.device)
             term = unit.selfdist(transformed, it[:b], same)
@@ -419,12 +484,14 @@ def _scorer_forward(
 
 def _mined_pairs(fusion: UnifiedFusion, cache: FeatureCache, data: TrainingData, device: str, k: int = 5) -> list[tuple[str, str, int]]:
     """Clusters mode: positives within clusters plus each anchor's top-k non-matching
-    bi-encoder neighbours as hard negatives."""
+    bi-encoder neighbours as hard negatives (never a held-out or other-split listing)."""
     z = embed_cache(fusion, cache, "IT", device)
     anchors = sorted(data.positives)
     rows = cache.rows(anchors)
     sim = z[rows] @ z.T  # [A, n]
     sim[torch.arange(len(anchors)), rows] = -2.0
+    if data.excluded:
+        sim[:, cache.rows(sorted(data.excluded & set(cache.ids)))] = -2.0
     top = sim.topk(min(k + 10, len(cache) - 1), dim=1).indices
     pairs: list[tuple[str, str, int]] = []
     for i, a in enumerate(anchors):
@@ -434,6 +501,8 @@ def _mined_pairs(fusion: UnifiedFusion, cache: FeatureCache, data: TrainingData,
         count = 0
         for j in top[i].tolist():
             b = cache.ids[j]
+            if b in data.excluded:
+                continue
             if data.product.get(b) != data.product[a] and b not in data.positives[a]:
                 pairs.append((a, b, 0))
                 count += 1
@@ -501,6 +570,42 @@ def train_scorer(
     return scorer, best
 
 
+def trainable_text_layers(backbone: torch.nn.Module, last: int = 0) -> list[torch.nn.Module]:
+    """Unfreeze the text backbone for fine-tuning: all of it (``last == 0``) or only its last
+    ``last`` transformer layers (the rest stays frozen, cheap on CPU). Returns the trainable
+    modules; every other backbone parameter gets ``requires_grad = False``.
+
+    Raises:
+        ConfigError: ``last`` is negative or exceeds the model's layers, or the model has no
+            ``encoder.layer`` list (BERT-style models do) to pick layers from.
+    """
+    model = backbone.model  # type: ignore[attr-defined]
+    if last == 0:
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return [model]
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ConfigError("--finetune-layers needs a BERT-style text model (model.encoder.layer)")
+    if not 0 < last <= len(layers):
+        raise ConfigError(f"--finetune-layers must be in 1..{len(layers)}, got {last}")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    chosen = list(layers[len(layers) - last :])
+    for layer in chosen:
+        for param in layer.parameters():
+            param.requires_grad_(True)
+    return chosen
+
+
+def _snapshot(fusion: torch.nn.Module, text_backbone: torch.nn.Module | None) -> dict[str, dict[str, torch.Tensor]]:
+    """Copies of the weights that train, to restore the best epoch."""
+    state = {"fusion": {k: v.detach().clone() for k, v in fusion.state_dict().items()}}
+    if text_backbone is not None:
+        state["text"] = {k: v.detach().clone() for k, v in text_backbone.state_dict().items()}
+    return state
+
+
 def _schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     warmup = max(1, steps // 20)
 
@@ -546,6 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         scorer_lexical=not args.no_lexical,
         scorer_tokens=not args.no_scorer_tokens,
         token_vocab=0 if args.no_token_ids else len(text_backbone.tokenizer),
+        fusion=args.fusion,
     )
     cache = build_feature_cache(
         records, text_backbone, image_backbone, config, image_grid=args.image_grid, device=device,
@@ -553,14 +659,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=not args.no_progress,
     )
     with_images = bool(cache.has_image.any())
-    data = load_training_data(args, set(cache.ids))
+    usable = cache.usable_ids()
+    if len(usable) < len(cache):
+        logger.warning("%d listings have neither text nor a readable image: not trained on",
+                       len(cache) - len(usable))
+    data = load_training_data(args, set(usable))
     valid = read_pairs(args.valid_pairs) if args.valid_pairs else None
     if valid:
         cache.rows([p[0] for p in valid] + [p[1] for p in valid])  # every valid id must exist
 
     fusion = UnifiedFusion(unified, text_backbone.dim, image_backbone.dim).to(device)
     unit = ContrastiveUnit(args)
-    optimizer = torch.optim.AdamW(fusion.parameters(), lr=args.lr, weight_decay=0.01)
+    groups: list[dict[str, Any]] = [{"params": list(fusion.parameters()), "lr": args.lr}]
+    tuned: list[torch.nn.Module] = []
+    if args.finetune:
+        text_backbone = text_backbone.to(device)
+        tuned = trainable_text_layers(text_backbone, args.finetune_layers)
+        # Every batch now runs the text backbone; image tokens still come from the cache.
+        cache = LiveTextFeatures(cache, text_backbone, config.max_text_tokens)
+        groups.append({"params": [p for m in tuned for p in m.parameters()], "lr": args.backbone_lr})
+    trainable = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
     epoch_batches = len(_batches(data, args.batch_size, random.Random(0)))
     schedule = _schedule(optimizer, max(1, args.epochs * epoch_batches))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
@@ -571,6 +690,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     best_state = None
     for epoch in range(args.epochs):
         fusion.train()
+        for module in tuned:
+            module.train()
         batches = _batches(data, args.batch_size, rng)
         bar = tqdm(batches, desc=f"fusion {epoch + 1}/{args.epochs}", disable=args.no_progress, leave=False)
         sums: dict[str, float] = defaultdict(float)
@@ -579,7 +700,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 loss, parts = _step_loss(fusion, cache, data, batch, unit, rng, device, with_images)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(fusion.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             schedule.step()
             sums["loss"] += float(loss.detach())
@@ -587,16 +708,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sums[k] += v
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
         record: dict[str, Any] = {"epoch": epoch + 1, **{k: v / max(1, len(batches)) for k, v in sums.items()}}
+        text_backbone.eval()
         if valid:
             record.update({f"valid_{k}": v for k, v in _valid_cosine(fusion, cache, valid, device).items()})
         history.append(record)
         print(f"fusion epoch {epoch + 1}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}), file=sys.stderr)
         if not valid or record["valid_f1"] >= best["f1"]:
             best = {"f1": record.get("valid_f1", 0.0), "epoch": epoch + 1}
-            best_state = {k: v.detach().clone() for k, v in fusion.state_dict().items()}
+            best_state = _snapshot(fusion, text_backbone if tuned else None)
     if best_state is not None:
-        fusion.load_state_dict(best_state)
+        fusion.load_state_dict(best_state["fusion"])
+        if tuned:
+            text_backbone.load_state_dict(best_state["text"])
     fusion.eval()
+    text_backbone.eval()
     metrics: dict[str, Any] = {"fusion_history": history, "fusion_best_epoch": best.get("epoch")}
     if valid:
         metrics["valid_cosine"] = _valid_cosine(fusion, cache, valid, device)
@@ -633,6 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if child.is_file():
                 child.unlink()
     save_unified_model(args.out, config, unified, fusion, scorer, manifest, metrics,
+                       backbones={"text": text_backbone} if tuned else None,
                        idf=_idf_of(cache) if scorer is not None else None)
     summary = {"model": str(args.out), "version": config.version, "seconds": manifest["seconds"],
                "valid_cosine": metrics.get("valid_cosine"), "valid_scorer": metrics.get("valid_scorer")}

@@ -12,7 +12,12 @@ Masking a modality out of the sequence gives the other views from the same weigh
 both, T reads the text alone, I the image alone (the paper's "Cross-BERT"). Dropping a
 modality's tokens from the sequence is exactly a key-padding mask over them, so a view is built
 from the tokens it may see; a listing without an image gets its IT from the text and an all-zero
-I row, as :class:`models.encoder.Embeddings` requires.
+I row, and an image-only listing (no text) its IT from the image and an all-zero T row, as
+:class:`models.encoder.Embeddings` requires.
+
+``UnifiedConfig.fusion = "concat"`` is the ablation without cross-modal attention: each
+modality's visible tokens are mean-pooled through their own MLP tower, the towers of the present
+modalities are summed and read by the same head (tower sum ⊕ mean input) and skip path.
 
 The skip path (a linear map of the mean input token) starts the model near the backbone's own
 pooled embedding, which is already a good text space, so the contrastive unit refines rather
@@ -67,6 +72,7 @@ MANIFEST_FILE = "manifest.json"
 METRICS_FILE = "metrics.json"
 N_LEXICAL = 10
 IDF_FILE = "idf.json"
+FUSION_MODES = ("single_stream", "concat")
 
 __all__ = [
     "FUSION_NAME",
@@ -102,6 +108,11 @@ class UnifiedConfig:
     # start out as a bag-of-wordpieces similarity. 0 disables it (ablation).
     token_vocab: int = 0
     token_id_std: float = 0.5
+    # "single_stream": one transformer reads both modalities' tokens (the paper's model).
+    # "concat" (ablation): no cross-modal attention; each modality's tokens are mean-pooled and
+    # passed through its own MLP tower, the towers of the present modalities are summed, and the
+    # same head and skip path give the embedding.
+    fusion: str = "single_stream"
 
     def __post_init__(self) -> None:
         for name in ("dim", "hidden", "layers", "heads", "ffn", "image_grid"):
@@ -114,6 +125,8 @@ class UnifiedConfig:
             raise ConfigError("unified config: scorer_layers >= 0 and 0 <= dropout < 1")
         if not (self.scorer_tokens or self.scorer_lexical):
             raise ConfigError("unified config: the scorer needs tokens or lexical features")
+        if self.fusion not in FUSION_MODES:
+            raise ConfigError(f"unified config: fusion must be one of {FUSION_MODES}, got {self.fusion!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -164,7 +177,16 @@ class UnifiedFusion(nn.Module):
         self.cls = nn.Parameter(torch.zeros(1, 1, h))
         nn.init.normal_(self.image_position, std=0.02)
         nn.init.normal_(self.cls, std=0.02)
-        self.encoder = _transformer(h, config.layers, config.heads, config.ffn, config.dropout)
+        self.encoder: nn.Module | None = None
+        self.towers: nn.ModuleDict | None = None
+        if config.fusion == "single_stream":
+            self.encoder = _transformer(h, config.layers, config.heads, config.ffn, config.dropout)
+        else:
+            self.towers = nn.ModuleDict({
+                m: nn.Sequential(nn.LayerNorm(h), nn.Linear(h, config.ffn), nn.GELU(),
+                                 nn.Dropout(config.dropout), nn.Linear(config.ffn, h))
+                for m in ("text", "image")
+            })
         self.norm = nn.LayerNorm(h)
         self.head = nn.Linear(2 * h, config.dim)
         self.skip = nn.Linear(h, config.dim) if config.skip else None
@@ -198,6 +220,7 @@ class UnifiedFusion(nn.Module):
         device = text.device
         parts = [self.cls.expand(batch, -1, -1) + self.type_embedding.weight[0]]
         masks = [torch.ones(batch, 1, dtype=torch.bool, device=device)]
+        segments: list[str] = []  # the modality of each part after CLS
         if "T" in view:
             tokens = self.text_in(text) + self.type_embedding.weight[1]  # [B, L, h]
             if self.token_embedding is not None:
@@ -206,23 +229,50 @@ class UnifiedFusion(nn.Module):
                 tokens = tokens + self.token_embedding(token_ids.clamp(0, self.config.token_vocab - 1))
             parts.append(tokens)
             masks.append(_drop_tokens(text_mask, token_drop))
+            segments.append("text")
         if "I" in view and image.shape[1] > 0:
             p = image.shape[1]
             pixels = self.image_in(image) + self.image_position[:p] + self.type_embedding.weight[2]
             parts.append(pixels)  # [B, P, h]
             image_mask = has_image.unsqueeze(1).expand(-1, p)
             masks.append(_drop_tokens(image_mask, token_drop))
+            segments.append("image")
         x = torch.cat(parts, dim=1)  # [B, S, h]
         mask = torch.cat(masks, dim=1)  # [B, S]
         content = mask[:, 1:].float().unsqueeze(-1)  # [B, S-1, 1]
         count = content.sum(dim=1)  # [B, 1]
-        out = self.norm(self.encoder(x, src_key_padding_mask=~mask))  # [B, S, h]
-        pooled = (out[:, 1:] * content).sum(dim=1) / count.clamp(min=1.0)  # [B, h]
-        z = self.head(torch.cat([out[:, 0], pooled], dim=-1))  # [B, dim]
+        mean_in = (x[:, 1:] * content).sum(dim=1) / count.clamp(min=1.0)  # [B, h]
+        if self.towers is not None:
+            out, first = self._towers(x, masks[1:], segments)
+            pooled = mean_in
+        else:
+            out = self.norm(self.encoder(x, src_key_padding_mask=~mask))  # type: ignore[misc]  # [B, S, h]
+            first = out[:, 0]  # CLS
+            pooled = (out[:, 1:] * content).sum(dim=1) / count.clamp(min=1.0)  # [B, h]
+        z = self.head(torch.cat([first, pooled], dim=-1))  # [B, dim]
         if self.skip is not None:
-            z = z + self.skip((x[:, 1:] * content).sum(dim=1) / count.clamp(min=1.0))
+            z = z + self.skip(mean_in)
         z = F.normalize(z, dim=-1) * (count > 0).to(z.dtype)  # zero rows: nothing to see
         return z, out, mask
+
+    def _towers(
+        self, x: torch.Tensor, masks: list[torch.Tensor], segments: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``concat`` ablation: each modality's visible tokens mean-pooled and passed through
+        its own tower, the towers of the present modalities summed (no cross-modal attention).
+        Returns ``(tokens [B, S, h] with the tower sum in place of CLS, tower sum [B, h])``."""
+        assert self.towers is not None
+        fused = x.new_zeros(x.shape[0], x.shape[2])  # [B, h]
+        start = 1
+        for mask, name in zip(masks, segments, strict=True):
+            width = mask.shape[1]
+            weight = mask.to(x.dtype).unsqueeze(-1)  # [B, w, 1]
+            n = weight.sum(dim=1)  # [B, 1]
+            pooled = (x[:, start : start + width] * weight).sum(dim=1) / n.clamp(min=1.0)  # [B, h]
+            fused = fused + self.towers[name](pooled) * (n > 0).to(x.dtype)
+            start += width
+        out = torch.cat([fused.unsqueeze(1), x[:, 1:]], dim=1)  # [B, S, h]
+        return out, fused
 
 
 class CrossScorer(nn.Module):
@@ -430,7 +480,8 @@ class UnifiedEncoder(Encoder):
             views = {v: self.fusion(v, *inputs)[0] for v in ("I", "T", "IT")}
             arrays = {v: np.ascontiguousarray(z.float().cpu().numpy(), dtype=np.float32) for v, z in views.items()}
         return Embeddings(
-            image=arrays["I"], text=arrays["T"], image_text=arrays["IT"], has_image=inputs[3].cpu().numpy()
+            image=arrays["I"], text=arrays["T"], image_text=arrays["IT"], has_image=inputs[3].cpu().numpy(),
+            has_text=inputs[1].any(dim=1).cpu().numpy(),
         )
 
     def fuse(self, batch: Sequence[PreparedListing]) -> tuple[np.ndarray, list[torch.Tensor]]:

@@ -89,8 +89,10 @@ def validate_listing(record: dict[str, Any], settings: Settings) -> None:
         raise InvalidListingError("listing_id is empty")
     if record.get("op", "UPSERT") == "DELETE":
         return
-    if not (record.get("title") or "").strip():
-        raise InvalidListingError(f"listing {record['listing_id']!r} has no title")
+    has_image = record.get("image_bytes") is not None or bool(record.get("image_uri"))
+    if not (record.get("title") or "").strip() and not has_image:
+        # An image alone is a listing (a photo); text alone needs a title.
+        raise InvalidListingError(f"listing {record['listing_id']!r} has no title and no image")
     text_chars = len(record.get("title") or "") + len(record.get("description") or "")
     text_chars += sum(len(k) + len(v) for k, v in (record.get("attributes") or {}).items())
     if text_chars > settings.max_text_chars:
@@ -111,7 +113,7 @@ def listing_input(record: dict[str, Any], settings: Settings) -> ListingInput:
                                  max_bytes=settings.max_image_bytes)
     return ListingInput(
         listing_id=record["listing_id"],
-        title=record["title"],
+        title=record.get("title") or "",
         description=record.get("description") or "",
         attributes=dict(record.get("attributes") or {}),
         image=image,

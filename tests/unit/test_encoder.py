@@ -213,9 +213,48 @@ def test_too_many_bytes_rejected() -> None:
 
 
 @pytest.mark.parametrize("title", ["", "   \n"])
-def test_empty_title(tiny: Encoder, title: str) -> None:
-    with pytest.raises(InvalidListingError, match="empty title"):
+def test_empty_title_without_image_is_invalid(tiny: Encoder, title: str) -> None:
+    with pytest.raises(InvalidListingError, match="empty title and no image"):
         tiny.prepare(ListingInput("a", title))
+    # A description alone does not stand in for the title: without an image it stays invalid.
+    with pytest.raises(InvalidListingError, match="empty title and no image"):
+        tiny.prepare(ListingInput("a", title, "Dishwasher safe", {"color": "red"}))
+
+
+def test_title_of_wrong_type_is_invalid(tiny: Encoder) -> None:
+    with pytest.raises(InvalidListingError, match="title is not a string"):
+        tiny.prepare(ListingInput("a", 42, image=png_bytes()))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("title", ["", "  ", None])
+def test_image_only_listing_is_valid(tiny: Encoder, title: str | None) -> None:
+    photo = ListingInput("p", title, image=png_bytes())  # type: ignore[arg-type]
+    prepared = tiny.prepare(photo)
+    assert prepared.text == "" and prepared.image is not None
+    out = tiny.encode([photo, ListingInput("q", "Red ceramic mug", image=png_bytes())])
+    assert out.has_image.tolist() == [True, True] and out.has_text.tolist() == [False, True]
+    for view in ("I", "T", "IT"):
+        assert out.view(view).shape == (2, tiny.dim)
+    assert not out.text[0].any()  # no text: all-zero T row
+    np.testing.assert_array_equal(out.image_text[0], out.image[0])  # IT is the image alone
+    np.testing.assert_allclose(np.linalg.norm(out.image_text[0]), 1.0, atol=1e-5)
+    np.testing.assert_allclose(out.image[0], out.image[1], atol=1e-6)  # same photo, same I
+
+
+def test_image_only_text_comes_from_other_fields() -> None:
+    photo = ListingInput("p", "", "shelf photo", {"aisle": "3"}, image=b"\xff")
+    assert listing_text(photo) == "shelf photo. aisle: 3"
+    assert listing_text(ListingInput("p", ""), has_image=True) == ""
+    with pytest.raises(InvalidListingError):
+        listing_text(ListingInput("p", ""))
+
+
+def test_embeddings_derive_has_text() -> None:
+    text = np.array([[1.0, 0.0], [0.0, 0.0]], np.float32)
+    out = Embeddings(text.copy(), text, text.copy(), np.array([True, True]))
+    assert out.has_text.tolist() == [True, False]
+    with pytest.raises(ValueError, match="has_text"):
+        Embeddings(text.copy(), text, text.copy(), np.array([True, True]), np.array([True]))
 
 
 def test_empty_listing_id(tiny: Encoder) -> None:

@@ -111,6 +111,20 @@ def test_embed_step_reports_each_bad_message_and_embeds_the_rest(encoder) -> Non
     assert letter["original_value"] == b"\x00garbage" and letter["offset"] == 0 and letter["stage"] == "embed"
 
 
+def test_an_image_without_a_title_is_a_listing(encoder) -> None:
+    step = EmbedStep(encoder, Settings())
+    out, failures = step(incoming([listing("photo", title=None, description=None, attributes={},
+                                           image_bytes=png_bytes()),
+                                   listing("nothing", title=None, description="only words")]))
+    assert [type(f.error).__name__ for f in failures] == ["InvalidListingError"]
+    assert "no title and no image" in str(failures[0].error)
+    [record] = [codec_for_topic("listing-embeddings").decode(o.value) for o in out]
+    assert record["listing_id"] == "photo" and record["has_image"]
+    update = decode_embedding(out[0].value)
+    assert np.allclose(update.views[1], 0.0)  # no text: a zero T view
+    assert np.linalg.norm(update.views[0]) == pytest.approx(1.0, abs=1e-5)
+
+
 # ---------------------------------------------------------------------------------- index + search
 
 

@@ -113,3 +113,151 @@ def test_eval_needs_valid_pairs(dataset: Path) -> None:
     with pytest.raises(ConfigError, match="valid"):
         evaluate.main(["--model", "tiny", "--listings", str(dataset / "listings.csv"),
                        "--pairs", str(dataset / "pairs_check.csv"), "--allow-random-weights"])
+
+
+@pytest.fixture(scope="module")
+def photo_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Grocery-style data: a catalog entry (title + image) per product, and image-only photos
+    (no title) split into train and val."""
+    root = tmp_path_factory.mktemp("photos")
+    (root / "images").mkdir()
+    listings, clusters = [], []
+    for k, (title, description, color) in enumerate(PRODUCTS):
+        for name, split, shift in (("cat", "catalog", 0), ("tr0", "train", 10), ("tr1", "train", 20), ("val", "val", 15)):
+            image = f"images/{name}{k}.png"
+            Image.new("RGB", (36, 36), tuple(min(255, c + shift) for c in color)).save(root / image)
+            text = (title, description) if split == "catalog" else ("", "")
+            listings.append([f"{name}{k}", *text, "", "", "", image, f"shop_{split}"])
+            clusters.append([f"{name}{k}", f"c{k}", split])
+    header = ["listing_id", "title", "description", "price", "brand", "category", "image_path", "source"]
+    _write(root / "listings.csv", header, listings)
+    _write(root / "clusters.csv", ["listing_id", "cluster_id", "split"], clusters)
+    return root
+
+
+def test_image_only_photos_train_then_eval_val_against_catalog(
+    photo_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "model"
+    _train(photo_dataset, out, "--clusters", str(photo_dataset / "clusters.csv"), "--split-column", "split",
+           "--scorer-layers", "1", "--loss", "infonce")
+    trained = json.loads((out / "manifest.json").read_text())["trained_listings"]
+    assert len(trained) == 18 and not any(t.startswith("val") for t in trained)  # val never read
+    capsys.readouterr()
+    assert evaluate.main(["--model", str(out), "--listings", str(photo_dataset / "listings.csv"),
+                          "--clusters", str(photo_dataset / "clusters.csv"), "--split-column", "split",
+                          "--query-split", "val", "--gallery-split", "catalog", "--baselines", "tfidf",
+                          "--json", "--allow-random-weights", "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n_queries"] == 6 and result["n_gallery"] == 6
+    assert "never trained on" in result["leakage"]
+    # Photos have no text: every view pair with a T query is absent; image and cross-modal are there.
+    assert {"I->I", "I->IT", "I->T", "IT->IT", "IT->T"} <= set(result["views"])
+    assert not any(v.startswith("T->") for v in result["views"])
+    for metrics in result["views"].values():
+        assert metrics["queries"] == 6
+    assert "tfidf" not in result["baselines"]  # no titled query: the title baseline has nothing to do
+
+
+def test_mined_negatives_skip_excluded_listings() -> None:
+    import torch
+
+    from models.features import FeatureCache
+    from models.unified import UnifiedConfig, UnifiedFusion
+
+    n = 6
+    cache = FeatureCache([f"x{k}" for k in range(n)], ["t"] * n, torch.randn(n, 3, 8).half(),
+                         torch.ones(n, 3, dtype=torch.bool), torch.ones(n, 3, dtype=torch.int32),
+                         torch.zeros(n, 0, 4).half(), torch.zeros(n, dtype=torch.bool))
+    product = {f"x{k}": f"p{k // 2}" for k in range(n)}
+    data = train.TrainingData({"x0": ["x1"], "x1": ["x0"], "x2": ["x3"], "x3": ["x2"]}, {}, product, [], [],
+                              excluded={"x4", "x5"})
+    fusion = UnifiedFusion(UnifiedConfig(dim=8, hidden=16, heads=2, ffn=16), 8, 4).eval()
+    pairs = train._mined_pairs(fusion, cache, data, "cpu", k=5)
+    seen = {a for a, _, _ in pairs} | {b for _, b, _ in pairs}
+    assert pairs and not seen & {"x4", "x5"}
+    assert {(a, b, y) for a, b, y in pairs if y == 1} == {("x0", "x1", 1), ("x2", "x3", 1)}
+
+
+def test_finetune_last_text_layer_saves_and_serves_the_backbone(dataset: Path, tmp_path: Path) -> None:
+    import torch
+
+    from models.encoder import NAMED_CONFIGS, ListingInput
+    from models.unified import load_unified_model
+
+    out = tmp_path / "model"
+    _train(dataset, out, "--clusters", str(dataset / "clusters.csv"), "--scorer-layers", "0", "--no-images",
+           "--finetune", "--finetune-layers", "1", "--backbone-lr", "1e-2")
+    state = torch.load(out / "weights.pt", weights_only=True)
+    assert "text_backbone" in state and "image_backbone" not in state
+    fresh = train.build_text_backbone("tiny", NAMED_CONFIGS["tiny"]).state_dict()
+    changed = {k for k, v in state["text_backbone"].items() if not torch.equal(v, fresh[k])}
+    # Only the last layer trained: the embeddings and the first layer are untouched.
+    assert changed and all(k.startswith("model.encoder.layer.1.") for k in changed)
+    loaded = load_unified_model(out, allow_random_weights=True)
+    loaded_state = loaded.text_backbone.state_dict()
+    assert all(torch.equal(loaded_state[k], state["text_backbone"][k]) for k in changed)
+    assert loaded.encode([ListingInput("x", "sony turntable")]).text.shape == (1, 16)
+
+
+def test_finetune_layers_checked(dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="finetune-layers"):
+        _train(dataset, tmp_path / "m", "--clusters", str(dataset / "clusters.csv"), "--scorer-layers", "0",
+               "--finetune", "--finetune-layers", "9")
+
+
+def test_concat_fusion_ablation_trains_and_evaluates(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "model"
+    _train(dataset, out, "--clusters", str(dataset / "clusters.csv"), "--holdout-fraction", "0.5",
+           "--scorer-layers", "0", "--fusion", "concat")
+    assert json.loads((out / "unified.json").read_text())["fusion"] == "concat"
+    capsys.readouterr()
+    assert evaluate.main(["--model", str(out), "--listings", str(dataset / "listings.csv"),
+                          "--clusters", str(dataset / "clusters.csv"), "--baselines", "", "--json",
+                          "--allow-random-weights", "--no-progress"]) == 0
+    assert {"I->IT", "IT->IT"} <= set(json.loads(capsys.readouterr().out)["views"])
+
+
+def test_embed_view_matches_one_fusion_call() -> None:
+    import torch
+
+    from models.unified import UnifiedConfig, UnifiedFusion
+
+    torch.manual_seed(0)
+    fusion = UnifiedFusion(UnifiedConfig(dim=8, hidden=16, heads=2, ffn=16, layers=1, dropout=0.0), 6, 4).eval()
+    text = torch.randn(5, 7, 6)
+    mask = torch.tensor([[1] * 7, [1, 1, 0, 0, 0, 0, 0], [0] * 7, [0] * 7, [1, 1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    image = torch.randn(5, 3, 4)
+    has_image = torch.tensor([True, False, True, True, False])
+    ids = torch.zeros(5, 7, dtype=torch.long)
+    for view in ("I", "T", "IT"):
+        expected = fusion(view, text, mask, image, has_image, ids)[0]
+        got = train._embed_view(fusion, view, text, mask, image, has_image, ids)
+        assert torch.allclose(got, expected, atol=1e-5), view
+
+
+def test_partner_split_pairs_photos_with_their_catalog_entry(photo_dataset: Path) -> None:
+    args = train.build_parser().parse_args([
+        "--listings", str(photo_dataset / "listings.csv"), "--clusters", str(photo_dataset / "clusters.csv"),
+        "--split-column", "split", "--partner-split", "catalog", "--out", "unused"])
+    ids = {f"{name}{k}" for name in ("cat", "tr0", "tr1", "val") for k in range(len(PRODUCTS))}
+    data = train.load_training_data(args, ids)
+    assert data.positives["tr00"] == ["cat0"] and data.positives["tr11"] == ["cat1"]
+    assert sorted(data.positives["cat2"]) == ["tr02", "tr12"]  # the catalog entry: its photos
+    assert not any(i.startswith("val") for i in data.positives) and "val3" in data.excluded
+    with pytest.raises(ConfigError, match="split-column"):
+        train.load_training_data(train.build_parser().parse_args([
+            "--listings", "x", "--clusters", str(photo_dataset / "clusters.csv"), "--partner-split", "catalog",
+            "--out", "unused"]), ids)
+
+
+def test_retrieval_ties_are_not_hits() -> None:
+    import numpy as np
+
+    from models.metrics import retrieval_metrics
+
+    # No signal at all (every score equal): expected rank, not a perfect score.
+    flat = retrieval_metrics(np.zeros((2, 4)), ["a", "b"], ["a", "b", "c", "d"])
+    assert flat["recall_at_1"] == 0.0 and flat["mrr"] == pytest.approx(1 / 2.5)
+    exact = retrieval_metrics(np.array([[0.9, 0.1], [0.2, 0.8]]), ["a", "b"], ["a", "b"])
+    assert exact["recall_at_1"] == 1.0 and exact["mrr"] == 1.0

@@ -21,7 +21,7 @@ from models.unified import (
     load_unified_model,
     save_unified_model,
 )
-from topics.errors import ConfigError
+from topics.errors import ConfigError, InvalidListingError
 
 SMALL = UnifiedConfig(dim=16, hidden=32, layers=1, heads=2, ffn=64, image_grid=2, dropout=0.0, scorer_layers=1)
 
@@ -75,6 +75,58 @@ def test_fusion_shapes_and_masking() -> None:
     noisy[0, 3:] = 100.0
     with torch.no_grad():
         assert torch.allclose(fusion("IT", noisy, mask, image, has_image)[0], z["IT"], atol=1e-5)
+
+
+def test_image_only_listing_masks_the_text(encoder: UnifiedEncoder) -> None:
+    photo = ListingInput("p", "", image=_png((200, 20, 20)))
+    prepared = encoder.prepare(photo)
+    assert prepared.text == ""
+    out = encoder.encode([photo, LISTINGS[0], LISTINGS[2]])
+    assert out.has_image.tolist() == [True, True, False]
+    assert out.has_text.tolist() == [False, True, True]
+    for view in ("I", "T", "IT"):
+        assert out.view(view).shape == (3, 16)
+    assert not out.text[0].any()  # no text tokens: all-zero T row
+    np.testing.assert_allclose(out.image_text[0], out.image[0], atol=1e-5)  # IT == I
+    np.testing.assert_allclose(np.linalg.norm(out.image_text[0]), 1.0, atol=1e-5)
+    # The same photo with a title: same I (the image tokens alone), a different IT.
+    np.testing.assert_allclose(out.image[0], out.image[1], atol=1e-5)
+    assert not np.allclose(out.image_text[0], out.image_text[1], atol=1e-3)
+    # Alone in a batch it embeds the same as beside listings with text.
+    alone = encoder.encode([photo])
+    np.testing.assert_allclose(alone.image_text[0], out.image_text[0], atol=1e-5)
+
+
+def test_image_only_listing_without_image_is_invalid(encoder: UnifiedEncoder) -> None:
+    with pytest.raises(InvalidListingError, match="empty title and no image"):
+        encoder.prepare(ListingInput("p", ""))
+
+
+def test_concat_fusion_ablation_shapes_and_masking() -> None:
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    fusion = UnifiedFusion(replace(SMALL, fusion="concat"), 8, 6).eval()
+    assert fusion.encoder is None and fusion.towers is not None
+    text = torch.randn(3, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    image = torch.randn(3, 4, 6)
+    has_image = torch.tensor([True, False, True])
+    with torch.no_grad():
+        z = {v: fusion(v, text, mask, image, has_image)[0] for v in ("I", "T", "IT")}
+    for v in z.values():
+        assert v.shape == (3, 16)
+    assert torch.allclose(z["IT"].norm(dim=1), torch.ones(3))
+    assert torch.allclose(z["IT"][1], z["T"][1], atol=1e-5)  # no image: IT == T
+    assert torch.allclose(z["IT"][2], z["I"][2], atol=1e-5)  # no text: IT == I
+    assert z["T"][2].abs().sum() == 0 and z["I"][1].abs().sum() == 0
+    assert not torch.allclose(z["IT"][0], z["T"][0], atol=1e-3)
+    assert not torch.allclose(z["IT"][0], z["I"][0], atol=1e-3)
+    train = UnifiedFusion(replace(SMALL, fusion="concat"), 8, 6)
+    train("IT", text, mask, image, has_image)[0].sum().backward()
+    assert all(p.grad is not None for p in train.towers.parameters())
+    with pytest.raises(ConfigError, match="fusion"):
+        replace(SMALL, fusion="late")
 
 
 def test_fusion_gradients_flow() -> None:
