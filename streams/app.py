@@ -98,7 +98,8 @@ class Runtime:
         self.metrics.rebalance_count = lambda: int(getattr(app, "rebalancing_count", 0))
         self.web: WebServer | None = None
         self._truncated_suspects: set[Any] = set()
-        self._reported_version: str | None = None
+        #: The version samestyle_model_info shows.
+        self.reported_version: str | None = None
 
     # ------------------------------------------------------------------ models
 
@@ -170,8 +171,8 @@ class Runtime:
         """The encoder of the index being served (loads it on first use: call it off the event loop)."""
         version = self.serving_version
         encoder = self.encoder_for(version) if version is not None else self.configured_encoder()
-        if encoder.version != self._reported_version:
-            self._reported_version = encoder.version
+        if encoder.version != self.reported_version:
+            self.reported_version = encoder.version
             self.metrics.model.info({"version": encoder.version, "dim": str(encoder.dim),
                                      "device": str(encoder.device)})
         return encoder
@@ -384,6 +385,8 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None) -> faust.A
         last_missing_check = 0.0
         while not app.should_stop:
             serving, target = runtime.serving_version, runtime.target_version()
+            if serving is not None and serving != runtime.reported_version:
+                await runtime.run_model(lambda: runtime.encoder)  # sets samestyle_model_info
             if serving is None or target is None or serving == target:
                 if backfill.active:
                     log.info("model switch to %s complete on this worker", backfill.version)

@@ -33,6 +33,14 @@ of that click re-sends the same bytes only if not, so a crash between the table 
 send loses nothing; only a crash between the acknowledgement and the next changelog write can
 repeat a pair, byte-identical and under the same key of a compacted topic). Changelog producers send one record per batch on tansu (BROKER.md trap 1),
 see ``Settings.changelog_single_record_batches``.
+
+Restarts: faust-streaming 0.15.3 loses source records when table recovery ends while records wait
+on the source topics (measured, issue 4): it resumes the stream partitions before it seeks them to
+the committed offsets, the flow-control resume that follows empties the stream buffers (dropping
+what was fetched meanwhile) and the seek's reset read offset turns the next record into a "gap"
+that Faust counts as processed, so the dropped records get committed unread.
+:func:`streams.transport.seek_before_resuming_streams` reorders that step (every worker installs it);
+the changelogs themselves were exact.
 """
 
 from __future__ import annotations
@@ -295,10 +303,12 @@ def register_pairs_agent(app: Any, runtime: Any, settings: Settings) -> None:
     import mode
 
     from .pipeline import Failure, Incoming, Outgoing
+    from .transport import seek_before_resuming_streams
 
     if getattr(app, "_samestyle_pairs_registered", False):
         return
     app._samestyle_pairs_registered = True
+    seek_before_resuming_streams()  # else a restart drops source records (issue 4, see above)
     if settings.changelog_single_record_batches:
         # App-wide: Faust has one producer. BROKER.md trap 1; cost measured in docs/PAIRS.md.
         app.conf.producer_max_batch_size = 1
@@ -317,8 +327,8 @@ def register_pairs_agent(app: Any, runtime: Any, settings: Settings) -> None:
         return runtime.index.get(listing_id) if runtime.index is not None else None
 
     def model_version() -> str | None:
-        encoder = getattr(runtime, "_encoder", None)  # never load the model just for a label
-        return getattr(encoder, "version", None)
+        # The model of the index the cosines come from (runtime.index); never loads a model.
+        return getattr(runtime, "serving_version", None)
 
     def incoming(event: Any) -> Incoming:
         msg = event.message
@@ -391,5 +401,5 @@ if __name__ == "__main__":
 
 
 __all__ = ["Decision", "PairMiner", "PairRules", "add_click", "category_path", "click_id", "pair_key",
-           "evidence_step", "positive_record", "register_pairs_agent", "session_window",
-           "sessionize_step"]
+           "evidence_step", "positive_record", "register_pairs_agent",
+           "session_window", "sessionize_step"]

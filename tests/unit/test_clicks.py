@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from streams.clicks import (
 )
 from streams.settings import Settings
 from streams.simulate import ClickModel, ClickSimulator, pseudo_category
+from streams.transport import seek_before_resuming_streams
 from topics import codec_for_topic
 from topics.errors import ConfigError
 
@@ -195,3 +198,53 @@ def test_pseudo_category_prefers_category_then_brand_then_first_word() -> None:
     assert pseudo_category(ListingRecord("1", "Sony TV", "", "TVs", None, {"brand": "Sony"})) == "TVs"
     assert pseudo_category(ListingRecord("1", "Sony TV", "", None, None, {"brand": "Sony"})) == "brand:sony"
     assert pseudo_category(ListingRecord("1", "Sony TV", "", None, None)) == "word:sony"
+
+
+def test_recovery_seeks_and_clears_buffers_before_resuming_source_partitions() -> None:
+    """Issue 4: records fetched while Faust seeks after table recovery were dropped, then committed.
+
+    Drives the patched ``Recovery.on_recovery_completed`` with a recording consumer: the stream
+    partitions must resume only after the seek and after the flow-control resume that clears the
+    stream buffers, and the changelog partitions must stay paused.
+    """
+    from faust.tables.recovery import Recovery
+
+    seek_before_resuming_streams()
+    seek_before_resuming_streams()  # idempotent
+    calls: list[object] = []
+    source, changelog = ("clicks", 0), ("app-pairs-evidence-changelog", 0)
+
+    async def perform_seek() -> None:
+        await asyncio.sleep(0)  # a broker round trip: the fetcher could run meanwhile
+        calls.append("seek")
+
+    async def noop(*_: object) -> None:
+        return None
+
+    async def wait(coro: object, timeout: float | None = None) -> None:
+        await coro  # type: ignore[misc]
+
+    def quiet(*_: object) -> None:
+        return None
+
+    consumer = SimpleNamespace(assignment=lambda: {source, changelog}, perform_seek=perform_seek,
+                               resume_partitions=lambda tps: calls.append(("resume", set(tps))),
+                               resume_flow=lambda: calls.append("resume_flow"))
+    app = SimpleNamespace(consumer=consumer, consumer_generation_id=1, on_rebalance_complete=SimpleNamespace(send=noop),
+                          conf=SimpleNamespace(broker_request_timeout=5.0),
+                          flow_control=SimpleNamespace(resume=lambda: calls.append("clear_buffers")),
+                          _fetcher=SimpleNamespace(maybe_start=noop),
+                          assignor=SimpleNamespace(assigned_standbys=lambda: set()),
+                          on_rebalance_end=lambda: calls.append("ready"))
+    recovery = SimpleNamespace(app=app, log=SimpleNamespace(info=quiet, dev=quiet, warning=quiet),
+                               _set_recovery_ended=lambda: None, tables={}, actives_for_table={},
+                               standbys_for_table={}, completed=SimpleNamespace(set=lambda: None), _wait=wait,
+                               _is_changelog_tp=lambda tp: tp[0].endswith("-changelog"))
+    recovery.tables = SimpleNamespace(values=lambda: [], on_actives_ready=lambda: None,
+                                      on_standbys_ready=lambda: None)
+    asyncio.run(Recovery.on_recovery_completed(recovery, 1))  # type: ignore[arg-type]
+    assert calls == ["seek", "clear_buffers", ("resume", {source}), "resume_flow", "ready"]
+    # The same order for an app without tables (the embed and index agents of every worker).
+    calls.clear()
+    asyncio.run(Recovery._resume_streams(recovery, 1))  # type: ignore[arg-type]
+    assert calls == ["seek", "clear_buffers", ("resume", {source}), "resume_flow", "ready"]
