@@ -179,6 +179,11 @@ class ImageBackbone(nn.Module):
 
     dim: int
 
+    def blocks(self) -> list[nn.Module]:
+        """The backbone's stages in forward order (input side first), the units that
+        fine-tuning unfreezes from the end (``samestyle train --finetune-image-blocks``)."""
+        raise ConfigError(f"{type(self).__name__} has no blocks to fine-tune")
+
 
 class EfficientNetLiteBackbone(ImageBackbone):
     """EfficientNet-Lite feature map, globally average-pooled: ``[B, 1280]``."""
@@ -191,6 +196,14 @@ class EfficientNetLiteBackbone(ImageBackbone):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         features = self.net.extract_features(pixels)  # [B, 1280, S/32, S/32]
         return features.mean(dim=(2, 3))  # [B, 1280]
+
+    def blocks(self) -> list[nn.Module]:
+        """Stem, the 16 MBConv blocks, then the 1x1 head convolution (18 in all): the last
+        block is the head, the one before it the last MBConv block."""
+        net = self.net
+        stem = nn.ModuleList([net._conv_stem, net._bn0])  # views: not registered on self
+        head = nn.ModuleList([net._conv_head, net._bn1])
+        return [stem, *net._blocks, head]
 
 
 class TinyConvBackbone(ImageBackbone):
@@ -210,6 +223,10 @@ class TinyConvBackbone(ImageBackbone):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.net(pixels)  # [B, channels]
+
+    def blocks(self) -> list[nn.Module]:
+        """The two convolutions (with their activations)."""
+        return [self.net[0:2], self.net[2:4]]
 
 
 def _build_bundled_efficientnet(spec: str, config: EncoderConfig) -> EfficientNetLiteBackbone:

@@ -39,10 +39,12 @@ DROPPED_ATTRIBUTES = frozenset({"source"})
 __all__ = [
     "DROPPED_ATTRIBUTES",
     "FeatureCache",
+    "LiveImageFeatures",
     "LiveTextFeatures",
     "build_feature_cache",
     "image_tokens",
     "listing_input",
+    "load_pixels",
     "text_tokens",
 ]
 
@@ -98,6 +100,24 @@ def image_tokens(backbone: ImageBackbone, pixels: torch.Tensor, grid: int) -> to
         return backbone(pixels).unsqueeze(1)  # [B, 1, Di]
     fmap = F.adaptive_avg_pool2d(fmap, grid)  # [B, Di, grid, grid]
     return fmap.flatten(2).transpose(1, 2)  # [B, grid², Di]
+
+
+def load_pixels(
+    paths: Sequence[str | None], preprocess: ImagePreprocessing, ids: Sequence[str] | None = None
+) -> tuple[list[torch.Tensor], list[int]]:
+    """Read and preprocess the images of a batch: ``(pixels, rows)``, one ``[3, S, S]`` tensor
+    per row of ``paths`` that has an image that could be read. An unreadable image is logged
+    (naming ``ids[k]`` when given) and skipped, so its listing counts as text-only."""
+    pixels, rows = [], []
+    for k, path in enumerate(paths):
+        if not path:
+            continue
+        try:
+            pixels.append(preprocess(load_image_bytes(path)))
+            rows.append(k)
+        except ImageError as exc:
+            logger.warning("listing %s: image skipped (%s)", ids[k] if ids is not None else path, exc)
+    return pixels, rows
 
 
 @dataclass
@@ -197,6 +217,47 @@ class LiveTextFeatures(FeatureCache):
         return text.float(), mask, image, has_image, token_ids
 
 
+class LiveImageFeatures(FeatureCache):
+    """A :class:`FeatureCache` whose image tokens come from the image backbone at every
+    :meth:`batch` call, computed from the batch's decoded images (text tokens from ``cache``,
+    which may itself be a :class:`LiveTextFeatures`): the inputs when the image backbone is
+    fine-tuned. Gradients reach the backbone when called with grad enabled.
+
+    ``image_paths[k]`` is the image of ``cache.ids[k]``; only rows the cache marks as having a
+    readable image are read again.
+    """
+
+    def __init__(
+        self, cache: FeatureCache, backbone: ImageBackbone, image_paths: Sequence[str | None],
+        preprocess: ImagePreprocessing, grid: int,
+    ) -> None:
+        if len(image_paths) != len(cache):
+            raise ConfigError(f"{len(image_paths)} image paths for {len(cache)} cached listings")
+        super().__init__(cache.ids, cache.texts, cache.text, cache.text_mask, cache.token_ids,
+                         cache.image, cache.has_image)
+        self.inner = cache
+        self.backbone = backbone
+        self.image_paths = list(image_paths)
+        self.preprocess = preprocess
+        self.grid = grid
+
+    def batch(
+        self, rows: torch.Tensor, device: str | torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        text, mask, cached, _, token_ids = self.inner.batch(rows, device)
+        flags = self.has_image[rows].tolist()
+        paths = [self.image_paths[r] if ok else None for r, ok in zip(rows.tolist(), flags, strict=True)]
+        pixels, found = load_pixels(paths, self.preprocess, [self.ids[r] for r in rows.tolist()])
+        has_image = torch.zeros(len(paths), dtype=torch.bool, device=device)
+        if not pixels:
+            return text, mask, torch.zeros_like(cached), has_image, token_ids
+        tokens = image_tokens(self.backbone, torch.stack(pixels).to(device), self.grid).float()  # [m, P, Di]
+        index = torch.tensor(found, device=device)
+        image = tokens.new_zeros(len(paths), tokens.shape[1], tokens.shape[2]).index_put((index,), tokens)
+        has_image[index] = True
+        return text, mask, image, has_image, token_ids
+
+
 def _cache_key(listings_path: Path, config: EncoderConfig, image_grid: int, with_images: bool) -> str:
     stat = listings_path.stat()
     parts = {
@@ -271,15 +332,7 @@ def build_feature_cache(
         id_chunks.append(token_ids.cpu().int())
         has = torch.zeros(len(chunk), dtype=torch.bool)
         if any_image:
-            pixels, rows = [], []
-            for k, record in enumerate(chunk):
-                if not record.image_path:
-                    continue
-                try:
-                    pixels.append(preprocess(load_image_bytes(record.image_path)))
-                    rows.append(k)
-                except ImageError as exc:
-                    logger.warning("listing %s: image skipped (%s)", record.listing_id, exc)
+            pixels, rows = load_pixels([r.image_path for r in chunk], preprocess, [r.listing_id for r in chunk])
             tokens = None
             if pixels:
                 with autocast:

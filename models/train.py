@@ -5,8 +5,10 @@
 1. Backbone tokens of every listing are computed once and cached (``--cache-dir``, default
    ``runs/cache``): the backbones stay frozen, only the fusion and the heads learn. With
    ``--finetune`` the text backbone trains too (all of it, or its last ``--finetune-layers``
-   layers, at ``--backbone-lr``; bf16 autocast on CUDA) and is saved in the model directory;
-   the image backbone stays frozen (its cached tokens are used).
+   layers, at ``--backbone-lr``; bf16 autocast on CUDA) and is saved in the model directory.
+   ``--finetune-image-blocks N`` (with or without ``--finetune``) likewise trains the last N
+   blocks of the image backbone on live features of the batch's decoded images; otherwise the
+   image backbone stays frozen (its cached tokens are used).
 2. The bi-encoder learns from positive pairs (label-1 pairs, or listings that share a cluster)
    with the contrastive unit of :mod:`models.losses`: hinge IT-IT, T-IT and I-IT against the
    positive's IT embedding, both directions, plus self-distinctiveness and locality consistency
@@ -47,7 +49,7 @@ import torch.nn.functional as F
 from models.backbones import build_image_backbone, build_text_backbone
 from models.data import read_clusters, read_listings, read_pairs
 from models.encoder import ALLOW_RANDOM_WEIGHTS_ENV, load_config
-from models.features import FeatureCache, LiveTextFeatures, build_feature_cache
+from models.features import FeatureCache, LiveImageFeatures, LiveTextFeatures, build_feature_cache
 from models.losses import InBatchHinge, LocalityConsistency, SelfDistinctiveness, SymmetricInfoNCE, same_product_mask
 from models.metrics import best_threshold, pair_metrics
 from models.unified import (
@@ -106,9 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "per-modality towers over pooled tokens, summed)")
     # fine-tuning
     p.add_argument("--finetune", action="store_true",
-                   help="fine-tune the text backbone too (the image backbone stays frozen, its tokens cached)")
+                   help="fine-tune the text backbone too (the image backbone: see --finetune-image-blocks)")
     p.add_argument("--finetune-layers", type=int, default=0,
                    help="with --finetune: train only the last N transformer layers (0: the whole backbone)")
+    p.add_argument("--finetune-image-blocks", type=int, default=0,
+                   help="fine-tune the last N blocks of the image backbone on live image features "
+                        "(0: image backbone frozen, its tokens cached); works with or without --finetune")
     p.add_argument("--backbone-lr", type=float, default=2e-5, help="learning rate of fine-tuned backbone weights")
     # loss
     p.add_argument("--loss", choices=("hinge", "infonce"), default="hinge")
@@ -598,11 +603,34 @@ def trainable_text_layers(backbone: torch.nn.Module, last: int = 0) -> list[torc
     return chosen
 
 
-def _snapshot(fusion: torch.nn.Module, text_backbone: torch.nn.Module | None) -> dict[str, dict[str, torch.Tensor]]:
-    """Copies of the weights that train, to restore the best epoch."""
+def trainable_image_blocks(backbone: torch.nn.Module, last: int) -> list[torch.nn.Module]:
+    """Unfreeze the last ``last`` blocks of the image backbone (:meth:`ImageBackbone.blocks`);
+    every other backbone parameter gets ``requires_grad = False``. Returns the trainable blocks.
+
+    The backbone stays in eval mode while it trains: batch-norm statistics stay frozen (a
+    fusion batch holds few images) and no dropout or drop-connect is applied.
+
+    Raises:
+        ConfigError: ``last`` is not in ``1..len(blocks)``, or the backbone has no blocks.
+    """
+    blocks = backbone.blocks()  # type: ignore[operator]
+    if not 0 < last <= len(blocks):
+        raise ConfigError(f"--finetune-image-blocks must be in 1..{len(blocks)}, got {last}")
+    for param in backbone.parameters():
+        param.requires_grad_(False)
+    chosen = blocks[len(blocks) - last :]
+    for block in chosen:
+        for param in block.parameters():
+            param.requires_grad_(True)
+    return chosen
+
+
+def _snapshot(fusion: torch.nn.Module, backbones: dict[str, torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+    """Copies of the weights that train (the fusion and the fine-tuned backbones by name), to
+    restore the best epoch."""
     state = {"fusion": {k: v.detach().clone() for k, v in fusion.state_dict().items()}}
-    if text_backbone is not None:
-        state["text"] = {k: v.detach().clone() for k, v in text_backbone.state_dict().items()}
+    for name, module in backbones.items():
+        state[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
     return state
 
 
@@ -659,6 +687,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=not args.no_progress,
     )
     with_images = bool(cache.has_image.any())
+    if args.finetune_image_blocks < 0:
+        raise ConfigError(f"--finetune-image-blocks must be >= 0, got {args.finetune_image_blocks}")
+    if args.finetune_image_blocks and not with_images:
+        raise ConfigError("--finetune-image-blocks needs listings with readable images (and no --no-images)")
     usable = cache.usable_ids()
     if len(usable) < len(cache):
         logger.warning("%d listings have neither text nor a readable image: not trained on",
@@ -675,9 +707,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.finetune:
         text_backbone = text_backbone.to(device)
         tuned = trainable_text_layers(text_backbone, args.finetune_layers)
-        # Every batch now runs the text backbone; image tokens still come from the cache.
+        # Every batch now runs the text backbone; image tokens come from the cache unless
+        # --finetune-image-blocks makes them live too.
         cache = LiveTextFeatures(cache, text_backbone, config.max_text_tokens)
         groups.append({"params": [p for m in tuned for p in m.parameters()], "lr": args.backbone_lr})
+    image_tuned: list[torch.nn.Module] = []
+    if args.finetune_image_blocks:
+        image_backbone = image_backbone.to(device).eval()  # eval: see trainable_image_blocks
+        image_tuned = trainable_image_blocks(image_backbone, args.finetune_image_blocks)
+        # Every batch now decodes its images and runs the image backbone on them.
+        paths = {r.listing_id: r.image_path for r in records}
+        cache = LiveImageFeatures(cache, image_backbone, [paths[i] for i in cache.ids],
+                                  config.image_preprocessing(), args.image_grid)
+        groups.append({"params": [p for m in image_tuned for p in m.parameters()], "lr": args.backbone_lr})
+    finetuned: dict[str, torch.nn.Module] = {}
+    if tuned:
+        finetuned["text"] = text_backbone
+    if image_tuned:
+        finetuned["image"] = image_backbone
     trainable = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
     epoch_batches = len(_batches(data, args.batch_size, random.Random(0)))
@@ -715,11 +762,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fusion epoch {epoch + 1}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}), file=sys.stderr)
         if not valid or record["valid_f1"] >= best["f1"]:
             best = {"f1": record.get("valid_f1", 0.0), "epoch": epoch + 1}
-            best_state = _snapshot(fusion, text_backbone if tuned else None)
+            best_state = _snapshot(fusion, finetuned)
     if best_state is not None:
         fusion.load_state_dict(best_state["fusion"])
-        if tuned:
-            text_backbone.load_state_dict(best_state["text"])
+        for backbone_name, module in finetuned.items():
+            module.load_state_dict(best_state[backbone_name])
     fusion.eval()
     text_backbone.eval()
     metrics: dict[str, Any] = {"fusion_history": history, "fusion_best_epoch": best.get("epoch")}
@@ -758,7 +805,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if child.is_file():
                 child.unlink()
     save_unified_model(args.out, config, unified, fusion, scorer, manifest, metrics,
-                       backbones={"text": text_backbone} if tuned else None,
+                       backbones=finetuned or None,
                        idf=_idf_of(cache) if scorer is not None else None)
     summary = {"model": str(args.out), "version": config.version, "seconds": manifest["seconds"],
                "valid_cosine": metrics.get("valid_cosine"), "valid_scorer": metrics.get("valid_scorer")}

@@ -200,6 +200,64 @@ def test_finetune_last_text_layer_saves_and_serves_the_backbone(dataset: Path, t
     assert loaded.encode([ListingInput("x", "sony turntable")]).text.shape == (1, 16)
 
 
+def test_finetune_last_image_block_saves_and_serves_the_backbone(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import copy
+
+    import torch
+
+    from models.encoder import NAMED_CONFIGS, ListingInput
+    from models.features import image_tokens
+    from models.unified import load_unified_model
+
+    saved: dict[str, torch.nn.Module] = {}
+    original_save = train.save_unified_model
+
+    def capture(out_dir, config, unified, fusion, scorer, manifest, metrics, backbones=None, idf=None):  # type: ignore[no-untyped-def]
+        saved.update({"fusion": copy.deepcopy(fusion), **{k: copy.deepcopy(v) for k, v in (backbones or {}).items()}})
+        return original_save(out_dir, config, unified, fusion, scorer, manifest, metrics, backbones=backbones, idf=idf)
+
+    monkeypatch.setattr(train, "save_unified_model", capture)
+    out = tmp_path / "model"
+    _train(dataset, out, "--clusters", str(dataset / "clusters.csv"), "--scorer-layers", "0", "--epochs", "1",
+           "--finetune-image-blocks", "1", "--backbone-lr", "1e-2")
+    state = torch.load(out / "weights.pt", weights_only=True)
+    assert "image_backbone" in state and "text_backbone" not in state  # text backbone stayed frozen
+    config = NAMED_CONFIGS["tiny"]
+    fresh = train.build_image_backbone("tiny", config).state_dict()
+    changed = {k for k, v in state["image_backbone"].items() if not torch.equal(v, fresh[k])}
+    # Only the last block (the second convolution) trained: the first one is untouched.
+    assert changed and all(k.startswith("net.2.") for k in changed)
+    assert all(torch.equal(state["image_backbone"][k], fresh[k]) for k in fresh if k.startswith("net.0."))
+
+    loaded = load_unified_model(out, allow_random_weights=True)
+    assert all(torch.equal(v, state["image_backbone"][k]) for k, v in loaded.image_backbone.state_dict().items())
+    image = (dataset / "images" / "l0.png").read_bytes()
+    served = loaded.encode([ListingInput("x", "", image=image)])
+    assert bool(served.has_image[0])
+    # The trained backbone + fusion, as they were at the end of training, give the same I view.
+    with torch.no_grad():
+        pixels = config.image_preprocessing()(image).unsqueeze(0)
+        tokens = image_tokens(saved["image"].eval(), pixels, 2)  # --image-grid 2
+        text = torch.zeros(1, 1, loaded.text_backbone.dim)
+        expected = saved["fusion"].eval()("I", text, torch.zeros(1, 1, dtype=torch.bool), tokens,
+                                          torch.ones(1, dtype=torch.bool), torch.zeros(1, 1, dtype=torch.long))[0]
+        untrained = image_tokens(train.build_image_backbone("tiny", config).eval(), pixels, 2)
+    assert torch.allclose(torch.from_numpy(served.image), expected, atol=1e-5)
+    assert not torch.allclose(loaded_tokens := image_tokens(loaded.image_backbone, pixels, 2), untrained)
+    assert torch.allclose(loaded_tokens, tokens, atol=1e-6)
+
+
+def test_finetune_image_blocks_checked(dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="finetune-image-blocks"):
+        _train(dataset, tmp_path / "m", "--clusters", str(dataset / "clusters.csv"), "--scorer-layers", "0",
+               "--finetune-image-blocks", "3")  # the tiny image backbone has 2 blocks
+    with pytest.raises(ConfigError, match="finetune-image-blocks"):
+        _train(dataset, tmp_path / "n", "--clusters", str(dataset / "clusters.csv"), "--scorer-layers", "0",
+               "--no-images", "--finetune-image-blocks", "1")
+
+
 def test_finetune_layers_checked(dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="finetune-layers"):
         _train(dataset, tmp_path / "m", "--clusters", str(dataset / "clusters.csv"), "--scorer-layers", "0",
