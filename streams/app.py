@@ -93,6 +93,7 @@ class Runtime:
         #: Held while a batch is embedded and sent, by the embed agent and by the re-embedding,
         #: so their records reach listing-embeddings in the order they were decided.
         self.embed_lock = asyncio.Lock()
+        self._prepared: asyncio.Future[None] | None = None
         self.metrics = Metrics()
         self.metrics.lag_sources.append(self.group_lags)
         self.metrics.rebalance_count = lambda: int(getattr(app, "rebalancing_count", 0))
@@ -156,7 +157,13 @@ class Runtime:
         return {p.version: i for i, p in enumerate(self.watcher.chain.promotions)}
 
     async def prepare_models(self) -> None:
-        """Read the decision log, then load the target model (the replica needs its version)."""
+        """Read the decision log, then load the target model (the replica needs its version).
+        The first caller starts the work; every caller waits for it (and gets its error)."""
+        if self._prepared is None:
+            self._prepared = asyncio.ensure_future(self._prepare_models())
+        await asyncio.shield(self._prepared)
+
+    async def _prepare_models(self) -> None:
         await self.watcher.ready.wait()
         latest = self.watcher.chain.latest
         await self.run_model(self.encoder_for, latest.version) if latest else await self.run_model(
@@ -378,7 +385,19 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None) -> faust.A
 
     @app.task
     async def model_switch() -> None:
-        """Load the target model; during a switch, re-embed this worker's listings partitions."""
+        """Load the target model; during a switch, re-embed this worker's listings partitions.
+        A failure here (a promoted model that does not load) takes the worker down, like an
+        agent's crash: a worker must not run on without its model."""
+        try:
+            await switch_models()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("model task failed: %s", exc)
+            await app.crash(exc)
+            raise
+
+    async def switch_models() -> None:
         await runtime.prepare_models()
         await replica.wait_ready()
         backfill, step = runtime.backfill, runtime.embed_step()

@@ -162,3 +162,17 @@ def test_two_workers_split_the_reembedding_and_both_switch(stack: Stack, tmp_pat
         reembedded.append(sum(float(line.split()[-1]) for line in text.splitlines()
                               if line.startswith("samestyle_reembedded_total")))
     assert sum(reembedded) >= 30 and all(r > 0 for r in reembedded), reembedded
+
+
+def test_a_promoted_model_that_does_not_load_stops_the_worker_with_an_error(stack: Stack, tmp_path: Path) -> None:
+    worker = stack.start_worker("w1")
+    stack.produce([text_listing("l-1", "linen tea towel")])
+    stack.collect(lambda o: len(o.indexed_ids) >= 1)
+    promote(stack, "broken-v2", tmp_path / "no-such-model")
+    deadline = time.monotonic() + 60
+    while worker.proc is not None and worker.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert worker.proc is not None and worker.proc.poll() is not None, \
+        "the worker kept running without its model:\n" + worker.log_tail(30)
+    assert worker.proc.returncode != 0
+    assert "no-such-model" in worker.log_tail(200)
