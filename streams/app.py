@@ -43,7 +43,7 @@ from index_store import LiveIndex
 from models import Encoder, encoder_from_spec
 from topics import (DEAD_LETTERS, DUPLICATE_ALERTS, LISTING_EMBEDDINGS, LISTINGS, MODEL_UPDATES, SIMILAR_PRODUCTS,
                     topic_specs)
-from topics.errors import BadInputError, ConfigError
+from topics.errors import BadInputError, ConfigError, SamestyleError
 
 from .metrics import BrokerProbe, Metrics, PartitionLag, partition_lags
 from .backfill import Backfill
@@ -94,6 +94,8 @@ class Runtime:
         #: so their records reach listing-embeddings in the order they were decided.
         self.embed_lock = asyncio.Lock()
         self._prepared: asyncio.Future[None] | None = None
+        #: Promoted versions whose directory did not load: never the target.
+        self.failed_versions: set[str] = set()
         self.metrics = Metrics()
         self.metrics.lag_sources.append(self.group_lags)
         self.metrics.rebalance_count = lambda: int(getattr(app, "rebalancing_count", 0))
@@ -148,10 +150,26 @@ class Runtime:
         (None until the decision log and the configured encoder are known)."""
         if not self.watcher.ready.is_set():
             return None
-        latest = self.watcher.chain.latest
-        if latest is not None:
-            return latest.version
+        for promotion in reversed(self.watcher.chain.promotions):
+            if promotion.version not in self.failed_versions:
+                return promotion.version
         return self._configured.version if self._configured is not None else None
+
+    def target_encoder(self) -> Encoder | None:
+        """The target's encoder, loading it if needed (off the loop). A promoted model that does
+        not load is logged, counted and skipped: the worker keeps serving what it serves."""
+        while True:
+            target = self.target_version()
+            if target is None:
+                return None
+            try:
+                return self.encoder_for(target)
+            except SamestyleError as exc:
+                if self._configured is not None and target == self._configured.version:
+                    raise
+                log.error("promoted model %s does not load, ignored: %s", target, exc)
+                self.failed_versions.add(target)
+                self.metrics.model_load_failures.inc()
 
     def version_order(self) -> dict[str, int]:
         return {p.version: i for i, p in enumerate(self.watcher.chain.promotions)}
@@ -165,9 +183,8 @@ class Runtime:
 
     async def _prepare_models(self) -> None:
         await self.watcher.ready.wait()
-        latest = self.watcher.chain.latest
-        await self.run_model(self.encoder_for, latest.version) if latest else await self.run_model(
-            self.configured_encoder)
+        await self.run_model(self.configured_encoder)
+        await self.run_model(self.target_encoder)
 
     @property
     def serving_version(self) -> str | None:
@@ -191,6 +208,7 @@ class Runtime:
 
     def embedding_encoders(self) -> list[Encoder]:
         """[serving] or, during a switch, [serving, target] (loads them: call it off the loop)."""
+        self.target_encoder()  # a new target that does not load is skipped here
         serving, target = self.serving_version, self.target_version()
         assert serving is not None and target is not None, "embedding before the replica is ready"
         if target == serving:
@@ -386,8 +404,8 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None) -> faust.A
     @app.task
     async def model_switch() -> None:
         """Load the target model; during a switch, re-embed this worker's listings partitions.
-        A failure here (a promoted model that does not load) takes the worker down, like an
-        agent's crash: a worker must not run on without its model."""
+        A promoted model that does not load is skipped (``target_encoder``); any other failure
+        here takes the worker down, like an agent's crash."""
         try:
             await switch_models()
         except asyncio.CancelledError:
@@ -418,7 +436,9 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None) -> faust.A
                 except asyncio.TimeoutError:
                     pass
                 continue
-            encoder = await runtime.run_model(runtime.encoder_for, target)
+            encoder = await runtime.run_model(runtime.target_encoder)
+            if encoder is None or encoder.version != target:
+                continue  # the promoted model did not load: the target fell back
             await backfill.plan(target, runtime.assigned_partitions(LISTINGS))
             chunk = await backfill.next_chunk(settings.batch_size)
             if chunk:

@@ -168,6 +168,8 @@ class Metrics:
             PREFIX + "model_switch_missing",
             "Listings of the serving index the promoted model's index still lacks (0 when no switch is under way)",
             registry=r)
+        self.model_load_failures = Counter(
+            PREFIX + "model_load_failures", "Promoted models whose directory did not load (skipped)", registry=r)
         self.reembedded = Counter(
             PREFIX + "reembedded", "Catalogue records re-embedded by this worker for a model switch", registry=r)
         self.broker_up = Gauge(
