@@ -414,6 +414,8 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None) -> faust.A
             log.exception("model task failed: %s", exc)
             await app.crash(exc)
             raise
+        finally:
+            await runtime.backfill.stop()
 
     async def switch_models() -> None:
         await runtime.prepare_models()
