@@ -171,9 +171,6 @@ class Runtime:
                 self.failed_versions.add(target)
                 self.metrics.model_load_failures.inc()
 
-    def version_order(self) -> dict[str, int]:
-        return {p.version: i for i, p in enumerate(self.watcher.chain.promotions)}
-
     async def prepare_models(self) -> None:
         """Read the decision log, then load the target model (the replica needs its version).
         The first caller starts the work; every caller waits for it (and gets its error)."""
@@ -241,7 +238,7 @@ class Runtime:
         self.replica = IndexReplica(self.settings, indexes, self.specs[LISTING_EMBEDDINGS].name,
                                     self.specs[LISTING_EMBEDDINGS].partitions, directory, offsets,
                                     metrics=self.metrics, target_version=self.target_version,
-                                    version_order=self.version_order)
+                                    version_order=self.watcher.chain.order)
         self.metrics.lag_sources.append(self.replica.lags)
         return self.replica
 

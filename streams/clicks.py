@@ -51,7 +51,7 @@ import logging
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -93,18 +93,22 @@ class Decision:
     cosine: float | None = None  # when both listings were indexed
 
 
+_SETTING_DEFAULTS = {f.name: f.default for f in fields(Settings)}
+
+
 @dataclass(frozen=True)
 class PairRules:
     """The category and relevance constraints (see the module docstring)."""
 
-    category_level: int = 1
-    unknown_category: str = "skip"
-    min_co_clicks: int = 5
-    min_sessions: int = 2
-    min_dwell_ms: int = 30_000
-    min_cosine: float = 0.3
-    require_cosine: bool = False
-    session_gap_ms: int = 1_800_000
+    # Defaults are the settings' defaults (one place to change them: streams/settings.py).
+    category_level: int = _SETTING_DEFAULTS["pairs_category_level"]
+    unknown_category: str = _SETTING_DEFAULTS["pairs_unknown_category"]
+    min_co_clicks: int = _SETTING_DEFAULTS["pairs_min_co_clicks"]
+    min_sessions: int = _SETTING_DEFAULTS["pairs_min_sessions"]
+    min_dwell_ms: int = _SETTING_DEFAULTS["pairs_min_dwell_ms"]
+    min_cosine: float = _SETTING_DEFAULTS["pairs_min_cosine"]
+    require_cosine: bool = _SETTING_DEFAULTS["pairs_require_cosine"]
+    session_gap_ms: int = int(_SETTING_DEFAULTS["pairs_session_gap_seconds"] * 1000)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "PairRules":

@@ -66,12 +66,9 @@ class ModelChain:
                 return promotion.model_dir
         return None
 
-    def order(self, version: str) -> int:
-        """Position of ``version`` in the chain (-1 when never promoted): newer is larger."""
-        for i in range(len(self.promotions) - 1, -1, -1):
-            if self.promotions[i].version == version:
-                return i
-        return -1
+    def order(self) -> dict[str, int]:
+        """Position of every promoted version in the chain (its newest promotion): newer is larger."""
+        return {p.version: i for i, p in enumerate(self.promotions)}
 
 
 class ModelWatcher(Service):
