@@ -152,9 +152,9 @@ def clicks_result(events: int, raw_seconds: Sequence[float], pairs_seconds: dict
 
 def simulated_clicks(count: int, products: int, directory: Path, seed: int = 0) -> list[dict[str, Any]]:
     """``count`` click events of the default click model on a generated catalogue (session order)."""
-    from models.data import read_clusters, read_listings
-    from models.sample import generate_sample
-    from streams.simulate import ClickSimulator
+    from samestyle.models.data import read_clusters, read_listings
+    from samestyle.streams.dev.sample import generate_sample
+    from samestyle.streams.dev.simulate import ClickSimulator
 
     listings_csv, clusters_csv = generate_sample(directory / "sample", n_products=products, seed=seed)
     sim = ClickSimulator(read_listings(listings_csv), read_clusters(clusters_csv), seed=seed)
@@ -173,9 +173,9 @@ class Block:
     """The topics (unique prefix) and settings of one pairs run; clicks pre-produced to its click-events."""
 
     def __init__(self, bootstrap: str, mode: str, args: argparse.Namespace, run_dir: Path) -> None:
-        from streams.broker import free_port
-        from streams.settings import Settings
-        from topics import topic_specs
+        from samestyle.streams.dev.broker import free_port
+        from samestyle.streams.settings import Settings
+        from samestyle.topics import topic_specs
 
         run = uuid.uuid4().hex[:8]
         self.mode = mode
@@ -190,8 +190,8 @@ class Block:
 
 
 async def _produce(block: Block, clicks: Sequence[dict[str, Any]]) -> None:
-    from streams.io import send_records
-    from topics import CLICK_EVENTS, codec_for_topic
+    from samestyle.streams.io.producer import send_records
+    from samestyle.topics import CLICK_EVENTS, codec_for_topic
 
     codec = codec_for_topic(CLICK_EVENTS)
     await send_records(block.settings, block.specs[CLICK_EVENTS].name,
@@ -257,9 +257,9 @@ def pairs_run(block: Block, events: int, args: argparse.Namespace) -> dict[str, 
     """Start a pairs worker on ``block`` and time it through every pre-produced click."""
     import urllib.request
 
-    from streams.broker import die_with_parent
-    from topics import CLICK_EVENTS, CLICK_PAIRS, POSITIVE_PAIRS
-    from topics.registry import PAIRS_EVIDENCE_TABLE, PAIRS_SESSIONS_TABLE, changelog_topic
+    from samestyle.streams.dev.broker import die_with_parent
+    from samestyle.topics import CLICK_EVENTS, CLICK_PAIRS, POSITIVE_PAIRS
+    from samestyle.topics.registry import PAIRS_EVIDENCE_TABLE, PAIRS_SESSIONS_TABLE, changelog_topic
 
     source = block.specs[CLICK_EVENTS]
     watched = {source.name: source.partitions, block.specs[CLICK_PAIRS].name: block.specs[CLICK_PAIRS].partitions}
@@ -267,7 +267,7 @@ def pairs_run(block: Block, events: int, args: argparse.Namespace) -> dict[str, 
     env = dict(os.environ, **block.settings.to_env(), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     block.log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(block.log_path, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "streams.clicks"], env=env, stdout=out,
+        proc = subprocess.Popen([sys.executable, "-m", "samestyle.streams.pairs.agents"], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
     launched = time.monotonic()
     started = ended = candidate = None
@@ -354,8 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.events < 1 or args.rounds < 1 or args.raw_repeats < 1 or args.scrape_interval <= 0:
         raise SystemExit("--events, --rounds and --raw-repeats must be >= 1, --scrape-interval > 0")
     setup_logging(args.verbose)
-    from streams.broker import EmbeddedBroker, create_topics
-    from topics import CLICK_EVENTS
+    from samestyle.streams.dev.broker import EmbeddedBroker, create_topics
+    from samestyle.topics import CLICK_EVENTS
 
     tmp = Path(tempfile.mkdtemp(prefix="samestyle-bench-clicks-"))
     clicks = simulated_clicks(args.events, args.products, tmp)

@@ -24,8 +24,8 @@ import avro.schema
 import fastavro
 import numpy as np
 
-from topics import codec, vector_to_bytes
-from topics.codec import _without_logical_types, load_schema
+from samestyle.topics import codec, vector_to_bytes
+from samestyle.topics.codec import _without_logical_types, load_schema
 
 _WORDS = ("stainless steel insulated water bottle vacuum flask leak proof sports gym travel "
           "bpa free double wall keeps drinks cold 24 hours hot 12 hours wide mouth lid ceramic "

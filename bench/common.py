@@ -123,7 +123,7 @@ def setup_logging(verbose: bool = False) -> None:
     """Progress to stderr; stdout is kept for the JSON result."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s", force=True)
-    for noisy in ("kafka", "aiokafka", "faiss.loader", "models.encoder", "streams.broker"):
+    for noisy in ("kafka", "aiokafka", "faiss.loader", "samestyle.models.encoder", "samestyle.streams.dev.broker"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -173,9 +173,9 @@ def sample_messages(count: int, directory: Path, image_mode: str = "bytes") -> l
     The sample has about 1.4 listings per product (near copies and resold products), so enough
     products are generated to cover ``count``.
     """
-    from models.data import read_listings
-    from models.sample import generate_sample
-    from streams.io import listing_message
+    from samestyle.models.data import read_listings
+    from samestyle.streams.dev.sample import generate_sample
+    from samestyle.streams.io.producer import listing_message
 
     products = max(1, math.ceil(count / 1.4) + 2)
     while True:
@@ -189,7 +189,7 @@ def sample_messages(count: int, directory: Path, image_mode: str = "bytes") -> l
 
 def listing_inputs(messages: Sequence[dict[str, Any]]) -> list[Any]:
     """``ListingInput`` objects of listings records, images read into memory."""
-    from models import ListingInput
+    from samestyle.models import ListingInput
 
     out = []
     for m in messages:
@@ -239,10 +239,10 @@ def streaming_stack(encoder: str, batch_size: int, run_dir: Path | None = None,
 
     ``worker_env`` adds environment variables to the worker (e.g. ``OMP_NUM_THREADS``).
     """
-    from streams.broker import EmbeddedBroker, create_topics
-    from streams.settings import Settings
-    from streams.worker import WorkerProcess
-    from topics import topic_specs
+    from samestyle.streams.dev.broker import EmbeddedBroker, create_topics
+    from samestyle.streams.settings import Settings
+    from samestyle.streams.worker.process import WorkerProcess
+    from samestyle.topics import topic_specs
 
     run_dir = run_dir or Path(tempfile.mkdtemp(prefix="samestyle-bench-"))
     run = uuid.uuid4().hex[:8]
@@ -264,7 +264,7 @@ def streaming_stack(encoder: str, batch_size: int, run_dir: Path | None = None,
 
 
 def encode_listing(record: dict[str, Any]) -> tuple[bytes, bytes]:
-    from topics import LISTINGS, codec_for_topic
+    from samestyle.topics import LISTINGS, codec_for_topic
 
     return record["listing_id"].encode(), codec_for_topic(LISTINGS).encode(record)
 
@@ -298,7 +298,7 @@ async def embedded_times(stack: Stack, ids: set[str], timeout: float = 20.0) -> 
     """``listing_id -> embedded_at`` read back from the listing-embeddings topic (stage timing)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from topics import LISTING_EMBEDDINGS, codec_for_topic
+    from samestyle.topics import LISTING_EMBEDDINGS, codec_for_topic
 
     spec = stack.specs[LISTING_EMBEDDINGS]
     codec = codec_for_topic(LISTING_EMBEDDINGS)

@@ -73,10 +73,10 @@ def _summary(ranks: np.ndarray) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from models import ListingInput, encoder_from_spec
-    from models.data import read_listings
-    from models.query import Query, embed_queries
-    from streams.io import PROVENANCE_COLUMNS
+    from samestyle.models import ListingInput, encoder_from_spec
+    from samestyle.models.data import read_listings
+    from samestyle.models.query import Query, embed_queries
+    from samestyle.streams.io.producer import PROVENANCE_COLUMNS
 
     started = time.perf_counter()
     clusters = _read_clusters(args.data / "clusters.csv")

@@ -140,8 +140,8 @@ async def _paced(stack: Stack, producer: Any, topic: str, feed: Feed, rate: floa
 
 async def _run_rates(stack: Stack, feed: Feed, rates: list[float], args: argparse.Namespace,
                      batch_encode_seconds: float) -> dict[str, Any]:
-    from streams.io import OutputReader, make_producer
-    from topics import LISTINGS
+    from samestyle.streams.io.producer import OutputReader, make_producer
+    from samestyle.topics import LISTINGS
 
     topic = stack.specs[LISTINGS].name
     producer = make_producer(stack.settings)
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from models import encoder_from_spec
+    from samestyle.models import encoder_from_spec
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)

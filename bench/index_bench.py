@@ -120,7 +120,7 @@ def _ids(start: int, stop: int) -> list[str]:
 
 
 def exact_part(args: argparse.Namespace, rng: np.random.Generator) -> dict[str, Any]:
-    from index_store import LiveIndex
+    from samestyle.index_store import LiveIndex
 
     index = LiveIndex(args.dim, "flat")
     add_seconds = 0.0
@@ -188,7 +188,7 @@ def recall_at_k(found: Sequence[Sequence[int]], truth: np.ndarray, k: int) -> fl
 def approx_part(args: argparse.Namespace, rng: np.random.Generator) -> dict[str, Any]:
     import faiss
 
-    from index_store import LiveIndex
+    from samestyle.index_store import LiveIndex
 
     n = args.approx_n
     clusters = args.clusters or max(1, n // 100)

@@ -129,8 +129,8 @@ def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
 async def _round(stack: Stack, reader: Any, measured: list[dict[str, Any]], timeout: float,
                  profile: Path | None) -> dict[str, Any]:
     """Produce ``measured`` and time it to its last similar-products message."""
-    from streams.io import send_records
-    from topics import LISTINGS
+    from samestyle.streams.io.producer import send_records
+    from samestyle.topics import LISTINGS
 
     payload = [encode_listing(m) for m in measured]  # encoded before the clock starts
     profiler = Profiler(stack.worker.pid, profile) if profile is not None else None
@@ -163,8 +163,8 @@ async def _measure_pipeline(stack: Stack, warm: list[dict[str, Any]], rounds: li
                             timeout: float, profile: Path | None,
                             between: Callable[[], None]) -> list[dict[str, Any]]:
     """Warm up, then each round through the pipeline followed by ``between()`` (an encoder run)."""
-    from streams.io import OutputReader, send_records
-    from topics import LISTINGS
+    from samestyle.streams.io.producer import OutputReader, send_records
+    from samestyle.topics import LISTINGS
 
     out = []
     async with OutputReader(stack.settings, stack.specs) as reader:
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from models import encoder_from_spec
+    from samestyle.models import encoder_from_spec
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)

@@ -180,10 +180,10 @@ def summarize(samples: Sequence[dict[str, Any]], latencies: Sequence[float], fil
 @contextmanager
 def soak_stack(args: argparse.Namespace, run_dir: Path, worker_env: dict[str, str]) -> Iterator[tuple[Stack, Any, int]]:
     """Broker, topics, one worker with its web server on a free port: ``(stack, broker, port)``."""
-    from streams.broker import EmbeddedBroker, create_topics, free_port
-    from streams.settings import Settings
-    from streams.worker import WorkerProcess
-    from topics import topic_specs
+    from samestyle.streams.dev.broker import EmbeddedBroker, create_topics, free_port
+    from samestyle.streams.settings import Settings
+    from samestyle.streams.worker.process import WorkerProcess
+    from samestyle.topics import topic_specs
 
     run = uuid.uuid4().hex[:8]
     port = free_port()
@@ -215,8 +215,8 @@ async def _soak(stack: Stack, broker: Any, port: int, templates: list[dict[str, 
                 args: argparse.Namespace) -> dict[str, Any]:
     import aiohttp
 
-    from streams.io import OutputReader, make_producer
-    from topics import LISTINGS
+    from samestyle.streams.io.producer import OutputReader, make_producer
+    from samestyle.topics import LISTINGS
 
     topic = stack.specs[LISTINGS].name
     producer = make_producer(stack.settings)

@@ -78,8 +78,8 @@ def _latencies(sent: dict[str, int], first: dict[str, dict[str, Any]]) -> dict[s
 
 async def _run(stack: Stack, port: int, rows: list[dict[str, Any]], args: argparse.Namespace,
                new_version: str) -> dict[str, Any]:
-    from streams.io import OutputReader, make_producer, produce_listings, send_records
-    from topics import LISTINGS, MODEL_UPDATES, codec_for_topic
+    from samestyle.streams.io.producer import OutputReader, make_producer, produce_listings, send_records
+    from samestyle.topics import LISTINGS, MODEL_UPDATES, codec_for_topic
 
     catalogue, baseline, during = (rows[:args.catalogue], rows[args.catalogue:args.catalogue + args.during // 2],
                                    rows[args.catalogue + args.during // 2:args.catalogue + args.during])
@@ -142,9 +142,9 @@ async def _run(stack: Stack, port: int, rows: list[dict[str, Any]], args: argpar
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from streams.broker import free_port
-    from streams.io import listing_message
-    from models.data import read_listings
+    from samestyle.streams.dev.broker import free_port
+    from samestyle.streams.io.producer import listing_message
+    from samestyle.models.data import read_listings
 
     new_version = json.loads((Path(args.model) / "encoder.json").read_text())["version"]
     rows = [listing_message(r) for r in read_listings(args.listings, limit=args.catalogue + args.during)]

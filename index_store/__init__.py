@@ -43,7 +43,7 @@ owns the candidate. Each shard snapshots its own offsets.
 
 from __future__ import annotations
 
-from index_store.live import KINDS, Hit, LiveIndex
-from index_store.snapshot import FORMAT_VERSION, has_snapshot
+from samestyle.index_store.live import KINDS, Hit, LiveIndex
+from samestyle.index_store.snapshot import FORMAT_VERSION, has_snapshot
 
 __all__ = ["FORMAT_VERSION", "KINDS", "Hit", "LiveIndex", "has_snapshot"]

@@ -25,8 +25,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from index_store.snapshot import SnapshotReader, has_snapshot, write_snapshot
-from topics.errors import IndexStoreError
+from samestyle.index_store.snapshot import SnapshotReader, has_snapshot, write_snapshot
+from samestyle.topics.errors import IndexStoreError
 
 KINDS = ("flat", "hnsw")
 _MIN_CAPACITY = 16

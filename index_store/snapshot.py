@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from topics.errors import IndexStoreError
+from samestyle.topics.errors import IndexStoreError
 
 FORMAT = "samestyle.index_store"
 FORMAT_VERSION = 1

@@ -3,7 +3,7 @@
 Imports without Kafka or Faust. The encoder API is re-exported lazily, so that importing a
 light submodule (``models.data``) does not pay for importing torch and transformers.
 
-    from models import ListingInput, create_encoder
+    from samestyle.models import ListingInput, create_encoder
     encoder = create_encoder("default")          # CUDA when available
     vectors = encoder.encode([ListingInput("1", "red ceramic mug")]).image_text  # [1, 1664]
 """
@@ -14,19 +14,19 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "ConcatEncoder": "models.encoder",
-    "Embeddings": "models.encoder",
-    "Encoder": "models.encoder",
-    "EncoderConfig": "models.encoder",
-    "ListingInput": "models.encoder",
-    "NAMED_CONFIGS": "models.encoder",
-    "PreparedListing": "models.encoder",
-    "create_encoder": "models.encoder",
-    "encoder_from_spec": "models.encoder",
-    "load_config": "models.encoder",
-    "ImagePreprocessing": "models.images",
-    "decode_image": "models.images",
-    "load_image_bytes": "models.images",
+    "ConcatEncoder": "samestyle.models.encoder",
+    "Embeddings": "samestyle.models.encoder",
+    "Encoder": "samestyle.models.encoder",
+    "EncoderConfig": "samestyle.models.encoder",
+    "ListingInput": "samestyle.models.encoder",
+    "NAMED_CONFIGS": "samestyle.models.encoder",
+    "PreparedListing": "samestyle.models.encoder",
+    "create_encoder": "samestyle.models.encoder",
+    "encoder_from_spec": "samestyle.models.encoder",
+    "load_config": "samestyle.models.encoder",
+    "ImagePreprocessing": "samestyle.models.images",
+    "decode_image": "samestyle.models.images",
+    "load_image_bytes": "samestyle.models.images",
 }
 
 __all__ = [
@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from models.encoder import (
+    from samestyle.models.encoder import (
         NAMED_CONFIGS,
         ConcatEncoder,
         Embeddings,
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
         encoder_from_spec,
         load_config,
     )
-    from models.images import ImagePreprocessing, decode_image, load_image_bytes
+    from samestyle.models.images import ImagePreprocessing, decode_image, load_image_bytes
 
 
 def __getattr__(name: str) -> Any:

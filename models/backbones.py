@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from topics.errors import ConfigError, MissingWeightsError
+from samestyle.topics.errors import ConfigError, MissingWeightsError
 
 if TYPE_CHECKING:
-    from models.encoder import EncoderConfig
+    from samestyle.models.encoder import EncoderConfig
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from topics.errors import ConfigError
+from samestyle.topics.errors import ConfigError
 
 __all__ = [
     "LISTING_COLUMNS",

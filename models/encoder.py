@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.backbones import (
+from samestyle.models.backbones import (
     BUNDLED_EFFICIENTNET_LITE0,
     BUNDLED_MINILM,
     RANDOM_WEIGHT_SPECS,
@@ -50,8 +50,8 @@ from models.backbones import (
     build_text_backbone,
     is_local_text_spec,
 )
-from models.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, ImagePreprocessing
-from topics.errors import ConfigError, ImageError, InvalidListingError
+from samestyle.models.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, ImagePreprocessing
+from samestyle.topics.errors import ConfigError, ImageError, InvalidListingError
 
 logger = logging.getLogger(__name__)
 
@@ -557,7 +557,7 @@ def _random_weights_allowed(flag: bool) -> bool:
 
 def _trained_model_loader(path: Path, device: str, allow_random_weights: bool) -> Encoder:
     """A trained model directory (``fusion: "unified"``, weights beside ``encoder.json``)."""
-    from models.unified import load_unified_model  # imports this module: load lazily
+    from samestyle.models.unified import load_unified_model  # imports this module: load lazily
 
     return load_unified_model(path, device, allow_random_weights=allow_random_weights)
 

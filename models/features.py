@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from models.backbones import EfficientNetLiteBackbone, HFTextBackbone, ImageBackbone, TinyConvBackbone
-from models.data import ListingRecord
-from models.encoder import EncoderConfig, ListingInput, listing_text
-from models.images import ImagePreprocessing, load_image_bytes
-from topics.errors import ConfigError, ImageError
+from samestyle.models.backbones import EfficientNetLiteBackbone, HFTextBackbone, ImageBackbone, TinyConvBackbone
+from samestyle.models.data import ListingRecord
+from samestyle.models.encoder import EncoderConfig, ListingInput, listing_text
+from samestyle.models.images import ImagePreprocessing, load_image_bytes
+from samestyle.topics.errors import ConfigError, ImageError
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from topics.errors import ImageError
+from samestyle.topics.errors import ImageError
 
 DEFAULT_MAX_IMAGE_BYTES = 20_000_000
 # 40 megapixels is a 7300x5500 photo: larger than any product shot, and a 40 MP RGB bitmap is

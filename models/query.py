@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.encoder import Encoder, ListingInput
-from topics.errors import InvalidListingError
+from samestyle.models.encoder import Encoder, ListingInput
+from samestyle.topics.errors import InvalidListingError
 
 #: Title given to an image-only query; the I view does not read it.
 _IMAGE_ONLY_TITLE = "query image"

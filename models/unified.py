@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.backbones import HFTextBackbone, ImageBackbone, build_image_backbone, build_text_backbone
-from models.encoder import (
+from samestyle.models.backbones import HFTextBackbone, ImageBackbone, build_image_backbone, build_text_backbone
+from samestyle.models.encoder import (
     ALLOW_RANDOM_WEIGHTS_ENV,
     MODEL_DIR_CONFIG,
     Embeddings,
@@ -60,8 +60,8 @@ from models.encoder import (
     PreparedListing,
     prepare_listing,
 )
-from models.features import image_tokens, text_tokens
-from topics.errors import ConfigError, MissingWeightsError
+from samestyle.models.features import image_tokens, text_tokens
+from samestyle.topics.errors import ConfigError, MissingWeightsError
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from topics.errors import ConfigError
+from samestyle.topics.errors import ConfigError
 
 ENV_PREFIX = "SAMESTYLE_"
 

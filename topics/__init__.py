@@ -3,8 +3,8 @@
 Imports nothing heavy (no faust, kafka or torch), so every package may depend on it.
 """
 
-from topics.codec import Codec, bytes_to_vector, codec, codec_for_topic, vector_to_bytes
-from topics.registry import (
+from samestyle.topics.codec import Codec, bytes_to_vector, codec, codec_for_topic, vector_to_bytes
+from samestyle.topics.registry import (
     CLICK_EVENTS,
     CLICK_PAIRS,
     DEAD_LETTERS,

@@ -64,8 +64,8 @@ import fastavro
 import numpy as np
 from fastavro.schema import to_parsing_canonical_form
 
-from topics.errors import BadInputError, ConfigError, DecodeError
-from topics.registry import topic_specs
+from samestyle.topics.errors import BadInputError, ConfigError, DecodeError
+from samestyle.topics.registry import topic_specs
 
 MARKER = b"\xc3\x01"
 HEADER_SIZE = len(MARKER) + 8

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from topics.errors import ConfigError
+from samestyle.topics.errors import ConfigError
 
 LISTINGS = "listings"
 LISTING_EMBEDDINGS = "listing-embeddings"

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from streams.broker import EmbeddedBroker, create_topics
-from streams.io import OutputReader, Outputs, produce_listings, send_records
-from streams.settings import Settings
-from streams.worker import WorkerProcess
-from topics import LISTINGS, TopicSpec, topic_specs
+from samestyle.streams.dev.broker import EmbeddedBroker, create_topics
+from samestyle.streams.io.producer import OutputReader, Outputs, produce_listings, send_records
+from samestyle.streams.settings import Settings
+from samestyle.streams.worker.process import WorkerProcess
+from samestyle.topics import LISTINGS, TopicSpec, topic_specs
 
 pytestmark = pytest.mark.integration
 

@@ -10,10 +10,10 @@ from typing import Sequence
 
 import faust
 
-from models import create_encoder
-from models.encoder import Embeddings, PreparedListing
-from streams.app import create_app
-from streams.settings import Settings
+from samestyle.models import create_encoder
+from samestyle.models.encoder import Embeddings, PreparedListing
+from samestyle.streams.worker.app import create_app
+from samestyle.streams.settings import Settings
 
 
 class ExplodingEncoder:

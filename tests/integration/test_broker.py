@@ -6,9 +6,9 @@ import uuid
 
 import pytest
 
-from streams.broker import EmbeddedBroker, admin_client, create_topics
-from topics import topic_specs
-from topics.errors import BrokerError
+from samestyle.streams.dev.broker import EmbeddedBroker, admin_client, create_topics
+from samestyle.topics import topic_specs
+from samestyle.topics.errors import BrokerError
 
 pytestmark = pytest.mark.integration
 
@@ -26,8 +26,8 @@ def test_create_topics_is_idempotent_and_checks_partition_counts(broker: Embedde
 
 
 def test_a_worker_refuses_to_start_without_its_topics(broker: EmbeddedBroker, tmp_path) -> None:
-    from streams.settings import Settings
-    from streams.worker import WorkerProcess
+    from samestyle.streams.settings import Settings
+    from samestyle.streams.worker.process import WorkerProcess
 
     settings = Settings(bootstrap=broker.bootstrap, topic_prefix=f"none{uuid.uuid4().hex[:6]}-", encoder="tiny",
                         allow_random_weights=True, state_dir=tmp_path / "state", web_port=0)

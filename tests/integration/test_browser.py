@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from streams.broker import EmbeddedBroker
+from samestyle.streams.dev.broker import EmbeddedBroker
 
-from .test_search_api import Served, serve_sample
+from tests.integration.test_search_api import Served, serve_sample
 
 pytestmark = pytest.mark.integration
 

@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 
-from models.data import ListingRecord
-from streams.broker import create_topics, die_with_parent
-from streams.io import listing_message, send_records
-from streams.pairs_report import read_topics
-from streams.worker import WorkerProcess
-from topics import CLICK_EVENTS, CLICK_PAIRS, TopicSpec, codec_for_topic, topic_specs
+from samestyle.models.data import ListingRecord
+from samestyle.streams.dev.broker import create_topics, die_with_parent
+from samestyle.streams.io.producer import listing_message, send_records
+from samestyle.streams.dev.pairs_report import read_topics
+from samestyle.streams.worker.process import WorkerProcess
+from samestyle.topics import CLICK_EVENTS, CLICK_PAIRS, TopicSpec, codec_for_topic, topic_specs
 
-from .conftest import Stack
+from tests.integration.conftest import Stack
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ class PairsWorker(WorkerProcess):
         env = dict(os.environ, **self.settings.to_env(), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "streams.clicks"], env=env, stdout=out,
+            self.proc = subprocess.Popen([sys.executable, "-m", "samestyle.streams.pairs.agents"], env=env, stdout=out,
                                          stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         return self
 

@@ -12,11 +12,11 @@ import time
 
 import pytest
 
-from streams.broker import die_with_parent
-from streams.io import listing_message
-from models.data import ListingRecord
+from samestyle.streams.dev.broker import die_with_parent
+from samestyle.streams.io.producer import listing_message
+from samestyle.models.data import ListingRecord
 
-from .conftest import Stack
+from tests.integration.conftest import Stack
 
 pytestmark = pytest.mark.integration
 
@@ -51,8 +51,8 @@ def test_a_worker_dies_with_the_process_that_started_it(stack: Stack) -> None:
     script = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from streams.settings import Settings
-        from streams.worker import WorkerProcess
+        from samestyle.streams.settings import Settings
+        from samestyle.streams.worker.process import WorkerProcess
         w = WorkerProcess(Settings.from_env(), Path({str(stack.tmp / 'orphan.log')!r})).start()
         print(w.pid, flush=True)
         time.sleep(600)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from streams.cli import main
+from samestyle.streams.cli.main import main
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

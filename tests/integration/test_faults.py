@@ -20,14 +20,14 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from streams.app import snapshot_dir
-from streams.indexes import load_active_snapshot
-from streams.broker import EmbeddedBroker, create_topics, free_port
-from streams.settings import Settings
-from streams.worker import WorkerProcess
-from topics import LISTING_EMBEDDINGS, LISTINGS, codec_for_topic, topic_specs
+from samestyle.streams.worker.app import snapshot_dir
+from samestyle.streams.switch.indexes import load_active_snapshot
+from samestyle.streams.dev.broker import EmbeddedBroker, create_topics, free_port
+from samestyle.streams.settings import Settings
+from samestyle.streams.worker.process import WorkerProcess
+from samestyle.topics import LISTING_EMBEDDINGS, LISTINGS, codec_for_topic, topic_specs
 
-from .conftest import Stack, text_listing
+from tests.integration.conftest import Stack, text_listing
 
 pytestmark = pytest.mark.integration
 

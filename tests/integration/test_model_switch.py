@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 import torch
 
-from models.backbones import build_image_backbone, build_text_backbone
-from models.encoder import NAMED_CONFIGS
-from models.unified import CrossScorer, UnifiedConfig, UnifiedFusion, save_unified_model
-from streams.broker import free_port
-from streams.io import Outputs, send_records
-from topics import MODEL_UPDATES, codec_for_topic
+from samestyle.models.backbones import build_image_backbone, build_text_backbone
+from samestyle.models.encoder import NAMED_CONFIGS
+from samestyle.models.unified import CrossScorer, UnifiedConfig, UnifiedFusion, save_unified_model
+from samestyle.streams.dev.broker import free_port
+from samestyle.streams.io.producer import Outputs, send_records
+from samestyle.topics import MODEL_UPDATES, codec_for_topic
 
-from .conftest import Stack, text_listing
+from tests.integration.conftest import Stack, text_listing
 
 pytestmark = pytest.mark.integration
 

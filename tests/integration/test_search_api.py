@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 
-from models.data import read_listings
-from models.sample import generate_sample
-from streams.broker import EmbeddedBroker, create_topics
-from streams.io import listing_message
-from streams.settings import Settings
-from topics import topic_specs
+from samestyle.models.data import read_listings
+from samestyle.streams.dev.sample import generate_sample
+from samestyle.streams.dev.broker import EmbeddedBroker, create_topics
+from samestyle.streams.io.producer import listing_message
+from samestyle.streams.settings import Settings
+from samestyle.topics import topic_specs
 
-from .conftest import Stack
+from tests.integration.conftest import Stack
 
 pytestmark = pytest.mark.integration
 

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from models.data import read_listings
-from models.sample import generate_sample
-from streams.app import snapshot_dir
-from streams.indexes import load_active_snapshot
-from streams.io import Outputs, delete_message, listing_message
-from topics import LISTINGS, codec_for_topic
+from samestyle.models.data import read_listings
+from samestyle.streams.dev.sample import generate_sample
+from samestyle.streams.worker.app import snapshot_dir
+from samestyle.streams.switch.indexes import load_active_snapshot
+from samestyle.streams.io.producer import Outputs, delete_message, listing_message
+from samestyle.topics import LISTINGS, codec_for_topic
 
-from .conftest import Stack, text_listing
+from tests.integration.conftest import Stack, text_listing
 
 pytestmark = pytest.mark.integration
 

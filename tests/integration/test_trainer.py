@@ -19,14 +19,14 @@ from typing import Any
 
 import pytest
 
-from models.encoder import encoder_from_spec
-from models.sample import generate_sample
-from streams.clicks import pair_key
-from streams.io import send_records
-from streams.trainer import PROMOTED, REJECTED, decide
-from topics import MODEL_UPDATES, POSITIVE_PAIRS, codec_for_topic
+from samestyle.models.encoder import encoder_from_spec
+from samestyle.streams.dev.sample import generate_sample
+from samestyle.streams.pairs.agents import pair_key
+from samestyle.streams.io.producer import send_records
+from samestyle.streams.trainer.service import PROMOTED, REJECTED, decide
+from samestyle.topics import MODEL_UPDATES, POSITIVE_PAIRS, codec_for_topic
 
-from .conftest import Stack
+from tests.integration.conftest import Stack
 
 pytestmark = pytest.mark.integration
 
@@ -80,7 +80,7 @@ def run_trainer(stack: Stack, data: Path, *extra: str, prefix: str | None = None
                OMP_NUM_THREADS="1")
     if prefix is not None:
         env["SAMESTYLE_TOPIC_PREFIX"] = prefix
-    argv = [sys.executable, "-m", "streams.cli", "trainer", "--once", "--json",
+    argv = [sys.executable, "-m", "samestyle.streams.cli.main", "trainer", "--once", "--json",
             "--listings", str(data / "listings.csv"), "--valid-clusters", str(data / "clusters.csv"),
             "--work-dir", str(stack.tmp / "work"), "--models-dir", str(stack.tmp / "models"),
             "--base", "tiny", "--epochs", "1", "--batch-size", "4", "--cache-dir", str(stack.tmp / "cache"),

@@ -11,7 +11,7 @@ import pytest
 
 from bench import common, freshness_bench, index_bench, pipeline_bench
 
-from .benchutil import run_json
+from tests.unit.benchutil import run_json
 
 
 # ------------------------------------------------------------------------------ parsing
@@ -43,7 +43,7 @@ def test_index_arguments() -> None:
 
 
 def test_bench_reachable_from_cli(capsys: pytest.CaptureFixture[str]) -> None:
-    from streams.cli import main
+    from samestyle.streams.cli.main import main
 
     with pytest.raises(SystemExit) as exc:
         main(["bench", "index", "--help"])

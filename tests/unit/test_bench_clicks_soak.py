@@ -13,7 +13,7 @@ import pytest
 
 from bench import clicks_bench, soak_bench
 
-from .benchutil import run_json
+from tests.unit.benchutil import run_json
 
 
 # ------------------------------------------------------------------------------ clicks

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from models.data import ListingRecord
-from streams.clicks import (
+from samestyle.models.data import ListingRecord
+from samestyle.streams.pairs.agents import (
     PairMiner,
     PairRules,
     add_click,
@@ -19,11 +19,11 @@ from streams.clicks import (
     pair_key,
     session_window,
 )
-from streams.settings import Settings
-from streams.simulate import ClickModel, ClickSimulator, pseudo_category
-from streams.transport import seek_before_resuming_streams
-from topics import codec_for_topic
-from topics.errors import ConfigError
+from samestyle.streams.settings import Settings
+from samestyle.streams.dev.simulate import ClickModel, ClickSimulator, pseudo_category
+from samestyle.streams.worker.transport import seek_before_resuming_streams
+from samestyle.topics import codec_for_topic
+from samestyle.topics.errors import ConfigError
 
 T0 = 1_717_200_000_000
 RULES = PairRules(min_co_clicks=3, min_sessions=2, min_dwell_ms=1_000, min_cosine=0.5)

@@ -185,7 +185,7 @@ def _metric_names_in(expr: str) -> set[str]:
 
 
 def test_dashboard_queries_name_only_exported_metrics() -> None:
-    from streams.metrics import Metrics, metric_names
+    from samestyle.streams.worker.metrics import Metrics, metric_names
 
     exported = metric_names(Metrics())
     named: set[str] = set()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from models.data import (
+from samestyle.models.data import (
     ListingRecord,
     cluster_pairs,
     pair_precision_recall,
@@ -17,8 +17,8 @@ from models.data import (
     read_listings,
     read_pairs,
 )
-from models.sample import generate_sample, planted_duplicate_pairs
-from topics.errors import ConfigError
+from samestyle.streams.dev.sample import generate_sample, planted_duplicate_pairs
+from samestyle.topics.errors import ConfigError
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 ABT_BUY = SHARED_DATA / "abt_buy" / "full_gt"

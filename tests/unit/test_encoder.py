@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from models.encoder import (
+from samestyle.models.encoder import (
     ALLOW_RANDOM_WEIGHTS_ENV,
     Embeddings,
     Encoder,
@@ -26,8 +26,8 @@ from models.encoder import (
     listing_text,
     load_config,
 )
-from models.images import ImagePreprocessing, decode_image, load_image_bytes
-from topics.errors import ConfigError, ImageError, InvalidListingError, MissingWeightsError
+from samestyle.models.images import ImagePreprocessing, decode_image, load_image_bytes
+from samestyle.topics.errors import ConfigError, ImageError, InvalidListingError, MissingWeightsError
 
 
 def png_bytes(
@@ -124,7 +124,7 @@ def test_deterministic_across_processes(tiny: Encoder, tmp_path: Path) -> None:
         """
         import sys
         import numpy as np
-        from models.encoder import ListingInput, create_encoder
+        from samestyle.models.encoder import ListingInput, create_encoder
         enc = create_encoder("tiny", device="cpu")
         out = enc.encode([ListingInput("a", "Red ceramic mug 350ml", "Dishwasher safe")])
         np.save(sys.argv[1], out.image_text)
@@ -287,7 +287,7 @@ def test_random_weights_env_and_loud_warning(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv(ALLOW_RANDOM_WEIGHTS_ENV, "1")
-    with caplog.at_level(logging.WARNING, logger="models.encoder"):
+    with caplog.at_level(logging.WARNING, logger="samestyle.models.encoder"):
         encoder = create_encoder("tiny")
     assert encoder.version == "tiny-random-concat-v1"
     assert any("RANDOM WEIGHTS" in r.getMessage() for r in caplog.records)

@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import index_store.snapshot as snapshot_module
-from index_store import Hit, LiveIndex
-from topics.errors import IndexStoreError
+import samestyle.index_store.snapshot as snapshot_module
+from samestyle.index_store import Hit, LiveIndex
+from samestyle.topics.errors import IndexStoreError
 
 TOL = 1e-4
 
@@ -555,7 +555,7 @@ def test_concurrent_upsert_delete_search(kind: str) -> None:
 
 def test_imports_without_broker_or_torch() -> None:
     code = (
-        "import sys, index_store; "
+        "import sys, samestyle.index_store; "
         "print([m for m in ('faust', 'aiokafka', 'kafka', 'torch') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

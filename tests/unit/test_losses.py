@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.losses import (
+from samestyle.models.train.losses import (
     InBatchHinge,
     LocalityConsistency,
     SelfDistinctiveness,

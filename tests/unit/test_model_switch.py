@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models import create_encoder
-from streams.app import searchable
-from streams.backfill import Backfill
-from streams.indexes import ModelIndexes, load_active_snapshot
-from streams.models_live import ModelChain, ModelWatcher
-from streams.pipeline import EmbeddingUpdate, EmbedStep, Incoming, decode_embedding
-from streams.settings import Settings
-from topics import LISTINGS, MODEL_UPDATES, codec_for_topic
+from samestyle.models import create_encoder
+from samestyle.streams.worker.app import searchable
+from samestyle.streams.switch.backfill import Backfill
+from samestyle.streams.switch.indexes import ModelIndexes, load_active_snapshot
+from samestyle.streams.switch.watcher import ModelChain, ModelWatcher
+from samestyle.streams.worker.pipeline import EmbeddingUpdate, EmbedStep, Incoming, decode_embedding
+from samestyle.streams.settings import Settings
+from samestyle.topics import LISTINGS, MODEL_UPDATES, codec_for_topic
 
 
 def _views(seed: int, dim: int) -> np.ndarray:

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from index_store import LiveIndex
-from models import create_encoder
-from streams.pipeline import (VIEWS, EmbedStep, EmbeddingUpdate, Incoming, SearchStep, apply_updates,
+from samestyle.index_store import LiveIndex
+from samestyle.models import create_encoder
+from samestyle.streams.worker.pipeline import (VIEWS, EmbedStep, EmbeddingUpdate, Incoming, SearchStep, apply_updates,
                               decode_embedding)
-from streams.settings import Settings
-from topics import DEAD_LETTERS, DUPLICATE_ALERTS, LISTINGS, SIMILAR_PRODUCTS, codec_for_topic
-from topics.errors import ConfigError
+from samestyle.streams.settings import Settings
+from samestyle.topics import DEAD_LETTERS, DUPLICATE_ALERTS, LISTINGS, SIMILAR_PRODUCTS, codec_for_topic
+from samestyle.topics.errors import ConfigError
 
 
 # ---------------------------------------------------------------------------------- settings
@@ -198,8 +198,8 @@ def test_a_copy_searched_before_its_original_arrived_is_alerted_by_the_original(
 
 
 def test_the_app_consumes_with_the_configured_fetch_wait(tmp_path: Path) -> None:
-    from streams.app import create_app
-    from streams.transport import Consumer, Transport
+    from samestyle.streams.worker.app import create_app
+    from samestyle.streams.worker.transport import Consumer, Transport
 
     settings = Settings(bootstrap="127.0.0.1:1", web_port=0, state_dir=tmp_path, consumer_fetch_max_wait_seconds=0.25)
     app = create_app(settings, encoder=create_encoder("tiny", "cpu", allow_random_weights=True))

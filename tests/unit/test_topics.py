@@ -21,8 +21,8 @@ from fastavro.schema import to_parsing_canonical_form
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import topics
-from topics import (
+from samestyle import topics
+from samestyle.topics import (
     CLICK_EVENTS,
     CLICK_PAIRS,
     DEAD_LETTERS,
@@ -41,7 +41,7 @@ from topics import (
     topic_specs,
     vector_to_bytes,
 )
-from topics.codec import (
+from samestyle.topics.codec import (
     HEADER_SIZE,
     MARKER,
     _without_logical_types,
@@ -49,7 +49,7 @@ from topics.codec import (
     rabin_fingerprint,
     schema_names,
 )
-from topics.errors import BadInputError, ConfigError, DecodeError
+from samestyle.topics.errors import BadInputError, ConfigError, DecodeError
 
 T0 = 1_717_171_717_123  # 2024-05-31T16:08:37.123Z
 DIM = 8
@@ -522,7 +522,7 @@ def test_vector_to_bytes_rejects_bad_vectors() -> None:
 
 
 def test_topics_imports_without_broker_or_torch() -> None:
-    code = ("import sys, topics; heavy = [m for m in sys.modules if m.split('.')[0] in "
+    code = ("import sys, samestyle.topics; heavy = [m for m in sys.modules if m.split('.')[0] in "
             "('faust', 'kafka', 'aiokafka', 'torch', 'mode')]; print(heavy); "
             "sys.exit(1 if heavy else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from models import evaluate, train
-from topics.errors import ConfigError
+from samestyle.models.train import evaluate, run as train
+from samestyle.topics.errors import ConfigError
 
 PRODUCTS = [
     ("sony turntable pslx350h", "sony pslx350h belt drive turntable", (200, 30, 30)),
@@ -162,8 +162,8 @@ def test_image_only_photos_train_then_eval_val_against_catalog(
 def test_mined_negatives_skip_excluded_listings() -> None:
     import torch
 
-    from models.features import FeatureCache
-    from models.unified import UnifiedConfig, UnifiedFusion
+    from samestyle.models.features import FeatureCache
+    from samestyle.models.unified import UnifiedConfig, UnifiedFusion
 
     n = 6
     cache = FeatureCache([f"x{k}" for k in range(n)], ["t"] * n, torch.randn(n, 3, 8).half(),
@@ -182,8 +182,8 @@ def test_mined_negatives_skip_excluded_listings() -> None:
 def test_finetune_last_text_layer_saves_and_serves_the_backbone(dataset: Path, tmp_path: Path) -> None:
     import torch
 
-    from models.encoder import NAMED_CONFIGS, ListingInput
-    from models.unified import load_unified_model
+    from samestyle.models.encoder import NAMED_CONFIGS, ListingInput
+    from samestyle.models.unified import load_unified_model
 
     out = tmp_path / "model"
     _train(dataset, out, "--clusters", str(dataset / "clusters.csv"), "--scorer-layers", "0", "--no-images",
@@ -207,9 +207,9 @@ def test_finetune_last_image_block_saves_and_serves_the_backbone(
 
     import torch
 
-    from models.encoder import NAMED_CONFIGS, ListingInput
-    from models.features import image_tokens
-    from models.unified import load_unified_model
+    from samestyle.models.encoder import NAMED_CONFIGS, ListingInput
+    from samestyle.models.features import image_tokens
+    from samestyle.models.unified import load_unified_model
 
     saved: dict[str, torch.nn.Module] = {}
     original_save = train.save_unified_model
@@ -279,7 +279,7 @@ def test_concat_fusion_ablation_trains_and_evaluates(dataset: Path, tmp_path: Pa
 def test_embed_view_matches_one_fusion_call() -> None:
     import torch
 
-    from models.unified import UnifiedConfig, UnifiedFusion
+    from samestyle.models.unified import UnifiedConfig, UnifiedFusion
 
     torch.manual_seed(0)
     fusion = UnifiedFusion(UnifiedConfig(dim=8, hidden=16, heads=2, ffn=16, layers=1, dropout=0.0), 6, 4).eval()
@@ -312,7 +312,7 @@ def test_partner_split_pairs_photos_with_their_catalog_entry(photo_dataset: Path
 def test_retrieval_ties_are_not_hits() -> None:
     import numpy as np
 
-    from models.metrics import retrieval_metrics
+    from samestyle.models.train.metrics import retrieval_metrics
 
     # No signal at all (every score equal): expected rank, not a perfect score.
     flat = retrieval_metrics(np.zeros((2, 4)), ["a", "b"], ["a", "b", "c", "d"])

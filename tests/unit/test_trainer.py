@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from models.data import read_pairs
-from streams.trainer import (
+from samestyle.models.data import read_pairs
+from samestyle.streams.trainer.service import (
     PROMOTED,
     REJECTED,
     TrainerState,
@@ -23,8 +23,8 @@ from streams.trainer import (
     update_record,
     write_pairs_csv,
 )
-from topics import MODEL_UPDATES, codec_for_topic
-from topics.errors import ConfigError
+from samestyle.topics import MODEL_UPDATES, codec_for_topic
+from samestyle.topics.errors import ConfigError
 
 
 def mined(a: str, b: str, **extra: Any) -> dict[str, Any]:

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models.backbones import build_image_backbone, build_text_backbone
-from models.encoder import NAMED_CONFIGS, ListingInput
-from models.unified import (
+from samestyle.models.backbones import build_image_backbone, build_text_backbone
+from samestyle.models.encoder import NAMED_CONFIGS, ListingInput
+from samestyle.models.unified import (
     CrossScorer,
     UnifiedConfig,
     UnifiedEncoder,
@@ -21,7 +21,7 @@ from models.unified import (
     load_unified_model,
     save_unified_model,
 )
-from topics.errors import ConfigError, InvalidListingError
+from samestyle.topics.errors import ConfigError, InvalidListingError
 
 SMALL = UnifiedConfig(dim=16, hidden=32, layers=1, heads=2, ffn=64, image_grid=2, dropout=0.0, scorer_layers=1)
 
@@ -162,7 +162,7 @@ def test_model_dir_round_trip(encoder: UnifiedEncoder, tmp_path) -> None:
     assert loaded.version == "test-unified-v1"
     a, b = encoder.encode(LISTINGS), loaded.encode(LISTINGS)
     assert np.allclose(a.image_text, b.image_text, atol=1e-5)
-    from models.encoder import encoder_from_spec
+    from samestyle.models.encoder import encoder_from_spec
 
     via_spec = encoder_from_spec(str(tmp_path), "cpu", allow_random_weights=True)
     assert isinstance(via_spec, UnifiedEncoder)

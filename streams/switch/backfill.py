@@ -21,8 +21,8 @@ from typing import Iterable, Sequence
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from .pipeline import Incoming
-from .settings import Settings
+from samestyle.streams.worker.pipeline import Incoming
+from samestyle.streams.settings import Settings
 
 log = logging.getLogger(__name__)
 

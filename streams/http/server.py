@@ -23,10 +23,10 @@ from aiohttp import web
 from mode import Service
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .settings import Settings
+from samestyle.streams.settings import Settings
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .app import Runtime
+    from samestyle.streams.worker.app import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ from typing import Any, Iterable
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from mode import Service
 
-from topics import codec_for_topic
-from topics.errors import BadInputError
-from topics.registry import MODEL_UPDATES
+from samestyle.topics import codec_for_topic
+from samestyle.topics.errors import BadInputError
+from samestyle.topics.registry import MODEL_UPDATES
 
-from .settings import Settings
+from samestyle.streams.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from topics.errors import BrokerError
+from samestyle.topics.errors import BrokerError
 
-from .broker import die_with_parent
-from .settings import Settings
+from samestyle.streams.dev.broker import die_with_parent
+from samestyle.streams.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +22,10 @@ def run_worker(settings: Settings) -> int:
     """Run the Faust worker until SIGTERM/SIGINT; returns the exit code (non-zero after a crash)."""
     import faust  # imported here so `samestyle --help` stays fast
 
-    from topics import topic_specs
+    from samestyle.topics import topic_specs
 
-    from .app import create_app
-    from .broker import check_topics
+    from samestyle.streams.worker.app import create_app
+    from samestyle.streams.dev.broker import check_topics
 
     # The default worker runs no Faust tables, so no changelog topics are required here.
     check_topics(",".join(settings.bootstrap_servers), topic_specs(settings.topic_prefix, settings.partitions).values())
@@ -63,7 +63,7 @@ class WorkerProcess:
         env.update(self.extra_env)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env, stdout=out,
+            self.proc = subprocess.Popen([sys.executable, "-m", "samestyle.streams.cli.main", "worker"], env=env, stdout=out,
                                          stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
                                          # Ctrl-C goes to the parent, which stops the worker in order.
                                          start_new_session=True)

@@ -39,23 +39,23 @@ import faust
 import mode
 from faust.types import EventT
 
-from index_store import LiveIndex
-from models import Encoder, encoder_from_spec
-from topics import (DEAD_LETTERS, DUPLICATE_ALERTS, LISTING_EMBEDDINGS, LISTINGS, MODEL_UPDATES, SIMILAR_PRODUCTS,
+from samestyle.index_store import LiveIndex
+from samestyle.models import Encoder, encoder_from_spec
+from samestyle.topics import (DEAD_LETTERS, DUPLICATE_ALERTS, LISTING_EMBEDDINGS, LISTINGS, MODEL_UPDATES, SIMILAR_PRODUCTS,
                     topic_specs)
-from topics.errors import BadInputError, ConfigError, SamestyleError
+from samestyle.topics.errors import BadInputError, ConfigError, SamestyleError
 
-from .metrics import BrokerProbe, Metrics, PartitionLag, partition_lags
-from .backfill import Backfill
-from .indexes import ModelIndexes
-from .models_live import ModelWatcher
-from .pipeline import (VIEWS, EmbeddingUpdate, EmbedStep, Failure, Incoming, Outgoing, SearchStep, decode_embedding,
+from samestyle.streams.worker.metrics import BrokerProbe, Metrics, PartitionLag, partition_lags
+from samestyle.streams.switch.backfill import Backfill
+from samestyle.streams.switch.indexes import ModelIndexes
+from samestyle.streams.switch.watcher import ModelWatcher
+from samestyle.streams.worker.pipeline import (VIEWS, EmbeddingUpdate, EmbedStep, Failure, Incoming, Outgoing, SearchStep, decode_embedding,
                        now_ms)
-from .replica import IndexReplica
-from .settings import Settings
-from .transport import install as install_transport
-from .search_api import search_routes
-from .web import WebServer, core_routes
+from samestyle.streams.worker.replica import IndexReplica
+from samestyle.streams.settings import Settings
+from samestyle.streams.worker.transport import install as install_transport
+from samestyle.streams.http.search import search_routes
+from samestyle.streams.http.server import WebServer, core_routes
 
 log = logging.getLogger(__name__)
 

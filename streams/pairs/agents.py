@@ -56,11 +56,11 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from topics import CLICK_EVENTS, CLICK_PAIRS, POSITIVE_PAIRS, codec_for_topic
-from topics.errors import BadInputError
-from topics.registry import PAIRS_EVIDENCE_TABLE, PAIRS_SESSIONS_TABLE
+from samestyle.topics import CLICK_EVENTS, CLICK_PAIRS, POSITIVE_PAIRS, codec_for_topic
+from samestyle.topics.errors import BadInputError
+from samestyle.topics.registry import PAIRS_EVIDENCE_TABLE, PAIRS_SESSIONS_TABLE
 
-from .settings import Settings
+from samestyle.streams.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -306,8 +306,8 @@ def register_pairs_agent(app: Any, runtime: Any, settings: Settings) -> None:
     import faust
     import mode
 
-    from .pipeline import Failure, Incoming, Outgoing
-    from .transport import seek_before_resuming_streams
+    from samestyle.streams.worker.pipeline import Failure, Incoming, Outgoing
+    from samestyle.streams.worker.transport import seek_before_resuming_streams
 
     if getattr(app, "_samestyle_pairs_registered", False):
         return
@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m streams.clicks``: a worker with the pairs agent, until create_app registers it itself."""
     import faust
 
-    from .app import create_app
+    from samestyle.streams.worker.app import create_app
 
     settings = Settings.from_env()
     app = create_app(settings)

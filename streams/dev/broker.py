@@ -22,8 +22,8 @@ from typing import Iterable, Iterator
 
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from topics import TopicSpec
-from topics.errors import BrokerError
+from samestyle.topics import TopicSpec
+from samestyle.topics.errors import BrokerError
 
 log = logging.getLogger(__name__)
 

@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
-from index_store import LiveIndex
-from topics.errors import IndexStoreError
+from samestyle.index_store import LiveIndex
+from samestyle.topics.errors import IndexStoreError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .pipeline import EmbeddingUpdate
+    from samestyle.streams.worker.pipeline import EmbeddingUpdate
 
 log = logging.getLogger(__name__)
 

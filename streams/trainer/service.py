@@ -63,10 +63,10 @@ from typing import Any
 
 import numpy as np
 
-from topics import MODEL_UPDATES, POSITIVE_PAIRS, TopicSpec, codec_for_topic, topic_specs
-from topics.errors import BrokerError, ConfigError
+from samestyle.topics import MODEL_UPDATES, POSITIVE_PAIRS, TopicSpec, codec_for_topic, topic_specs
+from samestyle.topics.errors import BrokerError, ConfigError
 
-from .settings import Settings
+from samestyle.streams.settings import Settings
 
 log = logging.getLogger("samestyle.trainer")
 
@@ -202,7 +202,7 @@ class Validation:
     """One valid set and its metric; ``score(spec)`` loads a model and measures it."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from models.data import read_listings, read_pairs
+        from samestyle.models.data import read_listings, read_pairs
 
         self.args = args
         path = args.valid_listings or args.listings
@@ -222,7 +222,7 @@ class Validation:
             self.records = [self.records[k] for k in needed]
             self.clusters = None
         else:
-            from models.evaluate import run_clusters
+            from samestyle.models.train.evaluate import run_clusters
 
             self.metric = METRIC_CLUSTERS
             self.pairs = None
@@ -245,8 +245,8 @@ class Validation:
 
     def score(self, spec: str, label: str) -> tuple[float, str]:
         """``(metric value, model version)`` of a model directory or encoder spec."""
-        from models.evaluate import embed_records, load_model
-        from models.metrics import best_threshold, pair_metrics, retrieval_metrics
+        from samestyle.models.train.evaluate import embed_records, load_model
+        from samestyle.models.train.metrics import best_threshold, pair_metrics, retrieval_metrics
 
         args = self.args
         model = load_model(spec, args.device, args.allow_random_weights)
@@ -273,8 +273,8 @@ class Validation:
 
 def train_candidate(args: argparse.Namespace, pairs: Sequence[Pair], catalogue: set[str]) -> tuple[Path, str, int]:
     """Write the pairs CSV and train a candidate; returns ``(model dir, version, pairs used)``."""
-    from models import train
-    from models.encoder import load_config
+    from samestyle.models.train import run as train
+    from samestyle.models.encoder import load_config
 
     usable = [p for p in pairs if p[0] in catalogue and p[1] in catalogue]
     if len(usable) < len(pairs):
@@ -401,7 +401,7 @@ class PairsReader:
 
 
 async def produce_update(settings: Settings, spec: TopicSpec, record: Mapping[str, Any]) -> None:
-    from .io import send_records
+    from samestyle.streams.io.producer import send_records
 
     value = codec_for_topic(MODEL_UPDATES).encode(dict(record))
     await send_records(settings, spec.name, [(record["version"].encode(), value)])
@@ -414,7 +414,7 @@ class Trainer:
     """The catalogue, the valid set and the state of one trainer; :meth:`run` is the loop."""
 
     def __init__(self, args: argparse.Namespace, settings: Settings) -> None:
-        from models.data import read_listings
+        from samestyle.models.data import read_listings
 
         self.args, self.settings = args, settings
         self.specs = topic_specs(settings.topic_prefix, settings.partitions)
@@ -519,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .broker import check_topics
+    from samestyle.streams.dev.broker import check_topics
 
     args = build_parser().parse_args(argv)
     if args.min_new_pairs < 1:

@@ -37,17 +37,17 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 import numpy as np
 from aiohttp import BodyPartReader, web
 
-from models.query import Query, QueryEmbedding, embed_queries
-from topics.errors import BadInputError
+from samestyle.models.query import Query, QueryEmbedding, embed_queries
+from samestyle.topics.errors import BadInputError
 
-from .web import RouteRegistrar
+from samestyle.streams.http.server import RouteRegistrar
 
 if TYPE_CHECKING:  # pragma: no cover
-    from index_store import LiveIndex
-    from models import Encoder
+    from samestyle.index_store import LiveIndex
+    from samestyle.models import Encoder
 
-    from .app import Runtime
-    from .settings import Settings
+    from samestyle.streams.worker.app import Runtime
+    from samestyle.streams.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def render_thumbnail(uri: str, settings: "Settings") -> bytes:
     """
     import io
 
-    from models.images import decode_image, load_image_bytes
+    from samestyle.models.images import decode_image, load_image_bytes
 
     raw = load_image_bytes(uri, base_dir=settings.image_base_dir, max_bytes=settings.max_image_bytes)
     image = decode_image(raw, max_bytes=settings.max_image_bytes, draft_size=THUMBNAIL_SIZE * 2)

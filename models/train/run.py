@@ -46,13 +46,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.backbones import build_image_backbone, build_text_backbone
-from models.data import read_clusters, read_listings, read_pairs
-from models.encoder import ALLOW_RANDOM_WEIGHTS_ENV, load_config
-from models.features import FeatureCache, LiveImageFeatures, LiveTextFeatures, build_feature_cache
-from models.losses import InBatchHinge, LocalityConsistency, SelfDistinctiveness, SymmetricInfoNCE, same_product_mask
-from models.metrics import best_threshold, pair_metrics
-from models.unified import (
+from samestyle.models.backbones import build_image_backbone, build_text_backbone
+from samestyle.models.data import read_clusters, read_listings, read_pairs
+from samestyle.models.encoder import ALLOW_RANDOM_WEIGHTS_ENV, load_config
+from samestyle.models.features import FeatureCache, LiveImageFeatures, LiveTextFeatures, build_feature_cache
+from samestyle.models.train.losses import InBatchHinge, LocalityConsistency, SelfDistinctiveness, SymmetricInfoNCE, same_product_mask
+from samestyle.models.train.metrics import best_threshold, pair_metrics
+from samestyle.models.unified import (
     FUSION_MODES,
     FUSION_NAME,
     CrossScorer,
@@ -62,7 +62,7 @@ from models.unified import (
     lexical_features,
     save_unified_model,
 )
-from topics.errors import ConfigError
+from samestyle.topics.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -19,13 +19,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from index_store import LiveIndex
-from models import Embeddings, Encoder, ListingInput, load_image_bytes
-from topics import (DEAD_LETTERS, DUPLICATE_ALERTS, LISTING_EMBEDDINGS, LISTINGS, SIMILAR_PRODUCTS, bytes_to_vector,
+from samestyle.index_store import LiveIndex
+from samestyle.models import Embeddings, Encoder, ListingInput, load_image_bytes
+from samestyle.topics import (DEAD_LETTERS, DUPLICATE_ALERTS, LISTING_EMBEDDINGS, LISTINGS, SIMILAR_PRODUCTS, bytes_to_vector,
                     codec_for_topic, vector_to_bytes)
-from topics.errors import BadInputError, InvalidListingError
+from samestyle.topics.errors import BadInputError, InvalidListingError
 
-from .settings import Settings
+from samestyle.streams.settings import Settings
 
 log = logging.getLogger(__name__)
 

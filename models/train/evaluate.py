@@ -32,12 +32,12 @@ from typing import Any
 
 import numpy as np
 
-from models.data import ListingRecord, read_clusters, read_listings, read_pairs
-from models.encoder import Embeddings, Encoder, encoder_from_spec
-from models.features import listing_input
-from models.metrics import KS, best_threshold, pair_metrics, retrieval_metrics, tfidf_similarity, tfidf_vectors
-from models.train import TRAINING_SPLITS
-from topics.errors import ConfigError, ImageError, InvalidListingError
+from samestyle.models.data import ListingRecord, read_clusters, read_listings, read_pairs
+from samestyle.models.encoder import Embeddings, Encoder, encoder_from_spec
+from samestyle.models.features import listing_input
+from samestyle.models.train.metrics import KS, best_threshold, pair_metrics, retrieval_metrics, tfidf_similarity, tfidf_vectors
+from samestyle.models.train.run import TRAINING_SPLITS
+from samestyle.topics.errors import ConfigError, ImageError, InvalidListingError
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def _sha256(path: Path) -> str:
 
 def load_model(spec: str, device: str | None, allow_random_weights: bool) -> Encoder:
     """A trained unified model directory, or any encoder spec ``encoder_from_spec`` takes."""
-    from models.unified import is_unified_model_dir, load_unified_model
+    from samestyle.models.unified import is_unified_model_dir, load_unified_model
 
     if is_unified_model_dir(spec):
         import torch

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
-from models.data import LISTING_COLUMNS
-from topics.errors import ConfigError
+from samestyle.models.data import LISTING_COLUMNS
+from samestyle.topics.errors import ConfigError
 
 __all__ = ["SUPPLIERS", "generate_sample", "main", "planted_duplicate_pairs"]
 

@@ -27,16 +27,16 @@ from typing import TYPE_CHECKING, Callable, Mapping
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from mode import Service
 
-from index_store import LiveIndex
-from topics.errors import BadInputError
+from samestyle.index_store import LiveIndex
+from samestyle.topics.errors import BadInputError
 
-from .indexes import ModelIndexes
-from .metrics import PartitionLag, partition_lags
-from .pipeline import decode_embedding, now_ms
-from .settings import Settings
+from samestyle.streams.switch.indexes import ModelIndexes
+from samestyle.streams.worker.metrics import PartitionLag, partition_lags
+from samestyle.streams.worker.pipeline import decode_embedding, now_ms
+from samestyle.streams.settings import Settings
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .metrics import Metrics
+    from samestyle.streams.worker.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -40,9 +40,9 @@ from typing import Any
 
 import numpy as np
 
-from models.data import ListingRecord, read_clusters, read_listings
-from topics import CLICK_EVENTS, codec_for_topic, topic_specs
-from topics.errors import ConfigError
+from samestyle.models.data import ListingRecord, read_clusters, read_listings
+from samestyle.topics import CLICK_EVENTS, codec_for_topic, topic_specs
+from samestyle.topics.errors import ConfigError
 
 T_START = 1_717_200_000_000  # 2024-06-01T00:00:00Z: simulated time, reproducible
 
@@ -207,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from streams.io import send_records
-    from streams.settings import Settings
+    from samestyle.streams.io.producer import send_records
+    from samestyle.streams.settings import Settings
 
     args = build_parser().parse_args(argv)
     if args.sessions < 1:

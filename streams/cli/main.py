@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from topics.errors import SamestyleError
+from samestyle.topics.errors import SamestyleError
 
-from .settings import Settings
+from samestyle.streams.settings import Settings
 
 log = logging.getLogger("samestyle")
 
@@ -77,11 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 #: Subcommands whose arguments belong to another module's own parser: ``samestyle NAME ARGS`` is
 #: ``MODULE.main(ARGS)`` (argparse's REMAINDER cannot pass a leading ``--help`` through).
 FORWARDED = {
-    "train": "models.train",
-    "eval": "models.evaluate",
-    "simulate-clicks": "streams.simulate",
-    "pairs-report": "streams.pairs_report",
-    "trainer": "streams.trainer",
+    "train": "samestyle.models.train.run",
+    "eval": "samestyle.models.train.evaluate",
+    "simulate-clicks": "samestyle.streams.dev.simulate",
+    "pairs-report": "samestyle.streams.dev.pairs_report",
+    "trainer": "samestyle.streams.trainer.service",
 }
 
 
@@ -100,6 +100,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _checkout_with_benches() -> Path | None:
+    """The source checkout whose ``bench/`` folder holds the benchmark scripts, if any."""
+    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
+        if (root / "bench" / "common.py").is_file():
+            return root
+    return None
+
+
 def _forward(argv: list[str]) -> int:
     import importlib
 
@@ -109,6 +117,13 @@ def _forward(argv: list[str]) -> int:
             print("usage: samestyle bench NAME [ARGS...]  (NAME: a bench/NAME_bench.py script)", file=sys.stderr)
             return 2
         name, rest = f"bench.{argv[1].replace('-', '_')}_bench", argv[2:]
+        checkout = _checkout_with_benches()
+        if checkout is None:
+            print("samestyle: error: bench: the benches are scripts in a source checkout's bench/ "
+                  "folder (run this from a checkout, or from an editable install)", file=sys.stderr)
+            return 2
+        if str(checkout) not in sys.path:
+            sys.path.insert(0, str(checkout))
     else:
         name, rest = FORWARDED[argv[0]], argv[1:]
     try:
@@ -138,24 +153,24 @@ def _configure_logging(verbose: bool) -> None:
 def _dispatch(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.command == "worker":
-        from .worker import run_worker
+        from samestyle.streams.worker.process import run_worker
 
         settings.bootstrap_servers  # fails with a clear message when none is configured
         return run_worker(settings)
     if args.command == "create-topics":
-        from topics import topic_specs
+        from samestyle.topics import topic_specs
 
-        from .broker import create_topics
+        from samestyle.streams.dev.broker import create_topics
 
         # app_id: the Faust tables' changelogs are created up front too (BROKER.md trap 2).
         create_topics(",".join(settings.bootstrap_servers),
                       topic_specs(settings.topic_prefix, settings.partitions, app_id=settings.app_id).values())
         return 0
     if args.command == "produce":
-        from models.data import read_listings
-        from topics import LISTINGS, topic_specs
+        from samestyle.models.data import read_listings
+        from samestyle.topics import LISTINGS, topic_specs
 
-        from .io import listing_message, produce_listings
+        from samestyle.streams.io.producer import listing_message, produce_listings
 
         records = read_listings(args.listings, limit=args.limit)
         messages = [listing_message(r, image_mode=args.image_mode) for r in records]
@@ -164,7 +179,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"sent {sent} listings to {spec.name}")
         return 0
     if args.command == "demo":
-        from .demo import dumps, format_summary, run_demo
+        from samestyle.streams.dev.demo import dumps, format_summary, run_demo
 
         if not args.json:
             logging.getLogger().setLevel(logging.WARNING if not args.verbose else logging.DEBUG)

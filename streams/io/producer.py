@@ -17,11 +17,11 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from tqdm import tqdm
 
-from models.data import ListingRecord
-from topics import DEAD_LETTERS, DUPLICATE_ALERTS, LISTINGS, SIMILAR_PRODUCTS, TopicSpec, codec_for_topic
-from topics.errors import BadInputError
+from samestyle.models.data import ListingRecord
+from samestyle.topics import DEAD_LETTERS, DUPLICATE_ALERTS, LISTINGS, SIMILAR_PRODUCTS, TopicSpec, codec_for_topic
+from samestyle.topics.errors import BadInputError
 
-from .settings import Settings
+from samestyle.streams.settings import Settings
 
 log = logging.getLogger(__name__)
 
