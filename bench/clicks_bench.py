@@ -4,8 +4,8 @@ Clicks: ``--events`` click events drawn by the click simulator (:mod:`streams.si
 click model, seed 0) on the demo's generated catalogue, pre-produced to ``click-events``
 (4 partitions, keyed by session) before any worker starts.
 
-Pairs agent: a real worker process running it (``python -m streams.clicks``: create_app +
-register_pairs_agent, the integration tests' way) on the embedded broker, with a fresh topic
+Pairs agent: a real worker process running it (``samestyle pairs-worker``, the integration
+tests' way) on the embedded broker, with a fresh topic
 prefix, app id (consumer group) and changelog topics per run, and the default pair rules (so
 bounces and self-clicks stop at the first stage, as in production). Its ``/metrics`` is scraped
 every ``--scrape-interval`` s; the clock runs
@@ -225,31 +225,18 @@ async def raw_consume(bootstrap: str, topic: str, partitions: int, events: int, 
 
 async def _topic_stats(bootstrap: str, specs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Records, first and last broker timestamp (ms) of each topic in ``specs`` (read to the end)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from samestyle.streams.io.reader import LogReader, every_partition
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                auto_offset_reset="earliest", fetch_max_wait_ms=100)
-    await consumer.start()
     out = {key: {"records": 0, "first_ms": None, "last_ms": None} for key in specs}
     by_name = {spec.name: key for key, spec in specs.items()}
-    try:
-        tps = [TopicPartition(spec.name, p) for spec in specs.values() for p in range(spec.partitions)]
-        consumer.assign(tps)
-        for tp in tps:
-            consumer.seek(tp, 0)
-        idle_until = time.monotonic() + 2.0
-        while time.monotonic() < idle_until:
-            batches = await consumer.getmany(timeout_ms=200, max_records=10_000)
-            if batches:
-                idle_until = time.monotonic() + 1.0
-            for tp, records in batches.items():
-                row = out[by_name[tp.topic]]
-                row["records"] += len(records)
-                stamps = [r.timestamp for r in records]
-                row["first_ms"] = min([*stamps, row["first_ms"]] if row["first_ms"] is not None else stamps)
-                row["last_ms"] = max([*stamps, row["last_ms"]] if row["last_ms"] is not None else stamps)
-    finally:
-        await consumer.stop()
+    async with LogReader(bootstrap, client_id="bench-topic-stats") as reader:
+        await reader.assign([p for spec in specs.values() for p in every_partition(spec.name, spec.partitions)])
+        for record in await reader.read_to_end(timeout=600):
+            row = out[by_name[record.topic]]
+            row["records"] += 1
+            stamp = record.timestamp
+            row["first_ms"] = stamp if row["first_ms"] is None else min(row["first_ms"], stamp)
+            row["last_ms"] = stamp if row["last_ms"] is None else max(row["last_ms"], stamp)
     return out
 
 
@@ -267,7 +254,7 @@ def pairs_run(block: Block, events: int, args: argparse.Namespace) -> dict[str, 
     env = dict(os.environ, **block.settings.to_env(), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     block.log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(block.log_path, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "samestyle.streams.pairs.agents"], env=env, stdout=out,
+        proc = subprocess.Popen([sys.executable, "-m", "samestyle", "pairs-worker"], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
     launched = time.monotonic()
     started = ended = candidate = None

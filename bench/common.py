@@ -296,30 +296,20 @@ async def wait_indexed(stack: Stack, reader: Any, ids: set[str], timeout: float)
 
 async def embedded_times(stack: Stack, ids: set[str], timeout: float = 20.0) -> dict[str, int]:
     """``listing_id -> embedded_at`` read back from the listing-embeddings topic (stage timing)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
+    from samestyle.streams.io.reader import LogReader, every_partition
     from samestyle.topics import LISTING_EMBEDDINGS, codec_for_topic
 
     spec = stack.specs[LISTING_EMBEDDINGS]
     codec = codec_for_topic(LISTING_EMBEDDINGS)
-    consumer = AIOKafkaConsumer(bootstrap_servers=stack.settings.bootstrap_servers, group_id=None,
-                                enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=100)
-    await consumer.start()
     out: dict[str, int] = {}
-    try:
-        tps = [TopicPartition(spec.name, p) for p in range(spec.partitions)]
-        consumer.assign(tps)
-        for tp in tps:
-            await consumer.seek_to_beginning(tp)
+    async with LogReader(stack.settings.bootstrap_servers, client_id="bench-embedded-times") as reader:
+        await reader.assign(every_partition(spec.name, spec.partitions))
         deadline = time.monotonic() + timeout
         while not ids <= set(out) and time.monotonic() < deadline:
-            for records in (await consumer.getmany(timeout_ms=200, max_records=10_000)).values():
-                for record in records:
-                    value = codec.decode(record.value)
-                    if value["listing_id"] in ids:
-                        out.setdefault(value["listing_id"], value["embedded_at"])
-    finally:
-        await consumer.stop()
+            for record in await reader.fetch():
+                value = codec.decode(record.value)
+                if value["listing_id"] in ids:
+                    out.setdefault(value["listing_id"], value["embedded_at"])
     return out
 
 

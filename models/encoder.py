@@ -1,53 +1,33 @@
-"""Listing encoders: one listing in, unit vectors for its I, T and IT views out.
+"""The encoder contract: a listing in, unit vectors for its I, T and IT views out.
 
-The paper's model is one single-stream transformer that reads title tokens and image patches
-together; masking a modality gives the T and I views, so all three live in one learned space.
-No such space exists offline before this project trains one, so the ``default`` encoder is an
-honest stand-in built from two unrelated pretrained backbones and an untrained block fusion:
-
-    t = normalise(MiniLM(text))              # [384]
-    i = normalise(EfficientNet-Lite0(image)) # [1280]
-    T  = [t, 0]                              # [1664]; all-zero for an image-only listing
-    I  = [0, i]                              # all-zero for a listing without an image
-    IT = normalise([t, i])  with both,  [t, 0] text only,  [0, i] image only
-
-so T·IT and I·IT carry real similarity (each through its own block), and T·I is exactly 0: there
-is no cross-modal signal without training. A trained fusion (a later issue) implements the same
-:class:`Encoder` interface and is selected by ``EncoderConfig.fusion``.
-
-Work is split for a streaming worker: :meth:`Encoder.prepare` is the per-listing CPU part
-(validation, text building, image decode) and is safe to run on a thread pool;
-:meth:`Encoder.embed` is one batched forward pass on the model's device.
+``ListingInput`` / ``PreparedListing`` / ``Embeddings`` are the data, :class:`EncoderConfig`
+the architecture as data (names, JSON files or model directories: :func:`load_config`), and
+:class:`Encoder` the interface every encoder implements: :meth:`Encoder.prepare` is the
+per-listing CPU part (validation, text building, image decode), safe on a thread pool;
+:meth:`Encoder.embed` is one batched forward pass. Implementations live in
+:mod:`samestyle.models.pretrained` and :mod:`samestyle.models.unified`; build one with
+:func:`samestyle.models.factory.create_encoder`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import threading
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from samestyle.models.backbones import (
     BUNDLED_EFFICIENTNET_LITE0,
     BUNDLED_MINILM,
     RANDOM_WEIGHT_SPECS,
     TINY,
-    HFTextBackbone,
-    ImageBackbone,
-    build_image_backbone,
-    build_text_backbone,
     is_local_text_spec,
 )
 from samestyle.models.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, ImagePreprocessing
@@ -60,24 +40,22 @@ MODEL_DIR_CONFIG = "encoder.json"
 VIEWS = ("I", "T", "IT")
 # A wordpiece token is rarely over a few characters; capping the text at this many characters
 # per token bounds tokenizer work on a hostile 10 MB description without changing the result.
-_MAX_CHARS_PER_TOKEN = 32
+MAX_CHARS_PER_TOKEN = 32
 
 __all__ = [
     "ALLOW_RANDOM_WEIGHTS_ENV",
-    "ENCODER_BUILDERS",
+    "MODEL_DIR_CONFIG",
     "NAMED_CONFIGS",
     "VIEWS",
-    "ConcatEncoder",
-    "ConcatFusion",
     "Embeddings",
     "Encoder",
     "EncoderConfig",
     "ListingInput",
     "PreparedListing",
-    "create_encoder",
-    "encoder_from_spec",
     "listing_text",
     "load_config",
+    "prepare_listing",
+    "random_weights_allowed",
 ]
 
 
@@ -416,209 +394,7 @@ def prepare_listing(listing: ListingInput, preprocess: Callable[[bytes], torch.T
     return PreparedListing(listing.listing_id, text, image, listing.category)
 
 
-class ConcatFusion(nn.Module):
-    """Untrained block fusion: ``T = [t, 0]``, ``I = [0, i]``, ``IT = normalise([t, i])``.
-
-    Inputs must be unit rows, all-zero where the listing has no image (image) or no text
-    (text). With both, t and i weigh the same in IT; with one modality IT equals that view.
-    """
-
-    def forward(
-        self, text: torch.Tensor, image: torch.Tensor, has_image: torch.Tensor,
-        has_text: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # text: [n, Dt], image: [n, Di], has_image / has_text: [n] bool (has_text: all True)
-        if has_text is None:
-            has_text = torch.ones_like(has_image)
-        zeros_t = torch.zeros_like(text)
-        zeros_i = torch.zeros_like(image)
-        image_view = torch.cat([zeros_t, image], dim=1)  # [n, Dt + Di]
-        text_view = torch.cat([text, zeros_i], dim=1)  # [n, Dt + Di]
-        # A missing modality's block is 0, so [t, i] is [t, 0] or [0, i] there; with both
-        # blocks unit vectors, dividing by sqrt(2) is exact normalisation. Kept explicit for
-        # clarity rather than relying on F.normalize's eps behaviour.
-        both = has_image & has_text
-        scale = torch.where(both, 1.0 / math.sqrt(2.0), 1.0).to(text.dtype).unsqueeze(1)
-        image_text_view = torch.cat([text, image], dim=1) * scale  # [n, Dt + Di]
-        return image_view, text_view, image_text_view
-
-
-class ConcatEncoder(Encoder):
-    """Pretrained text and image backbones with :class:`ConcatFusion` (``fusion: "concat"``)."""
-
-    fusion_name: ClassVar[str] = "concat"
-
-    def __init__(
-        self,
-        config: EncoderConfig,
-        text_backbone: HFTextBackbone,
-        image_backbone: ImageBackbone,
-        device: str,
-    ) -> None:
-        if text_backbone.max_positions < config.max_text_tokens:
-            raise ConfigError(
-                f"max_text_tokens={config.max_text_tokens} exceeds the text model's "
-                f"{text_backbone.max_positions} positions"
-            )
-        for label, expected, actual in (
-            ("text_dim", config.text_dim, text_backbone.dim),
-            ("image_dim", config.image_dim, image_backbone.dim),
-        ):
-            if expected is not None and expected != actual:
-                raise ConfigError(
-                    f"config {config.name!r} says {label}={expected}, backbone gives {actual}"
-                )
-        self.config = config
-        self.version = config.version
-        self.device = device
-        self.text_dim = text_backbone.dim
-        self.image_dim = image_backbone.dim
-        self.dim = self.text_dim + self.image_dim
-        self.text_backbone = text_backbone.to(device).eval()
-        self.image_backbone = image_backbone.to(device).eval()
-        self.fusion = ConcatFusion()
-        self._preprocess = config.image_preprocessing()
-        self._max_chars = config.max_text_tokens * _MAX_CHARS_PER_TOKEN
-        # The fast tokenizer and the model are not safe under concurrent calls ("Already
-        # borrowed"), and parallel forward passes on one device would not be faster anyway.
-        self._lock = threading.Lock()
-
-    @classmethod
-    def from_config(cls, config: EncoderConfig, device: str) -> ConcatEncoder:
-        text = build_text_backbone(config.text_backbone, config)
-        image = build_image_backbone(config.image_backbone, config)
-        return cls(config, text, image, device)
-
-    def __repr__(self) -> str:
-        name = type(self).__name__
-        return f"{name}(version={self.version!r}, dim={self.dim}, device={self.device!r})"
-
-    def prepare(self, listing: ListingInput) -> PreparedListing:
-        return prepare_listing(listing, self._preprocess, self._max_chars)
-
-    def embed(self, batch: Sequence[PreparedListing]) -> Embeddings:
-        n = len(batch)
-        if n == 0:
-            return Embeddings.empty(self.dim)
-        size = self.config.image_size
-        images = [(k, p.image) for k, p in enumerate(batch) if p.image is not None]
-        for k, pixels in images:
-            if tuple(pixels.shape) != (3, size, size):
-                raise ValueError(
-                    f"listing {batch[k].listing_id!r} was prepared for another encoder: image "
-                    f"shape {tuple(pixels.shape)}, expected (3, {size}, {size})"
-                )
-        with self._lock, torch.inference_mode():
-            text = self.text_backbone([p.text for p in batch], self.config.max_text_tokens)
-            has_text = torch.tensor([bool(p.text) for p in batch], device=text.device)  # [n]
-            # Image-only listings: the backbone read an empty string; their T row is zero.
-            text = F.normalize(text.float(), dim=-1) * has_text.unsqueeze(1)  # [n, Dt]
-            image = torch.zeros(n, self.image_dim, device=text.device)  # [n, Di]
-            has_image = torch.zeros(n, dtype=torch.bool, device=text.device)  # [n]
-            if images:
-                pixels = torch.stack([pixels for _, pixels in images])  # [m, 3, S, S]
-                pixels = pixels.to(self.device, non_blocking=True)
-                rows = torch.tensor([k for k, _ in images], device=text.device)  # [m]
-                image[rows] = F.normalize(self.image_backbone(pixels).float(), dim=-1)
-                has_image[rows] = True
-            views = self.fusion(text, image, has_image, has_text)
-            image_view, text_view, image_text_view = (v.cpu().numpy() for v in views)
-        return Embeddings(
-            image=np.ascontiguousarray(image_view, dtype=np.float32),
-            text=np.ascontiguousarray(text_view, dtype=np.float32),
-            image_text=np.ascontiguousarray(image_text_view, dtype=np.float32),
-            has_image=has_image.cpu().numpy(),
-            has_text=has_text.cpu().numpy(),
-        )
-
-
-# Fusion name → builder of an encoder from (config, device). The trained single-stream model
-# registers its own builder here.
-EncoderBuilder = Callable[[EncoderConfig, str], Encoder]
-ENCODER_BUILDERS: dict[str, EncoderBuilder] = {ConcatEncoder.fusion_name: ConcatEncoder.from_config}
-
-
-def _resolve_device(device: str | None) -> str:
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError) as exc:
-        raise ConfigError(f"bad device {device!r}: {exc}") from exc
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available")
-    return str(parsed)
-
-
-def _random_weights_allowed(flag: bool) -> bool:
+def random_weights_allowed(flag: bool = False) -> bool:
+    """Whether random backbone weights may be used: ``flag`` or ``SAMESTYLE_ALLOW_RANDOM_WEIGHTS=1``."""
     env = os.environ.get(ALLOW_RANDOM_WEIGHTS_ENV, "").strip().lower()
     return flag or env in ("1", "true", "yes")
-
-
-def _trained_model_loader(path: Path, device: str, allow_random_weights: bool) -> Encoder:
-    """A trained model directory (``fusion: "unified"``, weights beside ``encoder.json``)."""
-    from samestyle.models.unified import load_unified_model  # imports this module: load lazily
-
-    return load_unified_model(path, device, allow_random_weights=allow_random_weights)
-
-
-def create_encoder(
-    config: EncoderConfig | str | Mapping[str, Any],
-    device: str | None = None,
-    *,
-    allow_random_weights: bool = False,
-) -> Encoder:
-    """Build an encoder from a config, a config name / JSON path / model directory, or a dict.
-
-    ``device`` defaults to CUDA when available. Models are in eval mode.
-
-    Raises:
-        ConfigError: a bad config, an unavailable device, or random backbones without
-            ``allow_random_weights=True`` (or ``SAMESTYLE_ALLOW_RANDOM_WEIGHTS=1``).
-        MissingWeightsError: pretrained weights are not installed; names the package.
-    """
-    if isinstance(config, EncoderConfig):
-        cfg = config
-    elif isinstance(config, (str, Path)):
-        cfg = load_config(config)
-        if cfg.fusion == "unified" and Path(config).expanduser().is_dir():
-            return _trained_model_loader(Path(config).expanduser(), _resolve_device(device),
-                                         allow_random_weights)
-    elif isinstance(config, Mapping):
-        cfg = EncoderConfig.from_dict(config)
-    else:
-        raise ConfigError(f"cannot build an encoder from {type(config).__name__}")
-    if cfg.uses_random_weights:
-        if not _random_weights_allowed(allow_random_weights):
-            raise ConfigError(
-                f"encoder config {cfg.name!r} uses random weights (text={cfg.text_backbone!r}, "
-                f"image={cfg.image_backbone!r}); pass allow_random_weights=True or set "
-                f"{ALLOW_RANDOM_WEIGHTS_ENV}=1, in tests only"
-            )
-        logger.warning(
-            "ENCODER %r HAS RANDOM WEIGHTS: its vectors mean nothing; use it for tests only",
-            cfg.name,
-        )
-    builder = ENCODER_BUILDERS.get(cfg.fusion)
-    if builder is None:
-        raise ConfigError(f"unknown fusion {cfg.fusion!r}; known: {sorted(ENCODER_BUILDERS)}")
-    resolved = _resolve_device(device)
-    started = time.perf_counter()
-    encoder = builder(cfg, resolved)
-    logger.info(
-        "encoder %s loaded (version %s, dim %d, device %s) in %.2fs",
-        cfg.name,
-        encoder.version,
-        encoder.dim,
-        resolved,
-        time.perf_counter() - started,
-    )
-    return encoder
-
-
-def encoder_from_spec(
-    spec: str, device: str | None = None, *, allow_random_weights: bool = False
-) -> Encoder:
-    """Build an encoder from a command-line spec: ``default``, ``tiny``, a JSON config file, or
-    a model directory (holding ``encoder.json``; otherwise ConfigError)."""
-    return create_encoder(spec, device, allow_random_weights=allow_random_weights)

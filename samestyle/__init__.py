@@ -34,17 +34,34 @@ _EXPORTS = {
     "Settings": "samestyle.streams.settings",
     "TopicSpec": "samestyle.topics.registry",
     "codec_for_topic": "samestyle.topics.codec",
-    "create_encoder": "samestyle.models.encoder",
-    "encoder_from_spec": "samestyle.models.encoder",
+    "create_encoder": "samestyle.models.factory",
+    "encoder_from_spec": "samestyle.models.factory",
     "topic_specs": "samestyle.topics.registry",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
+__all__ = [
+    "BadInputError",
+    "ConfigError",
+    "DecodeError",
+    "Embeddings",
+    "Encoder",
+    "EncoderConfig",
+    "ListingInput",
+    "LiveIndex",
+    "SamestyleError",
+    "Settings",
+    "TopicSpec",
+    "__version__",
+    "codec_for_topic",
+    "create_encoder",
+    "encoder_from_spec",
+    "topic_specs",
+]
 
 if TYPE_CHECKING:
     from samestyle.index_store.live import LiveIndex
-    from samestyle.models.encoder import (Embeddings, Encoder, EncoderConfig, ListingInput,
-                                          create_encoder, encoder_from_spec)
+    from samestyle.models.encoder import Embeddings, Encoder, EncoderConfig, ListingInput
+    from samestyle.models.factory import create_encoder, encoder_from_spec
     from samestyle.streams.settings import Settings
     from samestyle.topics.codec import codec_for_topic
     from samestyle.topics.errors import BadInputError, ConfigError, DecodeError, SamestyleError

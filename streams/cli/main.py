@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(worker)
     worker.add_argument("--encoder", help="encoder spec: default, a JSON config or a model directory")
 
+    pairs = sub.add_parser("pairs-worker", help="run a worker with the click-pairs agents too")
+    _add_common(pairs)
+    pairs.add_argument("--encoder", help="encoder spec: default, a JSON config or a model directory")
+
     produce = sub.add_parser("produce", help="send a listings CSV to the listings topic")
     _add_common(produce)
     produce.add_argument("listings", type=Path, help="listings CSV in the common form")
@@ -152,11 +156,11 @@ def _configure_logging(verbose: bool) -> None:
 
 def _dispatch(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    if args.command == "worker":
+    if args.command in ("worker", "pairs-worker"):
         from samestyle.streams.worker.process import run_worker
 
         settings.bootstrap_servers  # fails with a clear message when none is configured
-        return run_worker(settings)
+        return run_worker(settings, pairs=args.command == "pairs-worker")
     if args.command == "create-topics":
         from samestyle.topics import topic_specs
 

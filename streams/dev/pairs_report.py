@@ -33,6 +33,7 @@ from samestyle.models.data import cluster_pairs, pair_precision_recall, read_clu
 from samestyle.topics import CLICK_EVENTS, POSITIVE_PAIRS, codec_for_topic, topic_specs
 
 from samestyle.streams.pairs.agents import PairMiner, PairRules
+from samestyle.streams.io.reader import LogReader, every_partition
 from samestyle.streams.settings import Settings
 from samestyle.streams.dev.simulate import ClickSimulator, add_model_arguments, model_from_args
 
@@ -64,37 +65,27 @@ def score(pairs: Sequence[Mapping[str, Any]], clicks: Iterable[Mapping[str, Any]
 
 async def read_topics(settings: Settings, idle: float, timeout: float) -> tuple[list[dict], list[dict], int | None]:
     """(positive pairs, clicks, first click's broker timestamp) read until ``idle`` seconds bring nothing."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
     specs = topic_specs(settings.topic_prefix, settings.partitions)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None,
-                                enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=200)
-    await consumer.start()
     pairs: list[dict] = []
     clicks: list[dict] = []
     first_ts: int | None = None
-    try:
-        tps = [TopicPartition(specs[k].name, p) for k in (POSITIVE_PAIRS, CLICK_EVENTS)
-               for p in range(specs[k].partitions)]
-        consumer.assign(tps)
-        for tp in tps:
-            await consumer.seek_to_beginning(tp)
-        pair_codec, click_codec = codec_for_topic(POSITIVE_PAIRS), codec_for_topic(CLICK_EVENTS)
+    pair_codec, click_codec = codec_for_topic(POSITIVE_PAIRS), codec_for_topic(CLICK_EVENTS)
+    async with LogReader(settings.bootstrap_servers, client_id="samestyle-pairs-report",
+                         fetch_max_wait_ms=200, max_message_bytes=settings.max_message_bytes) as reader:
+        await reader.assign([p for k in (POSITIVE_PAIRS, CLICK_EVENTS)
+                             for p in every_partition(specs[k].name, specs[k].partitions)])
         deadline = time.monotonic() + timeout
         last_new = time.monotonic()
         while time.monotonic() - last_new < idle and time.monotonic() < deadline:
-            batches = await consumer.getmany(timeout_ms=500, max_records=50_000)
-            for tp, records in batches.items():
-                if records:
-                    last_new = time.monotonic()
-                for r in records:
-                    if tp.topic == specs[POSITIVE_PAIRS].name:
-                        pairs.append(pair_codec.decode(r.value))
-                    else:
-                        clicks.append(click_codec.decode(r.value))
-                        first_ts = r.timestamp if first_ts is None else min(first_ts, r.timestamp)
-    finally:
-        await consumer.stop()
+            records = await reader.fetch(timeout=0.5, max_records=50_000)
+            if records:
+                last_new = time.monotonic()
+            for r in records:
+                if r.topic == specs[POSITIVE_PAIRS].name:
+                    pairs.append(pair_codec.decode(r.value))
+                else:
+                    clicks.append(click_codec.decode(r.value))
+                    first_ts = r.timestamp if first_ts is None else min(first_ts, r.timestamp)
     return pairs, clicks, first_ts
 
 

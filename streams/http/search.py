@@ -1,6 +1,7 @@
 """Interactive search over the worker's live index: the HTTP API and the web page at ``/``.
 
-Routes (registered on the worker's :class:`~streams.web.WebServer` by :func:`search_routes`)::
+Routes (registered on the worker's :class:`~samestyle.streams.http.server.WebServer` by
+:func:`search_routes`)::
 
     POST /search                    text, image (base64 JSON or multipart upload), image + modifier
     GET  /listings/{id}             one indexed listing
@@ -9,15 +10,15 @@ Routes (registered on the worker's :class:`~streams.web.WebServer` by :func:`sea
     GET  /listings/{id}/thumbnail   a JPEG thumbnail of its image (when its image_uri is readable)
     GET  /stats                     index size, consumer lag, model version (the page's counters)
     GET  /openapi.json              OpenAPI 3 description of the above
-    GET  /                          the search page (static files under ``streams/static``)
+    GET  /                          the search page (static files under ``streams/http/static``)
 
 Why in the worker process: the index *is* the worker's memory. Every worker holds a full replica
-of it (:class:`~streams.replica.IndexReplica`), and the encoder that made its vectors is loaded
+of it (the index replica), and the encoder that made its vectors is loaded
 there already; a separate API service would need a second copy of both, or an RPC hop per query
 plus a way to keep model versions in step. Any worker answers any query, so a load balancer in
 front of the workers' web ports scales search with the replicas.
 
-Blocking work never runs on the event loop: the query is embedded on the runtime's model thread
+Blocking work never runs on the event loop: the query is embedded on the worker's model thread
 (the one the embed agent uses, so a search queues behind at most one embed batch) and the index
 is searched on the default executor. Every error a client can cause is a 4xx JSON
 ``{"error": ..., "status": ...}``; a middleware turns aiohttp's own HTTP errors into the same shape.
@@ -32,7 +33,8 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 import numpy as np
 from aiohttp import BodyPartReader, web
@@ -41,13 +43,12 @@ from samestyle.models.query import Query, QueryEmbedding, embed_queries
 from samestyle.topics.errors import BadInputError
 
 from samestyle.streams.http.server import RouteRegistrar
+from samestyle.streams.settings import Settings
 
 if TYPE_CHECKING:  # pragma: no cover
     from samestyle.index_store import LiveIndex
-    from samestyle.models import Encoder
+    from samestyle.models.encoder import Encoder
 
-    from samestyle.streams.worker.app import Runtime
-    from samestyle.streams.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,7 @@ def _listing(listing_id: str, payload: dict[str, Any]) -> dict[str, Any]:
 THUMBNAIL_SIZE = 160
 
 
-def render_thumbnail(uri: str, settings: "Settings") -> bytes:
+def render_thumbnail(uri: str, settings: Settings) -> bytes:
     """A JPEG thumbnail of an indexed listing's image.
 
     The file is decoded as an image and re-encoded, never sent as it is: an ``image_uri`` that
@@ -324,29 +325,51 @@ def similar_to(index: "LiveIndex", listing_id: str, k: int, threshold: float,
 # ------------------------------------------------------------------------------------- routes
 
 
-def search_routes(runtime: "Runtime", *, max_image_bytes: int | None = None) -> RouteRegistrar:
+class SearchBackend(Protocol):
+    """What the search API needs of a worker: the served index and the model that made it."""
+
+    @property
+    def index(self) -> "LiveIndex | None":
+        """The index being served (None until it is loaded)."""
+
+    @property
+    def serving_version(self) -> str | None:
+        """The model version of :attr:`index`."""
+
+    async def encoder_for(self, version: str) -> "Encoder":
+        """The encoder of ``version`` (loaded off the event loop on first use)."""
+
+    async def run_model(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run model work on the worker's model thread."""
+
+    def lag_by_consumer(self) -> Mapping[str, int]:
+        """Total consumer lag per consumer (``group``, ``replica``)."""
+
+
+def search_routes(settings: Settings, backend: SearchBackend, health: Callable[[], Mapping[str, Any]], *,
+                  max_image_bytes: int | None = None) -> RouteRegistrar:
     """The search API and page of one worker. ``max_image_bytes`` (default: the listings' limit,
     ``settings.max_image_bytes``) caps an uploaded query image."""
-    settings = runtime.settings
     image_limit = max_image_bytes or settings.max_image_bytes
     body_limit = image_limit * 4 // 3 + _BODY_OVERHEAD
     loop_executor = None  # the default executor, for index searches (LiveIndex serialises them)
 
     def index_or_503() -> "LiveIndex":
-        if runtime.index is None:
+        index = backend.index
+        if index is None:
             raise ApiError(503, "the index is not loaded yet")
-        return runtime.index
+        return index
 
     async def encoder(index: "LiveIndex") -> "Encoder":
         # The encoder of the model whose index is searched (a switch can happen in between; the
         # first use loads the model, seconds: on the model thread, never on the loop).
-        version = runtime.serving_version
-        if version is None or runtime.index is not index:
+        version = backend.serving_version
+        if version is None or backend.index is not index:
             raise ApiError(503, "the served model is switching; retry")
-        return await runtime.run_model(runtime.encoder_for, version)
+        return await backend.encoder_for(version)
 
     def model_version() -> str | None:
-        return runtime.health()["model_version"]
+        return backend.serving_version
 
     async def search(request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -354,7 +377,7 @@ def search_routes(runtime: "Runtime", *, max_image_bytes: int | None = None) -> 
         index = index_or_503()
         enc = await encoder(index)
         try:
-            [embedded] = await runtime.run_model(embed_queries, enc, [query])
+            [embedded] = await backend.run_model(embed_queries, enc, [query])
         except BadInputError as exc:
             raise ApiError(400, f"cannot use this query: {exc}") from None
         loop = asyncio.get_running_loop()
@@ -412,22 +435,14 @@ def search_routes(runtime: "Runtime", *, max_image_bytes: int | None = None) -> 
         return await neighbours(request, duplicates_only=True)
 
     async def stats(request: web.Request) -> web.Response:
-        lag: dict[str, int] = {}
-        for source in list(runtime.metrics.lag_sources):
-            try:
-                rows = source()
-            except Exception as exc:  # a rebalance racing the read: report what the others say
-                log.debug("lag source failed: %r", exc)
-                continue
-            for row in rows:
-                lag[row.consumer] = lag.get(row.consumer, 0) + row.lag
-        health = runtime.health()
+        lag = dict(backend.lag_by_consumer())
+        status = health()
         return web.json_response({
             "worker_id": settings.worker_id,
-            "ok": health["ok"],
-            "index_size": health["index_vectors"],
-            "model_version": health["model_version"],
-            "replica": health["replica"],
+            "ok": status["ok"],
+            "index_size": status["index_vectors"],
+            "model_version": status["model_version"],
+            "replica": status["replica"],
             "lag": lag,
             "duplicate_threshold": settings.duplicate_threshold,
         })

@@ -4,12 +4,12 @@ worker process, on ``settings.web_port`` (0 = no server).
 Routes come from *route registrars*, plain functions ``(web.Application) -> None``, so other
 features add their endpoints to the same server without touching this module::
 
-    def search_routes(runtime):
+    def my_routes(...):
         def register(app: web.Application) -> None:
-            app.router.add_get("/search", handler)
+            app.router.add_get("/mine", handler)
         return register
 
-    WebServer(settings, [core_routes(runtime), search_routes(runtime)])
+    WebServer(settings, [core_routes(registry, health), my_routes(...)])
 
 :func:`core_routes` serves ``/metrics`` (Prometheus text format) and ``/health``.
 """
@@ -17,16 +17,14 @@ features add their endpoints to the same server without touching this module::
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Mapping
+from typing import Any, Callable, Sequence
 
 from aiohttp import web
 from mode import Service
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from samestyle.streams.settings import Settings
-
-if TYPE_CHECKING:  # pragma: no cover
-    from samestyle.streams.worker.app import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +64,16 @@ class WebServer(Service):
             self._runner = None
 
 
-def core_routes(runtime: "Runtime") -> RouteRegistrar:
-    """``/metrics`` and ``/health`` of one worker."""
+def core_routes(registry: CollectorRegistry, health_of: Callable[[], Mapping[str, Any]]) -> RouteRegistrar:
+    """``/metrics`` (the ``registry`` in Prometheus text format) and ``/health`` (``health_of()``;
+    503 unless its ``ok`` is true)."""
 
     async def metrics(request: web.Request) -> web.Response:
-        body = generate_latest(runtime.metrics.registry)
+        body = generate_latest(registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def health(request: web.Request) -> web.Response:
-        status = runtime.health()
+        status = dict(health_of())
         return web.json_response(status, status=200 if status["ok"] else 503)
 
     def register(app: web.Application) -> None:

@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from tqdm import tqdm
 
 from samestyle.models.data import ListingRecord
 from samestyle.topics import DEAD_LETTERS, DUPLICATE_ALERTS, LISTINGS, SIMILAR_PRODUCTS, TopicSpec, codec_for_topic
 from samestyle.topics.errors import BadInputError
 
+from samestyle.streams.io.reader import LogReader, every_partition
 from samestyle.streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -136,41 +137,28 @@ class OutputReader:
         self.settings = settings
         self.specs = specs
         self.outputs = Outputs()
-        self._consumer: AIOKafkaConsumer | None = None
         self._by_topic = {specs[k].name: k for k in (SIMILAR_PRODUCTS, DUPLICATE_ALERTS, DEAD_LETTERS)}
+        self._reader = LogReader(settings.bootstrap_servers, client_id=f"{settings.worker_id}-outputs",
+                                 max_message_bytes=settings.max_message_bytes * 2)
 
     async def __aenter__(self) -> "OutputReader":
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.bootstrap_servers, group_id=None, enable_auto_commit=False,
-            auto_offset_reset="earliest", fetch_max_wait_ms=100,
-            max_partition_fetch_bytes=self.settings.max_message_bytes * 2,
-            fetch_max_bytes=max(self.settings.max_message_bytes * 2, 52_428_800))
-        await self._consumer.start()
-        tps = [TopicPartition(name, p) for name, key in self._by_topic.items()
-               for p in range(self.specs[key].partitions)]
-        self._consumer.assign(tps)
-        for tp in tps:
-            await self._consumer.seek_to_beginning(tp)
+        await self._reader.start()
+        await self._reader.assign([p for name, key in self._by_topic.items()
+                                   for p in every_partition(name, self.specs[key].partitions)])
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
+        await self._reader.stop()
 
     async def poll(self, timeout: float = 0.2) -> int:
         """Read what has arrived; returns the number of new messages."""
-        assert self._consumer is not None
-        batches = await self._consumer.getmany(timeout_ms=int(timeout * 1000), max_records=10_000)
-        n = 0
-        for tp, records in batches.items():
-            key = self._by_topic[tp.topic]
-            codec = codec_for_topic(key)
-            target = {SIMILAR_PRODUCTS: self.outputs.similar, DUPLICATE_ALERTS: self.outputs.alerts,
-                      DEAD_LETTERS: self.outputs.dead_letters}[key]
-            for record in records:
-                target.append(codec.decode(record.value))
-                n += 1
-        return n
+        targets = {SIMILAR_PRODUCTS: self.outputs.similar, DUPLICATE_ALERTS: self.outputs.alerts,
+                   DEAD_LETTERS: self.outputs.dead_letters}
+        records = await self._reader.fetch(timeout)
+        for record in records:
+            key = self._by_topic[record.topic]
+            targets[key].append(codec_for_topic(key).decode(record.value))
+        return len(records)
 
     async def wait_for(self, done: Callable[[Outputs], bool], timeout: float, progress: Any = None,
                        measure: Callable[[Outputs], int] | None = None) -> bool:

@@ -17,7 +17,7 @@ Constraints (:class:`PairRules`, from Settings; docs/PAIRS.md measures their tra
 
 * **Evidence**: ``co_clicks >= pairs_min_co_clicks`` and ``sessions >= pairs_min_sessions``.
 * **Category**: the first ``pairs_category_level`` components of both listings' category paths
-  agree. Categories come from the live index payloads (``runtime.index``): every worker already
+  agree. Categories come from the live index payloads (the served index): every worker already
   holds a full replica of every listing's payload, so no further table, topic or memory is needed,
   whereas a table fed by ``listings`` would be partitioned by listing id and not local to the
   pair's partition. A category is unknown when a listing is not indexed yet or the data has none
@@ -35,7 +35,7 @@ repeat a pair, byte-identical and under the same key of a compacted topic). Chan
 see ``Settings.changelog_single_record_batches``.
 
 Restarts: faust-streaming 0.15.3 loses source records when table recovery ends while records wait
-on the source topics (measured, issue 4): it resumes the stream partitions before it seeks them to
+on the source topics (measured): it resumes the stream partitions before it seeks them to
 the committed offsets, the flow-control resume that follows empties the stream buffers (dropping
 what was fetched meanwhile) and the seek's reset read offset turns the next record into a "gap"
 that Faust counts as processed, so the dropped records get committed unread.
@@ -49,14 +49,13 @@ import bisect
 import json
 import logging
 import re
-import sys
 import time
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from samestyle.topics import CLICK_EVENTS, CLICK_PAIRS, POSITIVE_PAIRS, codec_for_topic
+from samestyle.topics import CLICK_EVENTS, CLICK_PAIRS, POSITIVE_PAIRS, codec_for_topic, topic_specs
 from samestyle.topics.errors import BadInputError
 from samestyle.topics.registry import PAIRS_EVIDENCE_TABLE, PAIRS_SESSIONS_TABLE
 
@@ -298,10 +297,13 @@ class PairMiner:
 # --- the Faust agents ---------------------------------------------------------------------------
 
 
-def register_pairs_agent(app: Any, runtime: Any, settings: Settings) -> None:
+def register_pairs_agent(app: Any, settings: Settings, topics: Mapping[str, Any], sinks: Any, *,
+                         index: Callable[[], Any], model_version: Callable[[], str | None]) -> None:
     """Add the sessionize and evidence agents and their tables to a worker app (idempotent).
 
-    ``runtime`` is the app's :class:`streams.app.Runtime` (topics, index, dead letters).
+    ``topics`` are the app's Faust topics by registry key, ``sinks`` its
+    :class:`~samestyle.streams.worker.sinks.Sinks`; ``index()`` is the served index (cosines come
+    from it) and ``model_version()`` its model.
     """
     import faust
     import mode
@@ -312,15 +314,15 @@ def register_pairs_agent(app: Any, runtime: Any, settings: Settings) -> None:
     if getattr(app, "_samestyle_pairs_registered", False):
         return
     app._samestyle_pairs_registered = True
-    seek_before_resuming_streams()  # else a restart drops source records (issue 4, see above)
+    seek_before_resuming_streams()  # else a restart drops source records (see the module docstring)
     if settings.changelog_single_record_batches:
         # App-wide: Faust has one producer. BROKER.md trap 1; cost measured in docs/PAIRS.md.
         app.conf.producer_max_batch_size = 1
     rules = PairRules.from_settings(settings)
-    specs = runtime.specs
+    specs = topic_specs(settings.topic_prefix, settings.partitions)
     codec = codec_for_topic(CLICK_EVENTS)
     out_codec = codec_for_topic(POSITIVE_PAIRS)
-    clicks_topic, pairs_topic, positive_topic = (runtime.topics[k] for k in (CLICK_EVENTS, CLICK_PAIRS, POSITIVE_PAIRS))
+    clicks_topic, pairs_topic, positive_topic = (topics[k] for k in (CLICK_EVENTS, CLICK_PAIRS, POSITIVE_PAIRS))
     # Keys and values go through Faust's default table serializers (json).
     sessions = app.Table(PAIRS_SESSIONS_TABLE, default=None, partitions=specs[CLICK_EVENTS].partitions,
                          help="session id -> [session window, last click time]")
@@ -328,11 +330,8 @@ def register_pairs_agent(app: Any, runtime: Any, settings: Settings) -> None:
                                help="unordered pair -> click evidence and the emitted record")
 
     def lookup(listing_id: str) -> Any:
-        return runtime.index.get(listing_id) if runtime.index is not None else None
-
-    def model_version() -> str | None:
-        # The model of the index the cosines come from (runtime.index); never loads a model.
-        return getattr(runtime, "serving_version", None)
+        served = index()
+        return served.get(listing_id) if served is not None else None
 
     def incoming(event: Any) -> Incoming:
         msg = event.message
@@ -354,7 +353,7 @@ def register_pairs_agent(app: Any, runtime: Any, settings: Settings) -> None:
         async for event in stream.events():
             click = decode(event)
             if isinstance(click, Failure):
-                await runtime.dead_letter([click])
+                await sinks.dead_letter([click])
                 continue
             state, forwarded = sessionize_step(sessions.get(click["session_id"]), click, rules)
             if forwarded is None:
@@ -368,7 +367,7 @@ def register_pairs_agent(app: Any, runtime: Any, settings: Settings) -> None:
         async for event in stream.events():
             click = decode(event)
             if isinstance(click, Failure):
-                await runtime.dead_letter([click])
+                await sinks.dead_letter([click])
                 continue
             key = pair_key(click["trigger_id"], click["clicked_id"])
             state, counted, record = evidence_step(evidence_table.get(key), click, rules, lookup, model_version())
@@ -377,31 +376,10 @@ def register_pairs_agent(app: Any, runtime: Any, settings: Settings) -> None:
             elif record is not None:
                 log.info("re-sending positive pair %s after a replay", key)
             if record is not None:
-                await runtime.send_all(POSITIVE_PAIRS, [Outgoing(key.encode(), out_codec.encode(record))])
+                await sinks.send_all(POSITIVE_PAIRS, [Outgoing(key.encode(), out_codec.encode(record))])
                 evidence_table[key] = {**state, "sent": True}
 
     app.samestyle_pairs = (sessions, evidence_table)  # type: ignore[attr-defined]  # for tests
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m streams.clicks``: a worker with the pairs agent, until create_app registers it itself."""
-    import faust
-
-    from samestyle.streams.worker.app import create_app
-
-    settings = Settings.from_env()
-    app = create_app(settings)
-    register_pairs_agent(app, app.samestyle, settings)  # type: ignore[attr-defined]
-    worker = faust.Worker(app, loglevel=settings.log_level.upper(), quiet=True, redirect_stdouts=False)
-    try:
-        worker.execute_from_commandline()
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 1
-    return 1 if worker.crash_reason is not None else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 __all__ = ["Decision", "PairMiner", "PairRules", "add_click", "category_path", "click_id", "pair_key",

@@ -19,9 +19,8 @@ from __future__ import annotations
 import logging
 from typing import Iterable, Sequence
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-
 from samestyle.streams.worker.pipeline import Incoming
+from samestyle.streams.io.reader import LogReader, reader_for
 from samestyle.streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,7 +42,7 @@ class Backfill:
         self.done: set[int] = set()
         #: partition -> keys the embed agent embedded (with both models) since the switch began.
         self.live_seen: dict[int, set[bytes]] = {}
-        self._consumer: AIOKafkaConsumer | None = None
+        self._reader: LogReader | None = None
 
     @property
     def active(self) -> bool:
@@ -52,14 +51,14 @@ class Backfill:
     def pending(self) -> list[int]:
         return sorted(p for p in self.ends if p not in self.done)
 
-    async def _ensure_consumer(self) -> AIOKafkaConsumer:
-        if self._consumer is None:
-            self._consumer = AIOKafkaConsumer(
-                bootstrap_servers=self.settings.bootstrap_servers, group_id=None, enable_auto_commit=False,
-                auto_offset_reset="earliest", client_id=f"{self.settings.worker_id}-reembed",
-                fetch_max_wait_ms=100, max_partition_fetch_bytes=self.settings.max_message_bytes)
-            await self._consumer.start()
-        return self._consumer
+    async def _ensure_reader(self) -> LogReader:
+        if self._reader is None:
+            self._reader = await reader_for(self.settings, "reembed").start()
+        return self._reader
+
+    async def _assign_pending(self) -> None:
+        reader = await self._ensure_reader()
+        await reader.assign({(self.topic, p): self.positions[p] for p in self.pending()})
 
     async def plan(self, version: str, assigned: Iterable[int]) -> None:
         """Re-embed for ``version`` every partition in ``assigned``; forget partitions not in it."""
@@ -72,7 +71,6 @@ class Backfill:
         gone = set(self.ends) - assigned
         if not new and not gone:
             return
-        consumer = await self._ensure_consumer()
         for p in gone:
             self.ends.pop(p, None)
             self.positions.pop(p, None)
@@ -82,10 +80,7 @@ class Backfill:
             self.ends[p] = None
             self.positions[p] = 0
             self.live_seen.setdefault(p, set())
-        pending = self.pending()
-        consumer.assign([TopicPartition(self.topic, p) for p in pending])
-        for p in pending:
-            consumer.seek(TopicPartition(self.topic, p), self.positions[p])
+        await self._assign_pending()
 
     def note_live(self, batch: Sequence[Incoming]) -> None:
         """The embed agent embedded ``batch`` with both models: never re-embed those keys after it."""
@@ -100,27 +95,26 @@ class Backfill:
         pending = self.pending()
         if not pending:
             return []
-        consumer = await self._ensure_consumer()
-        batches = await consumer.getmany(timeout_ms=200, max_records=max_records)
+        reader = await self._ensure_reader()
+        records = await reader.fetch(timeout=0.2, max_records=max_records)
         chunk: list[Incoming] = []
         for p in pending:
-            tp = TopicPartition(self.topic, p)
             if self.ends[p] is None:
-                self.ends[p] = consumer.highwater(tp)  # None until a fetch answered for it
+                self.ends[p] = reader.highwater((self.topic, p))  # None until a fetch answered for it
             end = self.ends[p]
-            for record in batches.get(tp, ()):
+            for record in records:
+                if record.partition != p:
+                    continue
                 if end is not None and record.offset >= end:
                     break
-                chunk.append(Incoming(record.key, record.value, tp.topic, p, record.offset))
+                chunk.append(Incoming(record.key, record.value, record.topic, p, record.offset))
                 self.positions[p] = record.offset + 1
             if end is not None and self.positions[p] >= end:
                 self.done.add(p)
                 log.info("model switch to %s: listings partition %d re-embedded (%d records)",
                          self.version, p, end)
         if self.pending() != pending:
-            consumer.assign([TopicPartition(self.topic, q) for q in self.pending()])
-            for q in self.pending():
-                consumer.seek(TopicPartition(self.topic, q), self.positions[q])
+            await self._assign_pending()
         return chunk
 
     def unseen(self, chunk: Sequence[Incoming]) -> list[Incoming]:
@@ -134,13 +128,13 @@ class Backfill:
         self.positions.clear()
         self.done.clear()
         self.live_seen.clear()
-        if self._consumer is not None:
-            self._consumer.assign([])
+        if self._reader is not None:
+            self._reader.unassign()
 
     async def stop(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
+        if self._reader is not None:
+            await self._reader.stop()
+            self._reader = None
 
 
 __all__ = ["Backfill"]

@@ -18,16 +18,19 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from mode import Service
 
 from samestyle.topics import codec_for_topic
 from samestyle.topics.errors import BadInputError
 from samestyle.topics.registry import MODEL_UPDATES
 
+from samestyle.streams.io.reader import LogReader, reader_for
 from samestyle.streams.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: How long one fetch waits for new decisions before the loop checks whether to stop.
+FETCH_WAIT_SECONDS = 0.2
 
 
 @dataclass(frozen=True)
@@ -84,8 +87,7 @@ class ModelWatcher(Service):
         #: Set (and replaced) whenever a promotion arrives, so waiters can re-check the target.
         self.changed = asyncio.Event()
         self._codec = codec_for_topic(MODEL_UPDATES)
-        self._consumer: AIOKafkaConsumer | None = None
-        self._position = 0
+        self._reader: LogReader | None = None
         for offset, value in records:  # tests: a chain without a broker
             self._fold(offset, value)
 
@@ -104,33 +106,21 @@ class ModelWatcher(Service):
             self.changed = asyncio.Event()
 
     async def on_start(self) -> None:
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.bootstrap_servers, group_id=None, enable_auto_commit=False,
-            auto_offset_reset="earliest", client_id=f"{self.settings.worker_id}-models", fetch_max_wait_ms=100)
-        await self._consumer.start()
-        tp = TopicPartition(self.topic, 0)
-        self._consumer.assign([tp])
-        await self._consumer.seek_to_beginning(tp)
+        self._reader = await reader_for(self.settings, "models").start()
+        await self._reader.assign([(self.topic, 0)])
 
     async def on_stop(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
+        if self._reader is not None:
+            await self._reader.stop()
+            self._reader = None
 
     @Service.task
     async def _follow(self) -> None:
-        assert self._consumer is not None
-        tp = TopicPartition(self.topic, 0)
+        assert self._reader is not None
         while not self.should_stop:
-            batches = await self._consumer.getmany(timeout_ms=200)
-            for records in batches.values():
-                for record in records:
-                    self._fold(record.offset, record.value)
-                    self._position = record.offset + 1
-            # Ready once the log as it stood at the first fetch is read: the fetch's high-water
-            # mark, not end_offsets (tansu answers that short: BROKER.md, trap 1).
-            highwater = self._consumer.highwater(tp)
-            if not self.ready.is_set() and highwater is not None and self._position >= highwater:
+            for record in await self._reader.fetch(timeout=FETCH_WAIT_SECONDS):
+                self._fold(record.offset, record.value)
+            if not self.ready.is_set() and await self._reader.at_end():
                 self.ready.set()
 
 

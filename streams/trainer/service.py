@@ -64,8 +64,9 @@ from typing import Any
 import numpy as np
 
 from samestyle.topics import MODEL_UPDATES, POSITIVE_PAIRS, TopicSpec, codec_for_topic, topic_specs
-from samestyle.topics.errors import BrokerError, ConfigError
+from samestyle.topics.errors import ConfigError
 
+from samestyle.streams.io.reader import LogReader, every_partition
 from samestyle.streams.settings import Settings
 
 log = logging.getLogger("samestyle.trainer")
@@ -321,48 +322,17 @@ def train_candidate(args: argparse.Namespace, pairs: Sequence[Pair], catalogue: 
 # --- Kafka ----------------------------------------------------------------------------------------
 
 
-def _consumer(settings: Settings) -> Any:
-    from aiokafka import AIOKafkaConsumer
-
-    return AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None, enable_auto_commit=False,
-                            auto_offset_reset="earliest", fetch_max_wait_ms=200,
-                            client_id=f"samestyle-trainer-{settings.worker_id}")
-
-
-async def read_to_end(consumer: Any, tps: Sequence[Any], timeout: float) -> list[Any]:
-    """Every record from the consumer's positions up to the high-water marks seen in fetch
-    responses (``end_offsets`` is wrong on tansu: BROKER.md trap 1)."""
-    records: list[Any] = []
-    deadline = time.monotonic() + timeout
-    while True:
-        batches = await consumer.getmany(*tps, timeout_ms=300, max_records=10_000)
-        for batch in batches.values():
-            records.extend(batch)
-        done = True
-        for tp in tps:
-            high = consumer.highwater(tp)
-            if high is None or await consumer.position(tp) < high:
-                done = False
-        if done:
-            return records
-        if time.monotonic() > deadline:
-            raise BrokerError(f"could not read {sorted({tp.topic for tp in tps})} to the end in {timeout:.0f} s")
+def _reader(settings: Settings) -> LogReader:
+    return LogReader(settings.bootstrap_servers, client_id=f"samestyle-trainer-{settings.worker_id}",
+                     fetch_max_wait_ms=200, max_message_bytes=settings.max_message_bytes)
 
 
 async def read_model_updates(settings: Settings, spec: TopicSpec, timeout: float = 60.0) -> list[dict[str, Any]]:
     """Every ``model-updates`` record, oldest first (one partition: the order of decisions)."""
-    from aiokafka import TopicPartition
-
     codec = codec_for_topic(MODEL_UPDATES)
-    consumer = _consumer(settings)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(spec.name, p) for p in range(spec.partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        return [codec.decode(r.value) for r in await read_to_end(consumer, tps, timeout)]
-    finally:
-        await consumer.stop()
+    async with _reader(settings) as reader:
+        await reader.assign(every_partition(spec.name, spec.partitions))
+        return [codec.decode(r.value) for r in await reader.read_to_end(timeout)]
 
 
 class PairsReader:
@@ -371,33 +341,24 @@ class PairsReader:
     def __init__(self, settings: Settings, spec: TopicSpec) -> None:
         self.settings, self.spec = settings, spec
         self.codec = codec_for_topic(POSITIVE_PAIRS)
-        self.consumer: Any = None
-        self.tps: list[Any] = []
+        self.reader: LogReader | None = None
 
     async def start(self, offsets: Mapping[int, int]) -> None:
-        from aiokafka import TopicPartition
-
-        self.consumer = _consumer(self.settings)
-        await self.consumer.start()
-        self.tps = [TopicPartition(self.spec.name, p) for p in range(self.spec.partitions)]
-        self.consumer.assign(self.tps)
-        for tp in self.tps:
-            if tp.partition in offsets:
-                self.consumer.seek(tp, offsets[tp.partition])
-            else:
-                await self.consumer.seek_to_beginning(tp)
+        self.reader = await _reader(self.settings).start()
+        await self.reader.assign({(self.spec.name, p): offsets.get(p) for p in range(self.spec.partitions)})
 
     async def catch_up(self, state: TrainerState, timeout: float) -> tuple[int, int]:
         """Read to the end into ``state``; returns (records read, new distinct pairs)."""
-        records = await read_to_end(self.consumer, self.tps, timeout)
+        assert self.reader is not None
+        records = await self.reader.read_to_end(timeout)
         new = state.add(self.codec.decode(r.value) for r in records)
-        for tp in self.tps:
-            state.offsets[tp.partition] = await self.consumer.position(tp)
+        for topic, p in self.reader.partitions:
+            state.offsets[p] = await self.reader.position((topic, p))
         return len(records), new
 
     async def stop(self) -> None:
-        if self.consumer is not None:
-            await self.consumer.stop()
+        if self.reader is not None:
+            await self.reader.stop()
 
 
 async def produce_update(settings: Settings, spec: TopicSpec, record: Mapping[str, Any]) -> None:

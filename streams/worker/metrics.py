@@ -96,17 +96,11 @@ class _DynamicCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         families = self._families()
         lag, highwater, position, rebalances = families
-        for source in list(self.metrics.lag_sources):
-            try:
-                rows = list(source())
-            except Exception as exc:  # a rebalance in progress must not break the scrape
-                log.debug("lag source failed: %r", exc)
-                continue
-            for row in rows:
-                labels = [row.consumer, row.topic, str(row.partition)]
-                lag.add_metric(labels, row.lag)
-                highwater.add_metric(labels, row.highwater)
-                position.add_metric(labels, row.position)
+        for row in self.metrics.lag_rows():
+            labels = [row.consumer, row.topic, str(row.partition)]
+            lag.add_metric(labels, row.lag)
+            highwater.add_metric(labels, row.highwater)
+            position.add_metric(labels, row.position)
         rebalances.add_metric([], self.metrics.rebalance_count())
         return iter(families)
 
@@ -192,6 +186,23 @@ class Metrics:
         if process:
             # process_resident_memory_bytes etc.: the soak run plots RSS from them.
             ProcessCollector(registry=r)
+
+    def lag_rows(self) -> list[PartitionLag]:
+        """Every lag source's rows; a source that fails (a rebalance racing the read) is skipped."""
+        rows: list[PartitionLag] = []
+        for source in list(self.lag_sources):
+            try:
+                rows.extend(source())
+            except Exception as exc:
+                log.debug("lag source failed: %r", exc)
+        return rows
+
+    def lag_by_consumer(self) -> dict[str, int]:
+        """Total lag per consumer (``group``, ``replica``)."""
+        totals: dict[str, int] = {}
+        for row in self.lag_rows():
+            totals[row.consumer] = totals.get(row.consumer, 0) + row.lag
+        return totals
 
     # --- observations -----------------------------------------------------------------------
 

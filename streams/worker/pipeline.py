@@ -132,7 +132,7 @@ class EmbedStep:
         self._listings = codec_for_topic(LISTINGS)
         self._embeddings = codec_for_topic(LISTING_EMBEDDINGS)
 
-    def __call__(self, batch: Sequence[Incoming], encoders: Sequence[Encoder] | None = None,
+    def __call__(self, batch: Sequence[Incoming], encoders: Sequence[Encoder] | None = None, *,
                  reembed: bool = False) -> tuple[list[Outgoing], list[Failure]]:
         """Embed ``batch`` with ``encoders`` (default: the step's encoder).
 

@@ -18,8 +18,9 @@ from samestyle.streams.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def run_worker(settings: Settings) -> int:
-    """Run the Faust worker until SIGTERM/SIGINT; returns the exit code (non-zero after a crash)."""
+def run_worker(settings: Settings, *, pairs: bool = False) -> int:
+    """Run the Faust worker until SIGTERM/SIGINT; returns the exit code (non-zero after a crash).
+    ``pairs`` adds the click-pairs agents (their tables' changelog topics must exist too)."""
     import faust  # imported here so `samestyle --help` stays fast
 
     from samestyle.topics import topic_specs
@@ -27,13 +28,14 @@ def run_worker(settings: Settings) -> int:
     from samestyle.streams.worker.app import create_app
     from samestyle.streams.dev.broker import check_topics
 
-    # The default worker runs no Faust tables, so no changelog topics are required here.
-    check_topics(",".join(settings.bootstrap_servers), topic_specs(settings.topic_prefix, settings.partitions).values())
+    # Only the pairs agents keep Faust tables: their changelog topics are required with them.
+    specs = topic_specs(settings.topic_prefix, settings.partitions, app_id=settings.app_id if pairs else None)
+    check_topics(",".join(settings.bootstrap_servers), specs.values())
     if settings.torch_threads:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    app = create_app(settings)
+    app = create_app(settings, pairs=pairs)
     worker = faust.Worker(app, loglevel=settings.log_level.upper(), quiet=True, redirect_stdouts=False)
     try:
         worker.execute_from_commandline()

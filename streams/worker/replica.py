@@ -24,12 +24,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from mode import Service
 
 from samestyle.index_store import LiveIndex
 from samestyle.topics.errors import BadInputError
 
+from samestyle.streams.io.reader import LogReader, reader_for
 from samestyle.streams.switch.indexes import ModelIndexes
 from samestyle.streams.worker.metrics import PartitionLag, partition_lags
 from samestyle.streams.worker.pipeline import decode_embedding, now_ms
@@ -67,28 +67,12 @@ class IndexReplica(Service):
         self.applied: dict[int, int] = dict(offsets)
         self._changed = asyncio.Condition()
         self._dirty = False
-        self._consumer: AIOKafkaConsumer | None = None
+        self._reader: LogReader | None = None
         self._last_snapshot = time.monotonic()
 
     async def on_start(self) -> None:
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.bootstrap_servers,
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            client_id=f"{self.settings.worker_id}-replica",
-            fetch_max_wait_ms=50,
-            max_partition_fetch_bytes=self.settings.max_message_bytes,
-            fetch_max_bytes=max(self.settings.max_message_bytes, 52_428_800),
-        )
-        await self._consumer.start()
-        tps = [TopicPartition(self.topic, p) for p in range(self.partitions)]
-        self._consumer.assign(tps)
-        for tp in tps:
-            if tp.partition in self.applied:
-                self._consumer.seek(tp, self.applied[tp.partition])
-            else:
-                await self._consumer.seek_to_beginning(tp)
+        self._reader = await reader_for(self.settings, "replica", fetch_max_wait_ms=50).start()
+        await self._reader.assign({(self.topic, p): self.applied.get(p) for p in range(self.partitions)})
         self._set_index_gauge()
         log.info("index replica: %s from snapshot, replaying %s from %s",
                  {v: len(i) for v, i in self.indexes.indexes.items()} or "nothing", self.topic,
@@ -112,10 +96,10 @@ class IndexReplica(Service):
         """Become ready after the start-up log is in; then switch to the target model when complete."""
         target = self.target_version() if self.target_version is not None else None
         if not self.ready.is_set():
-            assert self._consumer is not None
+            assert self._reader is not None
             for p in range(self.partitions):
                 if p not in self._start_ends:
-                    highwater = self._consumer.highwater(TopicPartition(self.topic, p))
+                    highwater = self._reader.highwater((self.topic, p))
                     if highwater is None:
                         return
                     self._start_ends[p] = highwater
@@ -136,23 +120,17 @@ class IndexReplica(Service):
         self._set_index_gauge()
 
     async def on_stop(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
+        if self._reader is not None:
+            await self._reader.stop()
+            self._reader = None
         if self._dirty:
             await self.snapshot()
 
     def lags(self) -> list[PartitionLag]:
         """Fetch high-water mark minus the next offset to apply, per partition of the topic."""
-        consumer = self._consumer
-        if consumer is None:
+        if self._reader is None:
             return []
-        highwaters = {}
-        for p in range(self.partitions):
-            try:
-                highwaters[(self.topic, p)] = consumer.highwater(TopicPartition(self.topic, p))
-            except Exception:  # not fetched yet
-                continue
+        highwaters = {tp: high for tp, high in self._reader.highwaters().items() if high is not None}
         return partition_lags("replica", highwaters, {(self.topic, p): o for p, o in self.applied.items()})
 
     def _restart_truncated_partitions(self) -> None:
@@ -163,18 +141,14 @@ class IndexReplica(Service):
         answers fetches beyond the end with no error, so without this the replica would wait for
         the new log to grow past the old offset and silently skip everything before it.
         """
-        assert self._consumer is not None
+        assert self._reader is not None
         for p in range(self.partitions):
-            tp = TopicPartition(self.topic, p)
-            try:
-                highwater = self._consumer.highwater(tp)
-            except Exception:
-                continue
+            highwater = self._reader.highwater((self.topic, p))
             applied = self.applied.get(p, 0)
             if highwater is not None and highwater < applied:
                 log.warning("replica: %s[%d] ends at %d but %d were applied: the topic was recreated; "
                             "reading it again from the start", self.topic, p, highwater, applied)
-                self._consumer.seek(tp, 0)
+                self._reader.seek((self.topic, p), 0)
                 self.applied[p] = 0
                 if self.metrics is not None:
                     self.metrics.log_resets.labels("replica").inc()
@@ -199,28 +173,28 @@ class IndexReplica(Service):
 
     @Service.task
     async def _apply_loop(self) -> None:
-        assert self._consumer is not None
+        assert self._reader is not None
         loop = asyncio.get_running_loop()
         while not self.should_stop:
             self._restart_truncated_partitions()
-            batches = await self._consumer.getmany(timeout_ms=200, max_records=2000)
-            if batches:
+            records = await self._reader.fetch(timeout=0.2, max_records=2000)
+            if records:
                 updates = []
-                for tp, records in batches.items():
-                    for record in records:
-                        try:
-                            updates.append(decode_embedding(record.value))
-                        except BadInputError as exc:
-                            # The index agent dead-letters it; the replica only skips it.
-                            log.warning("replica skips %s[%d]@%d: %s", tp.topic, tp.partition, record.offset, exc)
+                for record in records:
+                    try:
+                        updates.append(decode_embedding(record.value))
+                    except BadInputError as exc:
+                        # The index agent dead-letters it; the replica only skips it.
+                        log.warning("replica skips %s[%d]@%d: %s", record.topic, record.partition,
+                                    record.offset, exc)
                 # Each index owns its lock; the executor keeps big upserts off the event loop.
                 await loop.run_in_executor(None, self.indexes.apply, updates)
                 if self.metrics is not None:
                     self.metrics.observe_freshness(self.metrics.listing_to_searchable,
                                                    [u.event_time for u in updates if u.op != "DELETE"], now_ms())
                 async with self._changed:
-                    for tp, records in batches.items():
-                        self.applied[tp.partition] = records[-1].offset + 1
+                    for record in records:
+                        self.applied[record.partition] = record.offset + 1
                     self._dirty = True
                     self._check_models()
                     self._changed.notify_all()

@@ -1,6 +1,6 @@
 """The pairs agent against the real broker and real worker processes.
 
-Workers run ``python -m streams.clicks`` (create_app + register_pairs_agent). Every test creates
+Workers run ``samestyle pairs-worker`` (create_app with the pairs agents). Every test creates
 its topics *and* the tables' changelogs (topic_specs(app_id=...)) before a worker starts.
 """
 
@@ -37,7 +37,7 @@ class PairsWorker(WorkerProcess):
         env = dict(os.environ, **self.settings.to_env(), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "samestyle.streams.pairs.agents"], env=env, stdout=out,
+            self.proc = subprocess.Popen([sys.executable, "-m", "samestyle", "pairs-worker"], env=env, stdout=out,
                                          stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         return self
 

@@ -19,7 +19,7 @@ import torch
 
 from samestyle.models.backbones import build_image_backbone, build_text_backbone
 from samestyle.models.encoder import NAMED_CONFIGS
-from samestyle.models.unified import CrossScorer, UnifiedConfig, UnifiedFusion, save_unified_model
+from samestyle.models.unified import UnifiedConfig, UnifiedFusion, save_unified_model
 from samestyle.streams.dev.broker import free_port
 from samestyle.streams.io.producer import Outputs, send_records
 from samestyle.topics import MODEL_UPDATES, codec_for_topic

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from samestyle.models.encoder import encoder_from_spec
+from samestyle.models.factory import encoder_from_spec
 from samestyle.streams.dev.sample import generate_sample
 from samestyle.streams.pairs.agents import pair_key
 from samestyle.streams.io.producer import send_records

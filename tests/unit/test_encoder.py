@@ -15,17 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from samestyle.models.encoder import (
-    ALLOW_RANDOM_WEIGHTS_ENV,
-    Embeddings,
-    Encoder,
-    EncoderConfig,
-    ListingInput,
-    create_encoder,
-    encoder_from_spec,
-    listing_text,
-    load_config,
-)
+from samestyle.models.encoder import ALLOW_RANDOM_WEIGHTS_ENV, Embeddings, Encoder, EncoderConfig, ListingInput, listing_text, load_config
+from samestyle.models.factory import create_encoder, encoder_from_spec
 from samestyle.models.images import ImagePreprocessing, decode_image, load_image_bytes
 from samestyle.topics.errors import ConfigError, ImageError, InvalidListingError, MissingWeightsError
 
@@ -124,7 +115,8 @@ def test_deterministic_across_processes(tiny: Encoder, tmp_path: Path) -> None:
         """
         import sys
         import numpy as np
-        from samestyle.models.encoder import ListingInput, create_encoder
+        from samestyle.models.encoder import ListingInput
+        from samestyle.models.factory import create_encoder
         enc = create_encoder("tiny", device="cpu")
         out = enc.encode([ListingInput("a", "Red ceramic mug 350ml", "Dishwasher safe")])
         np.save(sys.argv[1], out.image_text)

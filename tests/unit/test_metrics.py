@@ -105,7 +105,7 @@ def test_web_server_serves_metrics_health_and_extra_routes(tmp_path: Path) -> No
         app.router.add_get("/hello", hello)
 
     async def run() -> tuple[str, dict, str]:
-        server = WebServer(Settings(web_port=port, state_dir=tmp_path), [core_routes(runtime)], host="127.0.0.1")
+        server = WebServer(Settings(web_port=port, state_dir=tmp_path), [core_routes(runtime.metrics.registry, runtime.health)], host="127.0.0.1")
         server.add_routes(extra)
         await server.start()
         try:

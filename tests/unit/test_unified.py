@@ -162,7 +162,7 @@ def test_model_dir_round_trip(encoder: UnifiedEncoder, tmp_path) -> None:
     assert loaded.version == "test-unified-v1"
     a, b = encoder.encode(LISTINGS), loaded.encode(LISTINGS)
     assert np.allclose(a.image_text, b.image_text, atol=1e-5)
-    from samestyle.models.encoder import encoder_from_spec
+    from samestyle.models.factory import encoder_from_spec
 
     via_spec = encoder_from_spec(str(tmp_path), "cpu", allow_random_weights=True)
     assert isinstance(via_spec, UnifiedEncoder)
