@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 log = logging.getLogger("bench")
 
 
@@ -37,15 +39,10 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
-    """The ``q``-th percentile (0..100, linear interpolation between order statistics); None if empty."""
+    """The ``q``-th percentile (0..100, numpy's linear interpolation); None if empty."""
     if not values:
         return None
-    if not 0.0 <= q <= 100.0:
-        raise ValueError(f"percentile q must be in [0, 100], got {q}")
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
 def median(values: Sequence[float]) -> float | None:

@@ -25,9 +25,22 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    Stack, embedded_times, encode_listing, finish, listing_inputs, machine_info, median, percentile,
-    positive_float_list, rounded, sample_messages, setup_logging, streaming_stack, time_encoder,
-    wait_indexed, worker_environment,
+    Stack,
+    embedded_times,
+    encode_listing,
+    finish,
+    listing_inputs,
+    machine_info,
+    median,
+    percentile,
+    positive_float_list,
+    rounded,
+    sample_messages,
+    setup_logging,
+    streaming_stack,
+    time_encoder,
+    wait_indexed,
+    worker_environment,
 )
 
 #: Emitting below this share of the offered rate means the worker cannot keep up.

@@ -32,8 +32,21 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    Stack, embedded_times, encode_listing, finish, listing_inputs, machine_info, median, ratio, rounded,
-    sample_messages, setup_logging, streaming_stack, time_encoder, wait_indexed, worker_environment,
+    Stack,
+    embedded_times,
+    encode_listing,
+    finish,
+    listing_inputs,
+    machine_info,
+    median,
+    ratio,
+    rounded,
+    sample_messages,
+    setup_logging,
+    streaming_stack,
+    time_encoder,
+    wait_indexed,
+    worker_environment,
 )
 
 GOAL_RATIO = 0.9

@@ -39,8 +39,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    Stack, encode_listing, finish, machine_info, percentile, rounded, sample_messages, setup_logging,
-    wait_indexed, worker_environment,
+    Stack,
+    encode_listing,
+    finish,
+    machine_info,
+    percentile,
+    rounded,
+    sample_messages,
+    setup_logging,
+    wait_indexed,
+    worker_environment,
 )
 
 LAG_METRIC = "samestyle_consumer_lag_messages"

@@ -23,8 +23,17 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.common import (Stack, encode_listing, finish, machine_info, percentile, rounded, setup_logging,
-                          streaming_stack, wait_indexed)
+from bench.common import (
+    Stack,
+    encode_listing,
+    finish,
+    machine_info,
+    percentile,
+    rounded,
+    setup_logging,
+    streaming_stack,
+    wait_indexed,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,9 +151,9 @@ async def _run(stack: Stack, port: int, rows: list[dict[str, Any]], args: argpar
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    from samestyle.models.data import read_listings
     from samestyle.streams.dev.broker import free_port
     from samestyle.streams.io.producer import listing_message
-    from samestyle.models.data import read_listings
 
     new_version = json.loads((Path(args.model) / "encoder.json").read_text())["version"]
     rows = [listing_message(r) for r in read_listings(args.listings, limit=args.catalogue + args.during)]

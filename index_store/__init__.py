@@ -11,7 +11,7 @@ keyed by listing id, so replaying a topic from an older offset never duplicates 
 * ``kind="flat"`` (default): exact search. Vectors sit in one contiguous capacity-doubling
   matrix; deletes swap the last row into the hole; ``faiss.knn`` reads ``matrix[:n]`` in place.
 * ``kind="hnsw"``: approximate search for large catalogues (``faiss.IndexHNSWFlat``). Deletes
-  and replacements tombstone graph entries, searches over-fetch and filter them, and the graph is
+  and replacements tombstone graph entries, searches skip them with a faiss ID selector, and the graph is
   rebuilt from the live vectors when tombstones pass ``rebuild_fraction`` (25 %).
 
 The index checks its inputs at the boundary (float arrays of the right shape, finite, converted

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -111,8 +110,8 @@ class LiveIndex:
     ``kind="hnsw"`` is approximate (``faiss.IndexHNSWFlat``, inner product) for larger
     catalogues: search is sub-linear, but recall is below 1 and depends on ``ef_search``; it
     works best on L2-normalised vectors (cosine), which is what the encoders emit. HNSW cannot
-    remove entries, so a delete or a replacement tombstones the old graph entry; searches ask the
-    graph for more than ``k`` and drop tombstones, and once tombstones exceed
+    remove entries, so a delete or a replacement tombstones the old graph entry; searches skip
+    tombstones inside the graph walk (a faiss ``IDSelectorBitmap`` of live entries), and once tombstones exceed
     ``rebuild_fraction`` of the graph it is rebuilt from the live vectors. That rebuild runs
     inside the mutating call and costs a full build (seconds per 100k vectors) with, briefly,
     the old and the new graph in memory. Inserts are also slower than flat (graph linking).
@@ -580,22 +579,13 @@ class LiveIndex:
     def _search_hnsw(
         self, queries: np.ndarray, k: int, exclude: Sequence[str | None]
     ) -> list[list[Hit]]:
-        total = self._hnsw.ntotal
-        # What each query can get at most: k, or every live listing but the excluded one.
-        target = [min(k, self._size - (e is not None and e in self._slot_of)) for e in exclude]
-        # Over-fetch in proportion to tombstones, doubling for queries whose neighbourhood is
-        # unusually dead, until the whole graph has been asked.
-        fetch = min(total, math.ceil((k + 1) * total / self._size) + 8)
-        results: list[list[Hit]] = [[] for _ in range(len(queries))]
-        pending = np.arange(len(queries))
-        while pending.size:
-            scores, labels = self._hnsw.search(queries[pending], fetch)
-            slots = np.where(labels >= 0, self._owner[np.maximum(labels, 0)], -1)
-            still = []
-            for row, q in enumerate(pending.tolist()):
-                results[q] = self._hits(scores[row], slots[row], k, exclude[q])
-                if len(results[q]) < target[q] and fetch < total:
-                    still.append(q)
-            pending = np.asarray(still, dtype=np.int64)
-            fetch = min(total, 2 * fetch)
-        return results
+        # Tombstoned graph entries are filtered inside the graph walk by faiss's ID selector, so
+        # every query gets up to k live neighbours (one more when it excludes a listing).
+        live = np.packbits(self._owner >= 0, bitorder="little")  # kept alive through the search
+        selector = faiss.IDSelectorBitmap(len(self._owner), faiss.swig_ptr(live))
+        params = faiss.SearchParametersHNSW(sel=selector, efSearch=self.ef_search)
+        extra = any(e is not None and e in self._slot_of for e in exclude)
+        fetch = min(self._size, k + extra)
+        scores, labels = self._hnsw.search(queries, fetch, params=params)
+        slots = np.where(labels >= 0, self._owner[np.maximum(labels, 0)], -1)
+        return [self._hits(scores[q], slots[q], k, exclude[q]) for q in range(len(queries))]

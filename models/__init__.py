@@ -46,10 +46,18 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from samestyle.models.encoder import NAMED_CONFIGS, Embeddings, Encoder, EncoderConfig, ListingInput, PreparedListing, load_config
-    from samestyle.models.pretrained import ConcatEncoder
+    from samestyle.models.encoder import (
+        NAMED_CONFIGS,
+        Embeddings,
+        Encoder,
+        EncoderConfig,
+        ListingInput,
+        PreparedListing,
+        load_config,
+    )
     from samestyle.models.factory import create_encoder, encoder_from_spec
     from samestyle.models.images import ImagePreprocessing, decode_image, load_image_bytes
+    from samestyle.models.pretrained import ConcatEncoder
 
 
 def __getattr__(name: str) -> Any:

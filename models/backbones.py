@@ -34,7 +34,6 @@ from torch import nn
 from samestyle.topics.errors import ConfigError, MissingWeightsError
 
 
-
 class BackboneConfig(Protocol):
     """What a backbone builder reads of an encoder config (``EncoderConfig`` satisfies it)."""
 

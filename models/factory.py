@@ -10,7 +10,13 @@ from typing import Any
 
 import torch
 
-from samestyle.models.encoder import ALLOW_RANDOM_WEIGHTS_ENV, Encoder, EncoderConfig, load_config, random_weights_allowed
+from samestyle.models.encoder import (
+    ALLOW_RANDOM_WEIGHTS_ENV,
+    Encoder,
+    EncoderConfig,
+    load_config,
+    random_weights_allowed,
+)
 from samestyle.models.pretrained import ConcatEncoder
 from samestyle.models.unified import load_unified_model
 from samestyle.topics.errors import ConfigError

@@ -13,6 +13,7 @@ inference time, so cached training inputs and live serving inputs cannot drift a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -316,7 +317,7 @@ def build_feature_cache(
     text_chunks, mask_chunks, id_chunks, image_chunks, has_chunks = [], [], [], [], []
     any_image = with_images and any(r.image_path for r in records)
     bar = tqdm(total=len(records), desc="backbone features", unit="listing", disable=not progress)
-    autocast = torch.autocast("cuda", dtype=torch.float16) if device.startswith("cuda") else _null()
+    autocast = torch.autocast("cuda", dtype=torch.float16) if device.startswith("cuda") else contextlib.nullcontext()
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         inputs = [listing_input(r, with_image=False) for r in chunk]
@@ -364,9 +365,3 @@ def build_feature_cache(
     return cache
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

@@ -23,8 +23,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from samestyle.models.backbones import HFTextBackbone, ImageBackbone, build_image_backbone, build_text_backbone
-from samestyle.models.encoder import (MAX_CHARS_PER_TOKEN, Embeddings, Encoder, EncoderConfig, ListingInput,
-                                      PreparedListing, prepare_listing)
+from samestyle.models.encoder import (
+    MAX_CHARS_PER_TOKEN,
+    Embeddings,
+    Encoder,
+    EncoderConfig,
+    ListingInput,
+    PreparedListing,
+    prepare_listing,
+)
 from samestyle.topics.errors import ConfigError
 
 __all__ = ["ConcatEncoder", "ConcatFusion"]

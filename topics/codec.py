@@ -62,7 +62,7 @@ from typing import Any
 
 import fastavro
 import numpy as np
-from fastavro.schema import to_parsing_canonical_form
+from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from samestyle.topics.errors import BadInputError, ConfigError, DecodeError
 from samestyle.topics.registry import topic_specs
@@ -73,34 +73,14 @@ HEADER_SIZE = len(MARKER) + 8
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MILLISECOND = timedelta(milliseconds=1)
 
-# CRC-64-AVRO as given in the Avro specification ("Schema Fingerprints").
-_RABIN_EMPTY = 0xC15D213AA4D7A795
-
-
-def _rabin_table() -> tuple[int, ...]:
-    table = []
-    for i in range(256):
-        fp = i
-        for _ in range(8):
-            fp = (fp >> 1) ^ (_RABIN_EMPTY & -(fp & 1))
-        table.append(fp)
-    return tuple(table)
-
-
-_RABIN_TABLE = _rabin_table()
-
-
 def rabin_fingerprint(data: bytes) -> bytes:
-    """CRC-64-AVRO fingerprint of ``data``, as 8 little-endian bytes."""
-    fp = _RABIN_EMPTY
-    for byte in data:
-        fp = (fp >> 8) ^ _RABIN_TABLE[(fp ^ byte) & 0xFF]
-    return fp.to_bytes(8, "little")
+    """CRC-64-AVRO fingerprint of ``data`` (a schema's Parsing Canonical Form), as 8 little-endian bytes."""
+    return bytes.fromhex(fingerprint(data.decode("utf-8"), "CRC-64-AVRO"))
 
 
 def schema_names() -> list[str]:
     """Stems of every ``.avsc`` file in ``topics/schemas``."""
-    folder = resources.files("topics") / "schemas"
+    folder = resources.files("samestyle.topics") / "schemas"
     return sorted(p.name[: -len(".avsc")] for p in folder.iterdir() if p.name.endswith(".avsc"))
 
 
@@ -108,7 +88,7 @@ def load_schema(schema_name: str) -> dict[str, Any]:
     """The schema ``topics/schemas/<schema_name>.avsc`` as a JSON object."""
     if schema_name not in schema_names():
         raise ConfigError(f"no Avro schema {schema_name!r}; known: {', '.join(schema_names())}")
-    text = (resources.files("topics") / "schemas" / f"{schema_name}.avsc").read_text("utf-8")
+    text = (resources.files("samestyle.topics") / "schemas" / f"{schema_name}.avsc").read_text("utf-8")
     return json.loads(text)
 
 

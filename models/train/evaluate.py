@@ -36,7 +36,14 @@ from samestyle.models.data import ListingRecord, read_clusters, read_listings, r
 from samestyle.models.encoder import Embeddings, Encoder
 from samestyle.models.factory import encoder_from_spec
 from samestyle.models.features import listing_input
-from samestyle.models.train.metrics import KS, best_threshold, pair_metrics, retrieval_metrics, tfidf_similarity, tfidf_vectors
+from samestyle.models.train.metrics import (
+    KS,
+    best_threshold,
+    pair_metrics,
+    retrieval_metrics,
+    tfidf_similarity,
+    tfidf_vectors,
+)
 from samestyle.models.train.run import TRAINING_SPLITS
 from samestyle.topics.errors import ConfigError, ImageError, InvalidListingError
 

@@ -50,7 +50,13 @@ from samestyle.models.backbones import build_image_backbone, build_text_backbone
 from samestyle.models.data import read_clusters, read_listings, read_pairs
 from samestyle.models.encoder import ALLOW_RANDOM_WEIGHTS_ENV, load_config
 from samestyle.models.features import FeatureCache, LiveImageFeatures, LiveTextFeatures, build_feature_cache
-from samestyle.models.train.losses import InBatchHinge, LocalityConsistency, SelfDistinctiveness, SymmetricInfoNCE, same_product_mask
+from samestyle.models.train.losses import (
+    InBatchHinge,
+    LocalityConsistency,
+    SelfDistinctiveness,
+    SymmetricInfoNCE,
+    same_product_mask,
+)
 from samestyle.models.train.metrics import best_threshold, pair_metrics
 from samestyle.models.unified import (
     FUSION_MODES,

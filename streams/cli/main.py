@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from samestyle.topics.errors import SamestyleError
-
 from samestyle.streams.settings import Settings
+from samestyle.topics.errors import SamestyleError
 
 log = logging.getLogger("samestyle")
 
@@ -162,9 +161,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         settings.bootstrap_servers  # fails with a clear message when none is configured
         return run_worker(settings, pairs=args.command == "pairs-worker")
     if args.command == "create-topics":
-        from samestyle.topics import topic_specs
-
         from samestyle.streams.dev.broker import create_topics
+        from samestyle.topics import topic_specs
 
         # app_id: the Faust tables' changelogs are created up front too (BROKER.md trap 2).
         create_topics(",".join(settings.bootstrap_servers),
@@ -172,9 +170,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "produce":
         from samestyle.models.data import read_listings
-        from samestyle.topics import LISTINGS, topic_specs
-
         from samestyle.streams.io.producer import listing_message, produce_listings
+        from samestyle.topics import LISTINGS, topic_specs
 
         records = read_listings(args.listings, limit=args.limit)
         messages = [listing_message(r, image_mode=args.image_mode) for r in records]

@@ -20,15 +20,14 @@ from typing import Any, Callable, Iterator
 from tqdm import tqdm
 
 from samestyle.models.data import cluster_pairs, pair_precision_recall, read_clusters, read_listings
+from samestyle.streams.dev.broker import EmbeddedBroker, create_topics, free_port
 from samestyle.streams.dev.sample import generate_sample
+from samestyle.streams.io.producer import OutputReader, Outputs, listing_message, produce_listings
+from samestyle.streams.settings import Settings
+from samestyle.streams.worker.pipeline import DEFAULT_SUPPLIER
+from samestyle.streams.worker.process import WorkerProcess
 from samestyle.topics import LISTINGS, topic_specs
 from samestyle.topics.errors import BrokerError, ConfigError
-
-from samestyle.streams.dev.broker import EmbeddedBroker, create_topics, free_port
-from samestyle.streams.io.producer import OutputReader, Outputs, listing_message, produce_listings
-from samestyle.streams.worker.pipeline import DEFAULT_SUPPLIER
-from samestyle.streams.settings import Settings
-from samestyle.streams.worker.process import WorkerProcess
 
 log = logging.getLogger(__name__)
 

@@ -32,18 +32,17 @@ import binascii
 import json
 import logging
 import time
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 import numpy as np
 from aiohttp import BodyPartReader, web
 
 from samestyle.models.query import Query, QueryEmbedding, embed_queries
-from samestyle.topics.errors import BadInputError
-
 from samestyle.streams.http.server import RouteRegistrar
 from samestyle.streams.settings import Settings
+from samestyle.topics.errors import BadInputError
 
 if TYPE_CHECKING:  # pragma: no cover
     from samestyle.index_store import LiveIndex
@@ -59,6 +58,8 @@ MAX_K = 100
 DUPLICATE_CANDIDATES = 100
 #: Room for the JSON around a base64 image (base64 is 4/3 of the bytes) and for form fields.
 _BODY_OVERHEAD = 64 * 1024
+#: The request body limit of the search routes, kept on the application for the drain.
+MAX_BODY = web.AppKey("samestyle_max_body", int)
 #: A body this many times over the limit is not drained before answering 413: the connection is
 #: closed instead (the client may then see a reset rather than the JSON error).
 _DRAIN_FACTOR = 4
@@ -157,9 +158,9 @@ async def _read_limited(request: web.Request, limit: int) -> bytes:
 
 async def _drain(request: web.Request, declared: int | None) -> None:
     """Read and drop the rest of an oversized body so the client receives the 413 JSON answer."""
-    if declared is not None and declared > _DRAIN_FACTOR * request.app["samestyle_max_body"]:
+    if declared is not None and declared > _DRAIN_FACTOR * request.app[MAX_BODY]:
         return
-    cap, seen = _DRAIN_FACTOR * request.app["samestyle_max_body"], 0
+    cap, seen = _DRAIN_FACTOR * request.app[MAX_BODY], 0
     async for chunk in request.content.iter_chunked(256 * 1024):
         seen += len(chunk)
         if seen > cap:
@@ -454,7 +455,7 @@ def search_routes(settings: Settings, backend: SearchBackend, health: Callable[[
         return web.FileResponse(STATIC_DIR / "index.html")
 
     def register(app: web.Application) -> None:
-        app["samestyle_max_body"] = body_limit
+        app[MAX_BODY] = body_limit
         app.middlewares.append(json_errors)
         app.router.add_post("/search", search)
         app.router.add_get("/listings/{listing_id}", get_listing)

@@ -18,11 +18,10 @@ from aiokafka import AIOKafkaProducer
 from tqdm import tqdm
 
 from samestyle.models.data import ListingRecord
-from samestyle.topics import DEAD_LETTERS, DUPLICATE_ALERTS, LISTINGS, SIMILAR_PRODUCTS, TopicSpec, codec_for_topic
-from samestyle.topics.errors import BadInputError
-
 from samestyle.streams.io.reader import LogReader, every_partition
 from samestyle.streams.settings import Settings
+from samestyle.topics import DEAD_LETTERS, DUPLICATE_ALERTS, LISTINGS, SIMILAR_PRODUCTS, TopicSpec, codec_for_topic
+from samestyle.topics.errors import BadInputError
 
 log = logging.getLogger(__name__)
 

@@ -55,11 +55,10 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from samestyle.streams.settings import Settings
 from samestyle.topics import CLICK_EVENTS, CLICK_PAIRS, POSITIVE_PAIRS, codec_for_topic, topic_specs
 from samestyle.topics.errors import BadInputError
 from samestyle.topics.registry import PAIRS_EVIDENCE_TABLE, PAIRS_SESSIONS_TABLE
-
-from samestyle.streams.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -333,17 +332,13 @@ def register_pairs_agent(app: Any, settings: Settings, topics: Mapping[str, Any]
         served = index()
         return served.get(listing_id) if served is not None else None
 
-    def incoming(event: Any) -> Incoming:
-        msg = event.message
-        return Incoming(key=msg.key, value=msg.value, topic=msg.topic, partition=msg.partition, offset=msg.offset)
-
     def decode(event: Any) -> dict[str, Any] | Failure:
         try:
             if event.message.value is None:
                 raise BadInputError("empty message (null value)")
             return codec.decode(event.message.value)
         except BadInputError as exc:
-            return Failure(incoming(event), "pairs", exc)
+            return Failure(Incoming.of_event(event), "pairs", exc)
 
     # One event at a time (not take_events): a table write goes to the changelog partition of the
     # *current* event. Sends are not awaited one by one: Faust flushes the producer before it

@@ -19,9 +19,9 @@ from __future__ import annotations
 import logging
 from typing import Iterable, Sequence
 
-from samestyle.streams.worker.pipeline import Incoming
 from samestyle.streams.io.reader import LogReader, reader_for
 from samestyle.streams.settings import Settings
+from samestyle.streams.worker.pipeline import Incoming
 
 log = logging.getLogger(__name__)
 

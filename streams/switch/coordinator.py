@@ -27,7 +27,6 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from samestyle.models.encoder import Encoder
-
 from samestyle.streams.switch.backfill import Backfill
 from samestyle.streams.switch.registry import ModelRegistry
 from samestyle.streams.worker.metrics import Metrics

@@ -13,10 +13,9 @@ from collections.abc import Callable, Iterable
 
 from samestyle.models.encoder import Encoder
 from samestyle.models.factory import encoder_from_spec
-from samestyle.topics.errors import ConfigError, SamestyleError
-
 from samestyle.streams.settings import Settings
 from samestyle.streams.switch.watcher import ModelWatcher
+from samestyle.topics.errors import ConfigError, SamestyleError
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,11 @@ from typing import Any, Iterable
 
 from mode import Service
 
+from samestyle.streams.io.reader import LogReader, reader_for
+from samestyle.streams.settings import Settings
 from samestyle.topics import codec_for_topic
 from samestyle.topics.errors import BadInputError
 from samestyle.topics.registry import MODEL_UPDATES
-
-from samestyle.streams.io.reader import LogReader, reader_for
-from samestyle.streams.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""``samestyle trainer``: continuous retraining from mined positive pairs (issue 4, part 5).
+"""``samestyle trainer``: continuous retraining from mined positive pairs.
 
     samestyle trainer --listings L.csv (--valid-pairs V.csv | --valid-clusters C.csv)
                       [--work-dir DIR] [--models-dir DIR] [--min-new-pairs N] [--once]
@@ -63,11 +63,10 @@ from typing import Any
 
 import numpy as np
 
-from samestyle.topics import MODEL_UPDATES, POSITIVE_PAIRS, TopicSpec, codec_for_topic, topic_specs
-from samestyle.topics.errors import ConfigError
-
 from samestyle.streams.io.reader import LogReader, every_partition
 from samestyle.streams.settings import Settings
+from samestyle.topics import MODEL_UPDATES, POSITIVE_PAIRS, TopicSpec, codec_for_topic, topic_specs
+from samestyle.topics.errors import ConfigError
 
 log = logging.getLogger("samestyle.trainer")
 
@@ -274,8 +273,8 @@ class Validation:
 
 def train_candidate(args: argparse.Namespace, pairs: Sequence[Pair], catalogue: set[str]) -> tuple[Path, str, int]:
     """Write the pairs CSV and train a candidate; returns ``(model dir, version, pairs used)``."""
-    from samestyle.models.train import run as train
     from samestyle.models.encoder import load_config
+    from samestyle.models.train import run as train
 
     usable = [p for p in pairs if p[0] in catalogue and p[1] in catalogue]
     if len(usable) < len(pairs):

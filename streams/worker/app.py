@@ -38,14 +38,9 @@ from typing import Any, Sequence
 
 import faust
 import mode
-from faust.types import EventT
 
 from samestyle.index_store import LiveIndex
 from samestyle.models.encoder import Encoder
-from samestyle.topics import (DUPLICATE_ALERTS, LISTING_EMBEDDINGS, LISTINGS, MODEL_UPDATES, SIMILAR_PRODUCTS,
-                              topic_specs)
-from samestyle.topics.errors import BadInputError
-
 from samestyle.streams.http.search import search_routes
 from samestyle.streams.http.server import WebServer, core_routes
 from samestyle.streams.settings import Settings
@@ -56,18 +51,30 @@ from samestyle.streams.switch.registry import ModelRegistry
 from samestyle.streams.switch.watcher import ModelWatcher
 from samestyle.streams.worker.group import GroupObserver
 from samestyle.streams.worker.metrics import BrokerProbe, Metrics
-from samestyle.streams.worker.pipeline import (VIEWS, EmbeddingUpdate, EmbedStep, Failure, Incoming, SearchStep,
-                                               decode_embedding, now_ms)
+from samestyle.streams.worker.pipeline import (
+    VIEWS,
+    EmbeddingUpdate,
+    EmbedStep,
+    Failure,
+    Incoming,
+    SearchStep,
+    decode_embedding,
+    now_ms,
+)
 from samestyle.streams.worker.replica import IndexReplica
 from samestyle.streams.worker.sinks import Sinks
 from samestyle.streams.worker.transport import install as install_transport
+from samestyle.topics import (
+    DUPLICATE_ALERTS,
+    LISTING_EMBEDDINGS,
+    LISTINGS,
+    MODEL_UPDATES,
+    SIMILAR_PRODUCTS,
+    topic_specs,
+)
+from samestyle.topics.errors import BadInputError
 
 log = logging.getLogger(__name__)
-
-
-def incoming(event: EventT) -> Incoming:
-    msg = event.message
-    return Incoming(key=msg.key, value=msg.value, topic=msg.topic, partition=msg.partition, offset=msg.offset)
 
 
 def snapshot_dir(settings: Settings) -> Path:
@@ -245,7 +252,7 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, pairs: boo
     @app.agent(topics[LISTINGS], name="embed", supervisor_strategy=mode.CrashingSupervisor)
     async def embed(stream: faust.StreamT) -> None:
         async for events in stream.take_events(settings.batch_size, within=settings.batch_linger_seconds):
-            batch = [incoming(e) for e in events]
+            batch = [Incoming.of_event(e) for e in events]
             await switch.prepare()
             await replica.wait_ready()
             async with switch.embed_lock:
@@ -265,7 +272,7 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, pairs: boo
         async for events in stream.take_events(settings.batch_size, within=settings.batch_linger_seconds):
             updates, failures = [], []
             for event in events:
-                msg = incoming(event)
+                msg = Incoming.of_event(event)
                 try:
                     update = decode_embedding(msg.value)
                 except BadInputError as exc:

@@ -21,11 +21,18 @@ import numpy as np
 
 from samestyle.index_store import LiveIndex
 from samestyle.models import Embeddings, Encoder, ListingInput, load_image_bytes
-from samestyle.topics import (DEAD_LETTERS, DUPLICATE_ALERTS, LISTING_EMBEDDINGS, LISTINGS, SIMILAR_PRODUCTS, bytes_to_vector,
-                    codec_for_topic, vector_to_bytes)
-from samestyle.topics.errors import BadInputError, InvalidListingError
-
 from samestyle.streams.settings import Settings
+from samestyle.topics import (
+    DEAD_LETTERS,
+    DUPLICATE_ALERTS,
+    LISTING_EMBEDDINGS,
+    LISTINGS,
+    SIMILAR_PRODUCTS,
+    bytes_to_vector,
+    codec_for_topic,
+    vector_to_bytes,
+)
+from samestyle.topics.errors import BadInputError, InvalidListingError
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +57,12 @@ class Incoming:
     topic: str
     partition: int
     offset: int
+
+    @classmethod
+    def of_event(cls, event: Any) -> Incoming:
+        """The raw message of a Faust event."""
+        msg = event.message
+        return cls(key=msg.key, value=msg.value, topic=msg.topic, partition=msg.partition, offset=msg.offset)
 
 
 @dataclass(frozen=True)
@@ -294,25 +307,6 @@ def _views(record: dict[str, Any], listing_id: str) -> np.ndarray:
         raise InvalidListingError(f"listing {listing_id!r}: upsert without text/image+text vectors")
     image = bytes_to_vector(record["vector_image"], dim) if record["vector_image"] else np.zeros(dim, np.float32)
     return np.stack([image, text, image_text]).astype(np.float32)
-
-
-def apply_updates(index: LiveIndex, updates: Sequence[EmbeddingUpdate]) -> None:
-    """Bring the index to the state the updates describe (idempotent: replaying them is harmless).
-
-    Within one partition a key's records are in order, so the last op per listing wins.
-    """
-    final: dict[str, EmbeddingUpdate] = {}
-    for update in updates:
-        final[update.listing_id] = update
-    upserts = [u for u in final.values() if u.op != "DELETE"]
-    deletes = [u.listing_id for u in final.values() if u.op == "DELETE"]
-    if deletes:
-        index.delete(deletes)
-    if upserts:
-        index.upsert([u.listing_id for u in upserts],
-                     np.stack([u.vector for u in upserts]),
-                     payloads=[u.payload for u in upserts],
-                     views=np.stack([u.views for u in upserts]))  # [n, 3, dim]
 
 
 class SearchStep:

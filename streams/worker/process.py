@@ -10,10 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from samestyle.topics.errors import BrokerError
-
 from samestyle.streams.dev.broker import die_with_parent
 from samestyle.streams.settings import Settings
+from samestyle.topics.errors import BrokerError
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +22,9 @@ def run_worker(settings: Settings, *, pairs: bool = False) -> int:
     ``pairs`` adds the click-pairs agents (their tables' changelog topics must exist too)."""
     import faust  # imported here so `samestyle --help` stays fast
 
-    from samestyle.topics import topic_specs
-
-    from samestyle.streams.worker.app import create_app
     from samestyle.streams.dev.broker import check_topics
+    from samestyle.streams.worker.app import create_app
+    from samestyle.topics import topic_specs
 
     # Only the pairs agents keep Faust tables: their changelog topics are required with them.
     specs = topic_specs(settings.topic_prefix, settings.partitions, app_id=settings.app_id if pairs else None)

@@ -27,13 +27,12 @@ from typing import TYPE_CHECKING, Callable, Mapping
 from mode import Service
 
 from samestyle.index_store import LiveIndex
-from samestyle.topics.errors import BadInputError
-
 from samestyle.streams.io.reader import LogReader, reader_for
+from samestyle.streams.settings import Settings
 from samestyle.streams.switch.indexes import ModelIndexes
 from samestyle.streams.worker.metrics import PartitionLag, partition_lags
 from samestyle.streams.worker.pipeline import decode_embedding, now_ms
-from samestyle.streams.settings import Settings
+from samestyle.topics.errors import BadInputError
 
 if TYPE_CHECKING:  # pragma: no cover
     from samestyle.streams.worker.metrics import Metrics

@@ -7,10 +7,9 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from samestyle.topics import DEAD_LETTERS
-
 from samestyle.streams.worker.metrics import Metrics
 from samestyle.streams.worker.pipeline import Failure, Outgoing
+from samestyle.topics import DEAD_LETTERS
 
 log = logging.getLogger(__name__)
 

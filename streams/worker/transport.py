@@ -12,7 +12,7 @@ data is there.
 **Resume order after a rebalance** (:func:`seek_before_resuming_streams`): Faust resumes the
 source partitions before it seeks them to the committed offsets and then clears the stream
 buffers, so records fetched during the seek are dropped and later committed as a "gap" (measured
-in issue 4 on the pairs agent: 276 of 420 pairs lost across a restart). The fix seeks first.
+on the pairs agent: 276 of 420 pairs lost across a restart). The fix seeks first.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def seek_before_resuming_streams() -> None:
     the seek then resets the read offsets to the committed ones and the flow-control resume
     clears the buffers. Those records are never processed, and the next one fetched lies past the
     reset read offset, so Faust records the skipped range as a gap, i.e. as done, and commits it.
-    Measured on a restart with clicks waiting (issue 4, loaded 2-core machine): 69 records per
+    Measured on a restart with clicks waiting (loaded 2-core machine): 69 records per
     click-events partition dropped and committed unread, 276 of 420 pairs lost, while the
     changelogs held every click. Here the seek and the buffer clearing come first, then the partitions resume, so
     nothing is fetched before the read offsets are final. Process-wide and idempotent.

@@ -12,8 +12,8 @@ import faust
 
 from samestyle.models import create_encoder
 from samestyle.models.encoder import Embeddings, PreparedListing
-from samestyle.streams.worker.app import create_app
 from samestyle.streams.settings import Settings
+from samestyle.streams.worker.app import create_app
 
 
 class ExplodingEncoder:

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from samestyle.streams.dev.broker import EmbeddedBroker
-
 from tests.integration.test_search_api import Served, serve_sample
 
 pytestmark = pytest.mark.integration

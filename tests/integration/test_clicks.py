@@ -17,11 +17,10 @@ import pytest
 
 from samestyle.models.data import ListingRecord
 from samestyle.streams.dev.broker import create_topics, die_with_parent
-from samestyle.streams.io.producer import listing_message, send_records
 from samestyle.streams.dev.pairs_report import read_topics
+from samestyle.streams.io.producer import listing_message, send_records
 from samestyle.streams.worker.process import WorkerProcess
 from samestyle.topics import CLICK_EVENTS, CLICK_PAIRS, TopicSpec, codec_for_topic, topic_specs
-
 from tests.integration.conftest import Stack
 
 pytestmark = pytest.mark.integration

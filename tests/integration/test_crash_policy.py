@@ -12,10 +12,9 @@ import time
 
 import pytest
 
+from samestyle.models.data import ListingRecord
 from samestyle.streams.dev.broker import die_with_parent
 from samestyle.streams.io.producer import listing_message
-from samestyle.models.data import ListingRecord
-
 from tests.integration.conftest import Stack
 
 pytestmark = pytest.mark.integration

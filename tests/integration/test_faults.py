@@ -17,16 +17,17 @@ from typing import Any, Callable
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from samestyle.streams.worker.app import snapshot_dir
-from samestyle.streams.switch.indexes import load_active_snapshot
 from samestyle.streams.dev.broker import EmbeddedBroker, create_topics, free_port
 from samestyle.streams.settings import Settings
+from samestyle.streams.switch.indexes import load_active_snapshot
+from samestyle.streams.worker.app import snapshot_dir
 from samestyle.streams.worker.process import WorkerProcess
 from samestyle.topics import LISTING_EMBEDDINGS, LISTINGS, codec_for_topic, topic_specs
-
 from tests.integration.conftest import Stack, text_listing
 
 pytestmark = pytest.mark.integration

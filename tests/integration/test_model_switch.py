@@ -23,7 +23,6 @@ from samestyle.models.unified import UnifiedConfig, UnifiedFusion, save_unified_
 from samestyle.streams.dev.broker import free_port
 from samestyle.streams.io.producer import Outputs, send_records
 from samestyle.topics import MODEL_UPDATES, codec_for_topic
-
 from tests.integration.conftest import Stack, text_listing
 
 pytestmark = pytest.mark.integration

@@ -16,12 +16,11 @@ from typing import Any
 import pytest
 
 from samestyle.models.data import read_listings
-from samestyle.streams.dev.sample import generate_sample
 from samestyle.streams.dev.broker import EmbeddedBroker, create_topics
+from samestyle.streams.dev.sample import generate_sample
 from samestyle.streams.io.producer import listing_message
 from samestyle.streams.settings import Settings
 from samestyle.topics import topic_specs
-
 from tests.integration.conftest import Stack
 
 pytestmark = pytest.mark.integration

@@ -12,11 +12,10 @@ from PIL import Image
 
 from samestyle.models.data import read_listings
 from samestyle.streams.dev.sample import generate_sample
-from samestyle.streams.worker.app import snapshot_dir
-from samestyle.streams.switch.indexes import load_active_snapshot
 from samestyle.streams.io.producer import Outputs, delete_message, listing_message
+from samestyle.streams.switch.indexes import load_active_snapshot
+from samestyle.streams.worker.app import snapshot_dir
 from samestyle.topics import LISTINGS, codec_for_topic
-
 from tests.integration.conftest import Stack, text_listing
 
 pytestmark = pytest.mark.integration

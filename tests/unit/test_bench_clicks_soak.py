@@ -12,9 +12,7 @@ from typing import Any
 import pytest
 
 from bench import clicks_bench, soak_bench
-
 from tests.unit.benchutil import run_json
-
 
 # ------------------------------------------------------------------------------ clicks
 
@@ -84,8 +82,12 @@ def test_clicks_json_shape(capsys: pytest.CaptureFixture[str], monkeypatch: pyte
                 "pairs_agent_events_per_second_single_record_batches_off", "runs", "goal_met"):
         assert key in result, key
     assert result["events"] == 200 and len(result["raw_runs_events_per_second"]) == 3  # raw, on, raw, off, raw
-    assert result["pairs_agent_events_per_second"] == pytest.approx(400, rel=1e-3)
-    assert result["raw_consume_events_per_second"] > 0 and result["machine"]["cores"]
+    # The raw side was measured on the real broker; the ratio and the goal combine it with the
+    # pairs run's rate, as the bench reports them.
+    raw = result["raw_consume_events_per_second"]
+    assert raw > 0 and result["machine"]["cores"]
+    assert result["raw_runs_events_per_second"] and min(result["raw_runs_events_per_second"]) > 0
+    assert result["ratio"] == pytest.approx(result["pairs_agent_events_per_second"] / raw, rel=1e-2)
     assert plot.stat().st_size > 0
 
 

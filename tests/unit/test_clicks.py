@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from samestyle.models.data import ListingRecord
+from samestyle.streams.dev.simulate import ClickModel, ClickSimulator, pseudo_category
 from samestyle.streams.pairs.agents import (
     PairMiner,
     PairRules,
@@ -20,7 +21,6 @@ from samestyle.streams.pairs.agents import (
     session_window,
 )
 from samestyle.streams.settings import Settings
-from samestyle.streams.dev.simulate import ClickModel, ClickSimulator, pseudo_category
 from samestyle.streams.worker.transport import seek_before_resuming_streams
 from samestyle.topics import codec_for_topic
 from samestyle.topics.errors import ConfigError

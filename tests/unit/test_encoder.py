@@ -15,7 +15,15 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from samestyle.models.encoder import ALLOW_RANDOM_WEIGHTS_ENV, Embeddings, Encoder, EncoderConfig, ListingInput, listing_text, load_config
+from samestyle.models.encoder import (
+    ALLOW_RANDOM_WEIGHTS_ENV,
+    Embeddings,
+    Encoder,
+    EncoderConfig,
+    ListingInput,
+    listing_text,
+    load_config,
+)
 from samestyle.models.factory import create_encoder, encoder_from_spec
 from samestyle.models.images import ImagePreprocessing, decode_image, load_image_bytes
 from samestyle.topics.errors import ConfigError, ImageError, InvalidListingError, MissingWeightsError

@@ -11,10 +11,17 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from samestyle.streams.worker.metrics import (PREFIX, Metrics, PartitionLag, freshness_seconds, metric_names, partition_lags,
-                             probe_bootstrap)
-from samestyle.streams.settings import Settings
 from samestyle.streams.http.server import WebServer, core_routes
+from samestyle.streams.settings import Settings
+from samestyle.streams.worker.metrics import (
+    PREFIX,
+    Metrics,
+    PartitionLag,
+    freshness_seconds,
+    metric_names,
+    partition_lags,
+    probe_bootstrap,
+)
 
 
 def test_lag_is_highwater_minus_committed() -> None:

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from samestyle.models import create_encoder
-from samestyle.streams.worker.app import searchable
+from samestyle.streams.settings import Settings
 from samestyle.streams.switch.backfill import Backfill
 from samestyle.streams.switch.indexes import ModelIndexes, load_active_snapshot
 from samestyle.streams.switch.watcher import ModelChain, ModelWatcher
+from samestyle.streams.worker.app import searchable
 from samestyle.streams.worker.pipeline import EmbeddingUpdate, EmbedStep, Incoming, decode_embedding
-from samestyle.streams.settings import Settings
 from samestyle.topics import LISTINGS, MODEL_UPDATES, codec_for_topic
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from pathlib import Path
 
@@ -11,12 +12,18 @@ from PIL import Image
 
 from samestyle.index_store import LiveIndex
 from samestyle.models import create_encoder
-from samestyle.streams.worker.pipeline import (VIEWS, EmbedStep, EmbeddingUpdate, Incoming, SearchStep, apply_updates,
-                              decode_embedding)
 from samestyle.streams.settings import Settings
+from samestyle.streams.switch.indexes import ModelIndexes
+from samestyle.streams.worker.pipeline import (
+    VIEWS,
+    EmbeddingUpdate,
+    EmbedStep,
+    Incoming,
+    SearchStep,
+    decode_embedding,
+)
 from samestyle.topics import DEAD_LETTERS, DUPLICATE_ALERTS, LISTINGS, SIMILAR_PRODUCTS, codec_for_topic
 from samestyle.topics.errors import ConfigError
-
 
 # ---------------------------------------------------------------------------------- settings
 
@@ -135,7 +142,13 @@ def update(listing_id: str, vec: np.ndarray, supplier: str = "s1", event_time: i
     views = np.stack([image if has_image else np.zeros_like(vec), vec, vec]) if op != "DELETE" else None
     return EmbeddingUpdate(listing_id, supplier, op, "test-v1", event_time, has_image, views,
                            {"supplier_id": supplier, "category": None, "title": listing_id,
-                            "event_time": event_time, "has_image": has_image})
+                            "event_time": event_time, "has_image": has_image},
+                           vectors={"test-v1": views} if views is not None else {})
+
+
+def apply_updates(index: LiveIndex, updates: list[EmbeddingUpdate]) -> None:
+    """Apply through the production applier (the replica's), with ``index`` as version test-v1."""
+    ModelIndexes("flat", n_views=3, indexes={"test-v1": index}).apply(updates)
 
 
 def test_apply_updates_lets_the_last_op_per_listing_win() -> None:
@@ -205,5 +218,14 @@ def test_the_app_consumes_with_the_configured_fetch_wait(tmp_path: Path) -> None
     app = create_app(settings, encoder=create_encoder("tiny", "cpu", allow_random_weights=True))
     assert isinstance(app.transport, Transport)
     assert app.transport.Consumer is Consumer
-    # Faust alone waits 1500 ms per fetch; ConsumerThread hands this to aiokafka instead.
-    assert app.samestyle_fetch_max_wait_ms == 250
+    # Faust alone waits 1500 ms per fetch; the aiokafka consumer the worker's consumer thread
+    # builds (not started: no broker here) must carry the configured wait instead.
+
+    async def built_consumer_wait_ms() -> int:
+        aio = app.consumer._new_consumer_thread()._create_worker_consumer(app.transport)
+        try:
+            return int(aio._fetch_max_wait_ms)
+        finally:
+            await aio.stop()
+
+    assert asyncio.run(built_consumer_wait_ms()) == 250

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from samestyle.models.train import evaluate, run as train
+from samestyle.models.train import evaluate
+from samestyle.models.train import run as train
 from samestyle.topics.errors import ConfigError
 
 PRODUCTS = [
