@@ -46,7 +46,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import finish, machine_info, ratio, rounded, setup_logging
+from bench.common import bench_parser, finish, machine_info, ratio, rounded, setup_logging
 
 GOAL_RATIO = 0.5
 MODES = ("on", "off")
@@ -63,7 +63,7 @@ def modes_list(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="samestyle bench clicks", description=__doc__.splitlines()[0])
+    p = bench_parser("clicks", __doc__.splitlines()[0], plot="write a PNG bar chart to PATH")
     p.add_argument("--events", type=int, default=10_000, help="click events per run (default 10000)")
     p.add_argument("--rounds", type=int, default=2, help="pairs runs per mode, alternating with raw runs (default 2)")
     p.add_argument("--modes", type=modes_list, default=list(MODES),
@@ -78,8 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a pairs run may take (default 600)")
     p.add_argument("--session-timeout", type=float, default=6.0,
                    help="the worker's consumer-group session timeout in s (a group join takes about half)")
-    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
-    p.add_argument("--plot", type=Path, help="write a PNG bar chart to PATH")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

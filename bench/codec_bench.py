@@ -10,7 +10,6 @@ direction, and the fastavro/avro ratio. Single process, best of ``--repeat`` run
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import platform
@@ -24,6 +23,7 @@ import avro.schema
 import fastavro
 import numpy as np
 
+from bench.common import bench_parser
 from samestyle.topics import codec, vector_to_bytes
 from samestyle.topics.codec import _without_logical_types, load_schema
 
@@ -139,12 +139,11 @@ def bench_schema(schema_name: str, records: list[dict[str, Any]], n: int,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser("codec", __doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20000, help="records per timed run")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs, best is kept")
     parser.add_argument("--dim", type=int, default=512, help="embedding dimension")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print one compact JSON object (default: indented)")
     parser.add_argument("--out", metavar="PATH", help="also write the JSON result to PATH")
     args = parser.parse_args(argv)
 

@@ -7,6 +7,7 @@ Every benchmark prints exactly one JSON object on stdout with ``--json`` and log
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
@@ -47,6 +48,16 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 def median(values: Sequence[float]) -> float | None:
     return percentile(values, 50.0)
+
+
+def bench_parser(name: str, description: str, plot: str | None = None) -> argparse.ArgumentParser:
+    """The parser every bench starts from: ``samestyle bench NAME``, ``--json`` and, when the bench
+    draws one, ``--plot PATH`` (``plot`` is its help)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    if plot is not None:
+        parent.add_argument("--plot", type=Path, help=plot)
+    return argparse.ArgumentParser(prog=f"samestyle bench {name}", description=description, parents=[parent])
 
 
 def rounded(value: float | None, digits: int = 4) -> float | None:
@@ -315,7 +326,7 @@ def run_async(coro: Any) -> Any:
 
 
 __all__ = [
-    "Stack", "embedded_times", "emit", "encode_listing", "listing_inputs", "machine_info", "median", "percentile",
+    "Stack", "bench_parser", "embedded_times", "emit", "encode_listing", "listing_inputs", "machine_info", "median", "percentile",
     "positive_float_list", "positive_int_list", "ratio", "rounded", "run_async", "sample_messages",
     "setup_logging", "streaming_stack", "time_encoder", "wait_indexed", "worker_environment",
 ]

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.common import bench_parser
+
 log = logging.getLogger("bench.composed")
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery_store_images"
@@ -40,7 +42,7 @@ KINDS = ("composed", "image_only", "text_only")
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="samestyle bench composed", description=__doc__.split("\n\n")[0])
+    p = bench_parser("composed", __doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Grocery directory (listings.csv, clusters.csv)")
     p.add_argument("--encoder", default="default", help="encoder spec: default, a JSON config or a model directory")
     p.add_argument("--split", default="val", help="split of the query photos (val, train)")
@@ -48,7 +50,6 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
     p.add_argument("--allow-random-weights", action="store_true", help="allow the tiny encoder (smoke tests)")
-    p.add_argument("--json", action="store_true", help="print only the JSON object")
     return p.parse_args(argv)
 
 

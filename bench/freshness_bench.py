@@ -26,6 +26,7 @@ from typing import Any
 
 from bench.common import (
     Stack,
+    bench_parser,
     embedded_times,
     encode_listing,
     finish,
@@ -49,7 +50,7 @@ GOAL_BASE_SECONDS = 1.0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="samestyle bench freshness", description=__doc__.splitlines()[0])
+    p = bench_parser("freshness", __doc__.splitlines()[0], plot="write a PNG of latency percentiles vs offered rate to PATH")
     p.add_argument("--rates", type=positive_float_list, default=[2.0, 5.0, 10.0],
                    help="offered listings/s, comma-separated, ascending (default 2,5,10)")
     p.add_argument("--duration", type=float, default=20.0, help="seconds of paced load per rate (default 20)")
@@ -66,8 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra environment variable of the worker process (repeatable; for experiments)")
     p.add_argument("--session-timeout", type=float, default=6.0,
                    help="the worker's consumer-group session timeout in s (a group join takes about half)")
-    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
-    p.add_argument("--plot", type=Path, help="write a PNG of latency percentiles vs offered rate to PATH")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import finish, machine_info, median, positive_int_list, ratio, rounded, setup_logging
+from bench.common import bench_parser, finish, machine_info, median, positive_int_list, ratio, rounded, setup_logging
 
 GOAL_BANDWIDTH_RATIO = 0.7
 GOAL_RECALL = 0.95
@@ -37,7 +37,7 @@ GOAL_QPS_PER_CORE = 1000.0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="samestyle bench index", description=__doc__.splitlines()[0])
+    p = bench_parser("index", __doc__.splitlines()[0], plot="write a PNG to PATH")
     p.add_argument("--n", type=int, default=1_000_000, help="vectors in the exact index (default 1,000,000)")
     p.add_argument("--dim", type=int, default=256, help="vector dimension (default 256)")
     p.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
@@ -64,8 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-approx", action="store_true", help="exact part only")
     p.add_argument("--repeat", type=int, default=5, help="timed repetitions (default 5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
-    p.add_argument("--plot", type=Path, help="write a PNG to PATH")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

@@ -33,6 +33,7 @@ from typing import Any
 
 from bench.common import (
     Stack,
+    bench_parser,
     embedded_times,
     encode_listing,
     finish,
@@ -53,7 +54,7 @@ GOAL_RATIO = 0.9
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="samestyle bench pipeline", description=__doc__.splitlines()[0])
+    p = bench_parser("pipeline", __doc__.splitlines()[0], plot="write a PNG bar chart to PATH")
     p.add_argument("--n", type=int, default=256, help="measured listings per round (default 256)")
     p.add_argument("--rounds", type=int, default=2,
                    help="pipeline rounds, alternating with encoder runs (default 2)")
@@ -70,8 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra environment variable of the worker process (repeatable; for experiments)")
     p.add_argument("--session-timeout", type=float, default=6.0,
                    help="the worker's consumer-group session timeout in s (a group join takes about half)")
-    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
-    p.add_argument("--plot", type=Path, help="write a PNG bar chart to PATH")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

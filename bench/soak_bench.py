@@ -40,6 +40,7 @@ from typing import Any
 
 from bench.common import (
     Stack,
+    bench_parser,
     encode_listing,
     finish,
     machine_info,
@@ -69,7 +70,7 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="samestyle bench soak", description=__doc__.splitlines()[0])
+    p = bench_parser("soak", __doc__.splitlines()[0], plot="write a PNG of lag, freshness and RSS over time to PATH")
     p.add_argument("--rate", type=positive_float, default=7.0, help="offered listings/s (default 7)")
     p.add_argument("--minutes", type=positive_float, default=10.0, help="minutes of paced load (default 10)")
     p.add_argument("--interval", type=positive_float, default=5.0, help="seconds between samples (default 5)")
@@ -87,8 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra environment variable of the worker process (repeatable)")
     p.add_argument("--session-timeout", type=float, default=6.0,
                    help="the worker's consumer-group session timeout in s (a group join takes about half)")
-    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
-    p.add_argument("--plot", type=Path, help="write a PNG of lag, freshness and RSS over time to PATH")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

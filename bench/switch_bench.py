@@ -25,6 +25,7 @@ from typing import Any
 
 from bench.common import (
     Stack,
+    bench_parser,
     encode_listing,
     finish,
     machine_info,
@@ -37,7 +38,7 @@ from bench.common import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="samestyle bench switch", description=__doc__.splitlines()[0])
+    p = bench_parser("switch", __doc__.splitlines()[0], plot="unused; accepted for symmetry with other benches")
     p.add_argument("--listings", required=True, help="catalogue CSV in the common form")
     p.add_argument("--model", required=True, help="the model directory to promote")
     p.add_argument("--encoder", default="default", help="the model served before the switch (default: default)")
@@ -46,8 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=2.0, help="listings per second offered, before and during (default 2)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--plot", type=Path, default=None, help="unused; accepted for symmetry with other benches")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

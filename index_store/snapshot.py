@@ -1,23 +1,9 @@
 """Atomic on-disk snapshots of a live index.
 
-Layout of a snapshot root directory::
-
-    root/
-      CURRENT                     one line: the name of the committed snapshot directory
-      snapshot-0000000007/
-        meta.json                 format, version, kind, dim, params, ids, payloads, offsets,
-                                  and the size + sha256 of every data file below
-        vectors.npy               float32 [count, dim], row i belongs to ids[i]
-        views.npy                 float32 [count, n_views, dim]
-        hnsw.faiss                (kind "hnsw" only) the graph, so a restart need not rebuild it
-        hnsw_slots.npy            (kind "hnsw" only) int64 [graph ntotal]: row in vectors.npy of
-                                  each graph entry, -1 for a tombstone
-
-A snapshot is written into a hidden temporary directory, fsynced, renamed to its final name and
-only then published by atomically replacing ``CURRENT``. A crash at any point leaves ``CURRENT``
-naming the previous, complete snapshot; stale temporary directories are removed by the next
-snapshot. Nothing is pickled: arrays are ``.npy`` read with ``allow_pickle=False``, the rest JSON.
-One writer per root: two processes snapshotting into the same root is not supported.
+A root holds snapshot directories and ``CURRENT``, which names the committed one and is replaced
+atomically only after the new snapshot is fsynced and renamed into place, so a crash leaves the
+previous complete snapshot. Nothing is pickled (``.npy`` read with ``allow_pickle=False``, JSON).
+One writer per root. Layout: docs/INTERNALS.md.
 """
 
 from __future__ import annotations

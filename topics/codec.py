@@ -1,50 +1,10 @@
 """The one wire format of every samestyle topic: Avro single-object encoding, via fastavro.
 
-Wire format (Avro specification, "Single-object encoding")::
-
-    offset 0   2 bytes   marker 0xC3 0x01 (format version 1)
-    offset 2   8 bytes   CRC-64-AVRO (Rabin) fingerprint of the writer schema's Parsing
-                         Canonical Form, little-endian
-    offset 10  N bytes   the Avro binary encoding of the record, nothing after it
-
-A reader knows which schema wrote a message from its first 10 bytes, so a message of the wrong
-topic (or of an incompatible schema version) fails loudly instead of decoding into garbage.
-Java's ``BinaryMessageDecoder`` (and fastavro) compute the same fingerprints from the ``.avsc``
-files in ``topics/schemas``. The Python ``avro`` package (1.12) does not for our schemas: its
-canonical form keeps ``{"type":"long"}`` for a ``timestamp-millis`` long, where the spec's
-[PRIMITIVES] rule and Java write ``"long"``; a consumer on that package must not trust its own
-fingerprint.
-
-Library choice, measured with ``bench/codec_bench.py`` (Avro binary bodies of realistic
-``listing`` records, ~650 bytes, and ``listing_embedding`` records, 3 x 512-d vectors, ~6.3 KB;
-Python 3.11, avro 1.12.2, fastavro 1.13.1, one core of a shared 2-core AMD EPYC VM, best of 5;
-the VM was loaded by other work, so runs vary by up to 2x, the ratios much less)::
-
-    .venv/bin/python bench/codec_bench.py --n 20000 --repeat 5
-
-    records/s              avro enc  avro dec  fastavro enc  fastavro dec  fastavro/avro
-    listing                  17 175    28 721       188 015       169 233  10.9x / 5.9x
-    listing_embedding        21 314    30 941       151 912       238 841   7.1x / 7.7x
-    topics.Codec (listing)                           83 081       155 975
-    topics.Codec (embedding)                         80 728       211 192
-
-fastavro is the faster by 6-11x and is what this module uses. ``topics.Codec`` adds the header
-and the schema check of every record before encoding (see "Errors"), which halves encode speed
-and still leaves it ~4x faster than ``avro``; decoding stays within ~12 % of bare fastavro.
-``avro`` remains a dependency only for this bench and the tests' cross-checks.
-
-Timestamps: every ``timestamp-millis`` field is an ``int`` of milliseconds since the Unix epoch
-(UTC) after decoding. ``encode`` also takes a timezone-aware ``datetime`` for a top-level
-timestamp field (naive ones are rejected: their zone is a guess). We get ints by handing fastavro
-a copy of the schema without ``logicalType`` annotations rather than by changing fastavro's global
-logical readers; the canonical form ignores ``logicalType``, so the fingerprint is the same.
-
-Errors: ``encode`` raises :class:`~topics.errors.BadInputError` when a record does not fit the
-schema (unknown or missing field, wrong type, int out of range, ...): fastavro's writer alone
-would silently truncate a float into an int field, so every record is validated first.
-``decode`` raises :class:`~topics.errors.DecodeError`, and nothing else, for any input bytes
-(too short, wrong marker, unknown fingerprint, truncated or garbage body, trailing bytes, an
-``int`` field past 32 bits, which fastavro alone would accept).
+A message is the marker 0xC3 0x01, the writer schema's 8-byte CRC-64-AVRO fingerprint
+(little-endian) and the Avro binary body, so a message of the wrong schema fails loudly. Decoded
+``timestamp-millis`` fields are ``int`` milliseconds since the Unix epoch (UTC); ``encode`` also takes
+a timezone-aware ``datetime``. ``encode`` raises :class:`~samestyle.topics.errors.BadInputError` for a
+record that does not fit the schema; ``decode`` raises only :class:`~samestyle.topics.errors.DecodeError`.
 """
 
 from __future__ import annotations

@@ -1,24 +1,10 @@
 """Every Kafka topic of the service, in one place: names, partition counts, schemas, configs.
 
-The streaming app, the admin code that creates topics and the start-up check that compares the
-broker with this registry all read :func:`topic_specs`; nothing else spells a topic name.
-
-``listings`` and ``listing-embeddings`` are keyed by ``listing_id`` and must keep the same number
-of partitions (co-partitioned): the embed agent writes a listing's vectors to the partition the
-listing came from, and the compacted embeddings topic then holds the latest vectors per listing.
-
-``click-events`` is keyed by session id (a session stays on one partition, in order). The pairs
-agent re-keys each click by its unordered listing pair onto the internal ``click-pairs`` topic,
-so all the evidence of one pair meets on one partition, and emits ``positive-pairs`` keyed by
-the pair (compacted: a byte-identical re-send after a crash leaves one record per pair).
-
-``model-updates`` is the trainer's decision log (one partition, so every worker sees the same
-order): each worker follows it and switches to the newest promoted model.
-
-Faust tables write changelog topics named ``{app_id}-{table}-changelog`` with as many partitions
-as the topic that feeds the table. tansu would auto-create a missing one with 4 partitions
-(BROKER.md, trap 2), so ``topic_specs(app_id=...)`` lists them too and ``create_topics``
-creates them with the rest before any worker starts.
+The streaming app, the admin code that creates topics and the start-up check all read
+:func:`topic_specs`; nothing else spells a topic name. ``listings`` and ``listing-embeddings`` must
+keep the same number of partitions (co-partitioned by ``listing_id``). ``topic_specs(app_id=...)``
+also lists the Faust table changelogs, so ``create_topics`` creates them before any worker starts.
+Keys and the reasons behind them: docs/INTERNALS.md.
 """
 
 from __future__ import annotations

@@ -3,19 +3,8 @@
     samestyle eval --model DIR --listings L.csv --clusters C.csv [--json] [--report DIR]
     samestyle eval --model DIR --listings L.csv --pairs TEST.csv --valid-pairs VALID.csv [--json]
 
-Clusters mode: recall@1/5/10/20 and MRR for every view pair the data allows (T→T, IT→IT, and
-with images I→I, I→IT, T→IT, IT→I, T→I, I→T, ...). Queries and gallery:
-``--split-column/--query-split/--gallery-split`` when given (e.g. grocery val photos → catalog);
-else, with exactly two ``source`` values, first source → second (Abt → Buy); else every
-listing against all others. When the model was trained on this clusters file with held-out
-clusters, only held-out products are queried (the rest would be leakage), and the output says so.
-
-Pairs mode: pairwise precision/recall/F1 on ``--pairs`` with the threshold that maximises F1 on
-``--valid-pairs``; the cross-scorer decides when the model has one, the IT cosine otherwise
-(both are reported).
-
-Baselines in the same run (``--baselines``): ``tfidf`` (word TF-IDF on titles) and ``default``
-(the untrained pretrained encoder).
+Clusters mode: recall@1/5/10/20 and MRR per view pair (only held-out products are queried when the
+model held some out). Pairs mode: precision/recall/F1 at the F1-best threshold on ``--valid-pairs``.
 """
 
 from __future__ import annotations

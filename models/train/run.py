@@ -2,27 +2,9 @@
 
     samestyle train --listings L.csv (--pairs P.csv | --clusters C.csv) [--valid-pairs V.csv] --out DIR
 
-1. Backbone tokens of every listing are computed once and cached (``--cache-dir``, default
-   ``runs/cache``): the backbones stay frozen, only the fusion and the heads learn. With
-   ``--finetune`` the text backbone trains too (all of it, or its last ``--finetune-layers``
-   layers, at ``--backbone-lr``; bf16 autocast on CUDA) and is saved in the model directory.
-   ``--finetune-image-blocks N`` (with or without ``--finetune``) likewise trains the last N
-   blocks of the image backbone on live features of the batch's decoded images; otherwise the
-   image backbone stays frozen (its cached tokens are used).
-2. The bi-encoder learns from positive pairs (label-1 pairs, or listings that share a cluster)
-   with the contrastive unit of :mod:`models.losses`: hinge IT-IT, T-IT and I-IT against the
-   positive's IT embedding, both directions, plus self-distinctiveness and locality consistency
-   on a token-dropped view (or symmetric InfoNCE with ``--loss infonce``). Batches never hold
-   two anchors of the same product; label-0 pairs give each anchor a hard negative.
-3. With ``--scorer-layers > 0`` a cross-scorer learns the pairwise decision on labelled pairs
-   (pairs mode) or on cluster positives and mined bi-encoder neighbours (clusters mode).
-4. ``--fusion concat`` replaces the single-stream transformer by per-modality towers (the
-   ablation of cross-modal attention; see :class:`models.unified.UnifiedFusion`).
-5. The best epoch on the valid pairs is kept; the model directory gets its config, weights,
-   the data manifest and the validation metrics. Test splits are refused.
-
-``--holdout-fraction`` (clusters mode) keeps a seeded fraction of clusters out of training and
-records them in the manifest, so ``samestyle eval`` can query held-out products only.
+The backbones stay frozen unless ``--finetune`` / ``--finetune-image-blocks`` say otherwise. The
+model directory gets the best epoch on the valid pairs: its config, weights, the data manifest and
+the validation metrics. Test splits are refused.
 """
 
 from __future__ import annotations

@@ -1,22 +1,10 @@
 """``samestyle pairs-report``: how good are the mined positive pairs?
 
-Online (default): reads ``positive-pairs`` and ``click-events`` from the beginning (no consumer
-group) until nothing new arrives for ``--idle`` seconds, and scores the pairs against the
-clusters file. Offline (``--simulate-listings``): simulates the clicks in memory and mines them
-with the agents' own code (:class:`streams.clicks.PairMiner`, rules from the same SAMESTYLE_PAIRS_*
-settings), no broker: the fast way to map the constraints' trade-off (docs/PAIRS.md).
-
-Definitions (pairs are unordered):
-
-* ``precision``: mined pairs that are cluster pairs (same product) / mined pairs.
-* ``recall``: mined true pairs / cluster pairs among the listings that appeared in clicks
-  (as trigger or clicked). A product pair neither listing of which was ever clicked is out of
-  reach of any click miner and is not counted.
-* ``recall_co_clicked``: mined true pairs / cluster pairs co-clicked at least once (either
-  direction): what the constraints keep of the evidence that exists.
-* ``pairs_per_second``: mined pairs / seconds from the first click's broker timestamp to the
-  last pair's ``emitted_at`` (online), or / mining wall time (offline); ``clicks_per_second``
-  likewise.
+Scores mined pairs against a clusters file. Online (default): reads ``positive-pairs`` and
+``click-events`` from the beginning (no consumer group) until nothing new arrives for ``--idle``
+seconds. Offline (``--simulate-listings``): simulates the clicks in memory and mines them with the
+pairs agents' own code and SAMESTYLE_PAIRS_* rules, no broker. Reports precision, recall,
+recall_co_clicked and pairs/clicks per second (definitions in docs/INTERNALS.md).
 """
 
 from __future__ import annotations

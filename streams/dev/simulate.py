@@ -1,26 +1,9 @@
 """``samestyle simulate-clicks``: realistic click sessions from a data set with ground truth.
 
-Model (every rate a flag; defaults in :class:`ClickModel`). A session starts on a trigger listing
-(uniform over the catalogue, 30 % of them from a search whose query is a few title words) and
-shows a page of ``page_size`` listings, fixed per trigger (a recommender is deterministic): the
-trigger's cluster mates (same product), listings of its category, two popular listings of other
-categories (a "trending" slot) and random fill, in a shuffled order. Each of the session's
-1 + Poisson(``extra_clicks``) clicks picks an intent:
-
-* ``product_rate``: a cluster mate on the page (falls back to category when there is none);
-* ``category_rate``: a same-category listing that is another product (the hard negatives);
-* ``cross_category_rate``: one of the popular other-category listings (repeats across sessions);
-* ``random_rate``: any listing of the catalogue (accidental clicks, from elsewhere).
-
-Within an intent, a page candidate is chosen with position bias P(pos) ∝ 1 / (pos + 1) **
-``position_bias``. Dwell is log-normal with a median per intent (people stay on the product
-they wanted). Categories: the listing's ``category`` column; where it is empty (Abt-Buy,
-Amazon-Google) the simulator uses a pseudo-category, the ``brand`` column or else the first
-title word, for its *own* choice of "same category" clicks only. The pairs agent never sees it:
-it takes categories from the index payloads.
-
-Clicks are produced to ``click-events`` keyed by session id (SAMESTYLE_BOOTSTRAP), in session
-order, with a progress bar.
+Simulates sessions over a listings data set (every rate a flag; defaults in :class:`ClickModel`)
+and produces the clicks to ``click-events`` keyed by session id (SAMESTYLE_BOOTSTRAP), in session
+order. The pseudo-categories the simulator falls back on are its own; the pairs agent never sees
+them. The click model is described in docs/INTERNALS.md.
 """
 
 from __future__ import annotations

@@ -1,27 +1,10 @@
 """Interactive search over the worker's live index: the HTTP API and the web page at ``/``.
 
-Routes (registered on the worker's :class:`~samestyle.streams.http.server.WebServer` by
-:func:`search_routes`)::
-
-    POST /search                    text, image (base64 JSON or multipart upload), image + modifier
-    GET  /listings/{id}             one indexed listing
-    GET  /listings/{id}/similar     its nearest neighbours, with per-view scores
-    GET  /listings/{id}/duplicates  same-supplier neighbours at or above the duplicate threshold
-    GET  /listings/{id}/thumbnail   a JPEG thumbnail of its image (when its image_uri is readable)
-    GET  /stats                     index size, consumer lag, model version (the page's counters)
-    GET  /openapi.json              OpenAPI 3 description of the above
-    GET  /                          the search page (static files under ``streams/http/static``)
-
-Why in the worker process: the index *is* the worker's memory. Every worker holds a full replica
-of it (the index replica), and the encoder that made its vectors is loaded
-there already; a separate API service would need a second copy of both, or an RPC hop per query
-plus a way to keep model versions in step. Any worker answers any query, so a load balancer in
-front of the workers' web ports scales search with the replicas.
-
-Blocking work never runs on the event loop: the query is embedded on the worker's model thread
-(the one the embed agent uses, so a search queues behind at most one embed batch) and the index
-is searched on the default executor. Every error a client can cause is a 4xx JSON
-``{"error": ..., "status": ...}``; a middleware turns aiohttp's own HTTP errors into the same shape.
+:func:`search_routes` registers the routes on the worker's
+:class:`~samestyle.streams.http.server.WebServer`: ``POST /search``, ``GET /listings/{id}`` and its
+``similar``, ``duplicates`` and ``thumbnail`` sub-resources, ``GET /stats`` and ``GET /openapi.json``
+(the OpenAPI 3 description of them all). Blocking work never runs on the event loop. Every error a
+client can cause is a 4xx JSON ``{"error": ..., "status": ...}``, aiohttp's own HTTP errors included.
 """
 
 from __future__ import annotations

@@ -1,46 +1,10 @@
 """The pairs agent: click events → positive pairs, under category and relevance constraints.
 
-Two Faust agents in the worker's consumer group, each with a table whose changelog is
-co-partitioned with its source topic::
-
-    click-events (key session_id) ──► sessionize: table pairs-sessions (session → window)
-        drops self-clicks and bounces (dwell < pairs_min_dwell_ms), stamps the session window
-        └──► click-pairs (key = unordered pair) ──► evidence: table pairs-evidence (pair → counts)
-                 each click counted once; when the constraints pass, the pair is emitted once
-                 └──► positive-pairs (compacted, key = unordered pair)
-
-Why two stages: click-events is keyed by session so a session stays in order on one partition,
-but a pair's evidence comes from many sessions; re-keying by pair puts all of it on one
-partition, so one worker owns the counts of a pair and they are exact.
-
-Constraints (:class:`PairRules`, from Settings; docs/PAIRS.md measures their trade-off):
-
-* **Evidence**: ``co_clicks >= pairs_min_co_clicks`` and ``sessions >= pairs_min_sessions``.
-* **Category**: the first ``pairs_category_level`` components of both listings' category paths
-  agree. Categories come from the live index payloads (the served index): every worker already
-  holds a full replica of every listing's payload, so no further table, topic or memory is needed,
-  whereas a table fed by ``listings`` would be partitioned by listing id and not local to the
-  pair's partition. A category is unknown when a listing is not indexed yet or the data has none
-  (Abt-Buy, Amazon-Google): ``pairs_unknown_category`` "skip" then leaves the decision to the
-  relevance constraints and emits ``category = null``; "reject" holds the pair.
-* **Cosine**: image+text cosine ``>= pairs_min_cosine`` when both listings are indexed; otherwise
-  skipped (``relevance_score = null``) unless ``pairs_require_cosine`` holds the pair.
-
-A held pair is looked at again on its next click. Delivery is at-least-once and each stage is
-idempotent: the evidence table records which clicks it counted (so a replayed click does not
-count twice), which click made the pair positive and whether its send was acknowledged (a replay
-of that click re-sends the same bytes only if not, so a crash between the table write and the
-send loses nothing; only a crash between the acknowledgement and the next changelog write can
-repeat a pair, byte-identical and under the same key of a compacted topic). Changelog producers send one record per batch on tansu (BROKER.md trap 1),
-see ``Settings.changelog_single_record_batches``.
-
-Restarts: faust-streaming 0.15.3 loses source records when table recovery ends while records wait
-on the source topics (measured): it resumes the stream partitions before it seeks them to
-the committed offsets, the flow-control resume that follows empties the stream buffers (dropping
-what was fetched meanwhile) and the seek's reset read offset turns the next record into a "gap"
-that Faust counts as processed, so the dropped records get committed unread.
-:func:`streams.transport.seek_before_resuming_streams` reorders that step (every worker installs it);
-the changelogs themselves were exact.
+Two Faust agents in the worker's consumer group, each with a co-partitioned table: ``sessionize``
+(``click-events`` → ``click-pairs``, re-keyed by unordered pair) and ``evidence`` (``click-pairs`` →
+``positive-pairs``, compacted, keyed by pair). A pair is emitted once its evidence, category and
+cosine constraints (:class:`PairRules`, from Settings) pass. Delivery is at-least-once; a repeated
+pair is byte-identical and under the same key. Design and restart notes: docs/INTERNALS.md.
 """
 
 from __future__ import annotations

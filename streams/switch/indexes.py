@@ -1,21 +1,10 @@
 """One live index per model version, and the rule that switches a worker from one to the next.
 
-Vectors of different models never mix, so a worker's replica keeps a :class:`LiveIndex` per
-model version it has seen on ``listing-embeddings``. Exactly one is *active*: searches, the
-search API and the pairs agent use it. During a model switch a second one (the *target*) fills
-up from the target's vectors (re-embedded catalogue + new listings embedded twice); the replica
-switches the moment the target index holds every listing the active one holds
-(:meth:`ModelIndexes.try_switch`), then drops the old index. Deletes apply to every index.
-
-Snapshot layout (one directory per worker)::
-
-    root/
-      MODELS.json           {"active": version, "indexes": {version: subdirectory},
-                            "retired": [versions switched away from]}, written last
-      m-<sha1(version)>/    a LiveIndex snapshot (index_store) of that version's index
-
-Every index is snapshotted with the same topic offsets; ``MODELS.json`` is replaced atomically
-after them, so a crash in between leaves the previous, consistent set.
+Vectors of different models never mix: :class:`ModelIndexes` keeps one :class:`LiveIndex` per model
+version. Exactly one is *active* (searches, the search API and the pairs agent use it);
+:meth:`ModelIndexes.try_switch` makes the target active once it holds every listing the active one
+holds, then drops the old index. Deletes apply to every index. Snapshots are crash-consistent:
+``MODELS.json`` is replaced atomically after every index is written (layout: docs/INTERNALS.md).
 """
 
 from __future__ import annotations

@@ -3,44 +3,8 @@
     samestyle trainer --listings L.csv (--valid-pairs V.csv | --valid-clusters C.csv)
                       [--work-dir DIR] [--models-dir DIR] [--min-new-pairs N] [--once]
 
-One cycle:
-
-1. **Consume** ``positive-pairs`` (every partition) from where the trainer left off and dedupe
-   by unordered pair: the topic is compacted and keyed by pair, but a re-send after a crash, a
-   replay or a broker that has not compacted yet can deliver one pair more than once.
-2. When at least ``--min-new-pairs`` pairs arrived since the last candidate, **write every mined
-   pair so far** to ``WORK_DIR/pairs/pairs-<n>.csv`` (label 1) and **train a candidate** with
-   ``models.train.main`` on ``--listings``, bi-encoder only (``--scorer-layers 0``: mined pairs
-   are positives only, and a cross-scorer needs negatives). No valid pairs reach training: the
-   epoch count is fixed, so the valid set decides promotion only. The model directory is
-   ``MODELS_DIR/<version>``. Labelled pairs are never read for training.
-3. **Evaluate** the candidate and the current model on the same valid set in the same run:
-   ``--valid-pairs`` → F1 of the image+text cosine at the threshold that maximises F1 on that
-   set (a relative comparison, not a held-out figure), or ``--valid-clusters`` → IT→IT
-   recall@1 (queries and gallery chosen as ``samestyle eval`` does). The current model is the
-   newest PROMOTED record on ``model-updates``, or ``--current`` (default: the workers'
-   encoder setting, ``SAMESTYLE_ENCODER``) when none was promoted yet.
-4. **Decide**: PROMOTED only if the candidate is strictly better, else REJECTED. The decision is
-   produced to ``model-updates`` keyed by the candidate's version and logged; then the
-   trainer's state is saved.
-
-**Where it left off: an offsets file, not a consumer group.** ``WORK_DIR/state.json`` holds the
-next offset of every partition *and* every mined pair, replaced atomically in one write. The
-trainer needs all pairs, not only the new ones (each candidate trains on everything mined so
-far), so it keeps them anyway; with the offsets in the same file, pairs and offsets can never
-disagree, which committing offsets to Kafka and writing a local file could not promise. It also
-avoids a consumer-group join (about half the session timeout on tansu, BROKER.md trap 5) for a
-process that is alone by design. A crash between two saves re-reads some pairs, and the
-dedupe absorbs them. A lost work directory is harmless too: the trainer re-reads the compacted
-topic from the beginning, and the newest decision's ``pairs_used`` on ``model-updates`` keeps it
-from training again on pairs it already used.
-
-**Catching up** (``--once`` stops there): a partition is read up to the high-water mark that
-fetch responses carry (``AIOKafkaConsumer.highwater``), never ``end_offsets`` (wrong on tansu,
-BROKER.md trap 1).
-
-Decisions are at least once: a crash after a decision is produced and before the state is saved
-trains and decides again on restart (a new version; workers follow the newest PROMOTED record).
+Each cycle trains a candidate on every pair mined so far (the valid set decides promotion only) and
+produces PROMOTED (strictly better) or REJECTED to ``model-updates``, at least once.
 """
 
 from __future__ import annotations

@@ -1,29 +1,10 @@
-"""The Faust application, built by :func:`create_app` from one :class:`~streams.settings.Settings`.
+"""The Faust application, built by :func:`create_app` from one :class:`Settings`.
 
-Agents (both in the consumer group ``settings.app_id``, so partitions split across workers):
-
-* ``embed``  — ``listings`` in batches → the model (in an executor) → ``listing-embeddings``.
-* ``index``  — ``listing-embeddings`` → wait until this worker's replica has applied the record
-  → top-k search → ``similar-products`` for every upsert, ``duplicate-alerts`` for same-supplier
-  near copies.
-
-Beside them, :class:`~streams.replica.IndexReplica` keeps this worker's full copy of the index
-from *all* partitions of ``listing-embeddings``, one index per model version, and
-:class:`~streams.models_live.ModelWatcher` follows ``model-updates``.
-
-Model switch (blue/green), when the trainer promotes a model: the worker loads it; the embed
-agent embeds every new listing with both the serving and the promoted model (one record, both
-vectors); the ``model_switch`` task re-embeds the listings partitions this worker owns with the
-promoted model (:mod:`streams.backfill`). Meanwhile the index agent keeps searching the serving
-index and emitting with the serving version; each replica switches to the promoted index the
-moment it holds every listing, and from then on outputs carry the new version. No listing goes
-unanswered in between: a record carries the vectors of the index its replica serves, or of the
-promoted one when that is all it has.
-
-Messages travel as raw bytes through Faust and are decoded by the steps in
-:mod:`streams.pipeline`, so a message that does not decode is dead-lettered with its original
-bytes instead of killing the agent. Outputs are awaited before a batch is acknowledged: delivery
-is at-least-once and every write downstream is idempotent by listing id.
+Agents ``embed`` (``listings`` → ``listing-embeddings``) and ``index`` (``listing-embeddings`` →
+``similar-products`` and ``duplicate-alerts``) share the consumer group ``settings.app_id``; beside
+them run the worker's index replica, the model watcher and the blue/green model switch. A message
+that does not decode is dead-lettered with its original bytes. Outputs are awaited before a batch
+is acknowledged: delivery is at-least-once and every write downstream is idempotent by listing id.
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
-"""The index replica: a worker's own copy of the live index, built from every partition of
-``listing-embeddings``.
+"""The index replica: a worker's own full copy of the live index, built from every partition of
+``listing-embeddings`` by a manually assigned consumer outside the consumer group.
 
-Each worker holds a full replica (queries never cross workers), so the replica reads *all*
-partitions with a manually assigned consumer outside the consumer group. Its position is part of
-its state: snapshots store the index together with the next offset to apply per partition, and a
-restart loads the snapshot and replays from there. Upserts are idempotent by listing id, so a
-replay never adds a listing twice, and nothing between the snapshot and the crash is lost.
-
-The index agent (group-consumed, so each record is searched and emitted once across workers)
-waits until the local replica has applied the record it is about to search for.
-
-The replica keeps one index per model version (:class:`~streams.indexes.ModelIndexes`). It
-becomes ``ready`` once it has applied the log as it stood at start-up; then it picks the index
-to serve from, and from then on switches to the target model (``target_version()``, from
-``model-updates``) as soon as the target's index is complete.
+Snapshots store the index with the next offset per partition; a restart replays from there, and
+idempotent upserts make that exact. The index agent waits on :meth:`IndexReplica.is_caught_up_to`
+before it searches. One index per model version (:class:`ModelIndexes`); ``ready`` once the log as
+of start-up is applied, then it switches to the target model as soon as the target's index is complete.
 """
 
 from __future__ import annotations
