@@ -20,7 +20,7 @@ from typing import Any
 from samestyle.models.data import cluster_pairs, pair_precision_recall, read_clusters, read_listings
 from samestyle.streams.dev.simulate import ClickSimulator, add_model_arguments, model_from_args
 from samestyle.streams.io.reader import LogReader, every_partition
-from samestyle.streams.pairs.agents import PairMiner, PairRules
+from samestyle.streams.pairs.mining import PairMiner, PairRules
 from samestyle.streams.settings import Settings
 from samestyle.topics import CLICK_EVENTS, POSITIVE_PAIRS, codec_for_topic, topic_specs
 

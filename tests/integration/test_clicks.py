@@ -138,7 +138,7 @@ def test_restart_mid_stream_keeps_counts_exact(stack: Stack) -> None:
     pairs that got only 2 clicks in all must stay silent. A lost changelog record (BROKER.md trap
     1) leaves pairs at 2; a recount inflates co_clicks. The 3rd clicks are waiting when w2's table
     recovery ends: Faust 0.15.3 used to drop (and commit unread) the records it fetched while it
-    sought the source partitions, which left those pairs at 2 (streams.clicks.seek_before_resuming_streams)."""
+    sought the source partitions, which left those pairs at 2 (samestyle.streams.worker.transport.seek_before_resuming_streams)."""
     n, markers = 400, 20
     w1 = start(stack, "w1")
     phase1 = [click(f"s{i}-{k}", f"x{i}", f"y{i}", T0 + k * 1000) for i in range(n) for k in range(2)]

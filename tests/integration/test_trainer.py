@@ -22,7 +22,7 @@ import pytest
 from samestyle.models.factory import encoder_from_spec
 from samestyle.streams.dev.sample import generate_sample
 from samestyle.streams.io.producer import send_records
-from samestyle.streams.pairs.agents import pair_key
+from samestyle.streams.pairs.mining import pair_key
 from samestyle.streams.trainer.service import PROMOTED, REJECTED, decide
 from samestyle.topics import MODEL_UPDATES, POSITIVE_PAIRS, codec_for_topic
 from tests.integration.conftest import Stack

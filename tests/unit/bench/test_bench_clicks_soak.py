@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from bench import clicks_bench, soak_bench
-from tests.unit.benchutil import run_json
+from tests.unit.bench.benchutil import run_json
 
 # ------------------------------------------------------------------------------ clicks
 

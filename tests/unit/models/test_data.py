@@ -20,7 +20,7 @@ from samestyle.models.data import (
 from samestyle.streams.dev.sample import generate_sample, planted_duplicate_pairs
 from samestyle.topics.errors import ConfigError
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 ABT_BUY = SHARED_DATA / "abt_buy" / "full_gt"
 
 HEADER = "listing_id,title,description,price,brand,category,image_path,source"

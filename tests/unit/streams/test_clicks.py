@@ -11,7 +11,7 @@ import pytest
 
 from samestyle.models.data import ListingRecord
 from samestyle.streams.dev.simulate import ClickModel, ClickSimulator, pseudo_category
-from samestyle.streams.pairs.agents import (
+from samestyle.streams.pairs.mining import (
     PairMiner,
     PairRules,
     add_click,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bench import common, freshness_bench, index_bench, pipeline_bench
-from tests.unit.benchutil import run_json
+from tests.unit.bench.benchutil import run_json
 
 # ------------------------------------------------------------------------------ parsing
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SAMESTYLE_SERVICES = ("topics", "worker-1", "worker-2")
 MONITORING_SERVICES = ("prometheus", "grafana")
 DEPLOY = ROOT / "deploy"

@@ -191,7 +191,7 @@ def test_search_alerts_once_per_pair_within_a_supplier_above_the_threshold() -> 
 def test_the_readme_documents_every_setting() -> None:
     import dataclasses
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
     missing = [f"SAMESTYLE_{f.name.upper()}" for f in dataclasses.fields(Settings)
                if f"`SAMESTYLE_{f.name.upper()}`" not in readme]
     assert not missing, f"README's configuration table lacks {missing}"
@@ -222,10 +222,12 @@ def test_the_app_consumes_with_the_configured_fetch_wait(tmp_path: Path) -> None
     # builds (not started: no broker here) must carry the configured wait instead.
 
     async def built_consumer_wait_ms() -> int:
-        aio = app.consumer._new_consumer_thread()._create_worker_consumer(app.transport)
+        thread = app.consumer._thread  # the worker's consumer thread (never started here)
+        aio = thread._create_worker_consumer(app.transport)
         try:
             return int(aio._fetch_max_wait_ms)
         finally:
             await aio.stop()
+            thread.thread_loop.close()  # the thread never ran: its loop is ours to close
 
     assert asyncio.run(built_consumer_wait_ms()) == 250
