@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 import numpy as np
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 
 from samestyle.models.query import Query, QueryEmbedding, embed_queries
 from samestyle.streams.http.server import RouteRegistrar
@@ -41,11 +41,8 @@ MAX_K = 100
 DUPLICATE_CANDIDATES = 100
 #: Room for the JSON around a base64 image (base64 is 4/3 of the bytes) and for form fields.
 _BODY_OVERHEAD = 64 * 1024
-#: The request body limit of the search routes, kept on the application for the drain.
-MAX_BODY = web.AppKey("samestyle_max_body", int)
 #: A body this many times over the limit is not drained before answering 413: the connection is
 #: closed instead (the client may then see a reset rather than the JSON error).
-_DRAIN_FACTOR = 4
 _VIEW_ORDER = ("image", "text", "image_text")  # the order of LiveIndex views (streams.pipeline.VIEWS)
 
 
@@ -123,68 +120,34 @@ def _decode_base64_image(value: Any, limit: int) -> bytes | None:
     return data
 
 
-async def _read_limited(request: web.Request, limit: int) -> bytes:
-    """The request body, or 413 once it passes ``limit`` (aiohttp's own 1 MiB cap is not used)."""
-    declared = request.content_length
-    if declared is not None and declared > limit:
-        await _drain(request, declared)
-        raise ApiError(413, f"request body of {declared:,} bytes is over the {limit:,}-byte limit")
-    chunks, size = [], 0
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > limit:
-            await _drain(request, None)
-            raise ApiError(413, f"request body is over the {limit:,}-byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
+def search_body_limit(max_image_bytes: int) -> int:
+    """The request body limit of ``/search``: a base64 image of ``max_image_bytes`` plus the rest.
+    The server enforces it (aiohttp's ``client_max_size``), reading and dropping what is left of an
+    oversized body (lingering close) so the client receives the 413 answer."""
+    return max_image_bytes * 4 // 3 + _BODY_OVERHEAD
 
 
-async def _drain(request: web.Request, declared: int | None) -> None:
-    """Read and drop the rest of an oversized body so the client receives the 413 JSON answer."""
-    if declared is not None and declared > _DRAIN_FACTOR * request.app[MAX_BODY]:
-        return
-    cap, seen = _DRAIN_FACTOR * request.app[MAX_BODY], 0
-    async for chunk in request.content.iter_chunked(256 * 1024):
-        seen += len(chunk)
-        if seen > cap:
-            return
-
-
-async def parse_search(request: web.Request, image_limit: int, body_limit: int) -> tuple[Query, int]:
+async def parse_search(request: web.Request, image_limit: int) -> tuple[Query, int]:
     """A :class:`Query` and ``k`` from a JSON or a multipart/form-data request."""
-    ctype = request.content_type
-    if ctype == "multipart/form-data":
-        declared = request.content_length
-        if declared is not None and declared > body_limit:
-            await _drain(request, declared)
-            raise ApiError(413, f"request body of {declared:,} bytes is over the {body_limit:,}-byte limit")
-        fields: dict[str, Any] = {}
+    try:
+        if request.content_type == "multipart/form-data":
+            form = await request.post()
+        else:  # JSON, whatever the client called it (curl -d says x-www-form-urlencoded)
+            raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, f"request body is over the {request.client_max_size:,}-byte limit") from None
+    if request.content_type == "multipart/form-data":
+        body: dict[str, Any] = {}
         image: bytes | None = None
-        reader = await request.multipart()
-        total = 0
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader) or part.name is None:
-                continue
-            data = bytearray()
-            while chunk := await part.read_chunk(64 * 1024):
-                data += chunk
-                total += len(chunk)
-                if part.name == "image" and len(data) > image_limit:
-                    await _drain(request, None)
-                    raise ApiError(413, f"image is over the {image_limit:,}-byte limit")
-                if total > body_limit:
-                    await _drain(request, None)
-                    raise ApiError(413, f"request body is over the {body_limit:,}-byte limit")
-            if part.name == "image":
-                image = bytes(data) or None
+        for name, value in form.items():
+            if isinstance(value, web.FileField):
+                if name == "image":
+                    image = value.file.read() or None
+            elif name == "image":
+                image = value.encode() or None
             else:
-                try:
-                    fields[part.name] = data.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise ApiError(400, f"form field {part.name!r} is not UTF-8 text") from None
-        body = fields
-    else:  # JSON, whatever the client called it (curl -d says x-www-form-urlencoded)
-        raw = await _read_limited(request, body_limit)
+                body[name] = value
+    else:
         try:
             body = json.loads(raw or b"{}")
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -335,7 +298,6 @@ def search_routes(settings: Settings, backend: SearchBackend, health: Callable[[
     """The search API and page of one worker. ``max_image_bytes`` (default: the listings' limit,
     ``settings.max_image_bytes``) caps an uploaded query image."""
     image_limit = max_image_bytes or settings.max_image_bytes
-    body_limit = image_limit * 4 // 3 + _BODY_OVERHEAD
     loop_executor = None  # the default executor, for index searches (LiveIndex serialises them)
 
     def index_or_503() -> "LiveIndex":
@@ -357,7 +319,7 @@ def search_routes(settings: Settings, backend: SearchBackend, health: Callable[[
 
     async def search(request: web.Request) -> web.Response:
         started = time.perf_counter()
-        query, k = await parse_search(request, image_limit, body_limit)
+        query, k = await parse_search(request, image_limit)
         index = index_or_503()
         enc = await encoder(index)
         try:
@@ -438,7 +400,6 @@ def search_routes(settings: Settings, backend: SearchBackend, health: Callable[[
         return web.FileResponse(STATIC_DIR / "index.html")
 
     def register(app: web.Application) -> None:
-        app[MAX_BODY] = body_limit
         app.middlewares.append(json_errors)
         app.router.add_post("/search", search)
         app.router.add_get("/listings/{listing_id}", get_listing)

@@ -35,11 +35,12 @@ class WebServer(Service):
     """Serves an aiohttp application for the lifetime of the worker."""
 
     def __init__(self, settings: Settings, registrars: Sequence[RouteRegistrar], host: str = "0.0.0.0",
-                 **kwargs: Any) -> None:
+                 client_max_size: int = 1024 ** 2, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.settings = settings
         self.host = host
-        self.web_app = web.Application()
+        #: aiohttp answers 413 to a larger request body (and drains it, so the client reads that).
+        self.web_app = web.Application(client_max_size=client_max_size)
         for register in registrars:
             register(self.web_app)
         self._runner: web.AppRunner | None = None

@@ -22,7 +22,7 @@ import mode
 
 from samestyle.index_store import LiveIndex
 from samestyle.models.encoder import Encoder
-from samestyle.streams.http.search import search_routes
+from samestyle.streams.http.search import search_body_limit, search_routes
 from samestyle.streams.http.server import WebServer, core_routes
 from samestyle.streams.settings import Settings
 from samestyle.streams.switch.backfill import Backfill
@@ -206,7 +206,8 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, pairs: boo
     if settings.web_port:
         search = WorkerSearch(replica, registry, model_thread, metrics)
         app.service(WebServer(settings, [core_routes(metrics.registry, health),
-                                         search_routes(settings, search, health)]))
+                                         search_routes(settings, search, health)],
+                              client_max_size=search_body_limit(settings.max_image_bytes)))
     if pairs:
         from samestyle.streams.pairs.agents import register_pairs_agent
 
