@@ -51,6 +51,8 @@ __all__ = [
     "Encoder",
     "EncoderConfig",
     "ListingInput",
+    "DuplicateScorer",
+    "PairCandidate",
     "PreparedListing",
     "listing_text",
     "load_config",
@@ -332,6 +334,38 @@ class Encoder(ABC):
     def encode(self, listings: Sequence[ListingInput]) -> Embeddings:
         """``prepare`` every listing, then ``embed`` them as one batch."""
         return self.embed([self.prepare(listing) for listing in listings])
+
+    def match_text(self, listing: ListingInput) -> str:
+        """The text the duplicate scorer compares (kept with the listing in the index)."""
+        return " ".join((listing.title or "").split())
+
+    @property
+    def duplicate_scorer(self) -> DuplicateScorer | None:
+        """The model's own duplicate decision, or None: then an image+text cosine threshold
+        (``SAMESTYLE_DUPLICATE_THRESHOLD``) decides."""
+        return None
+
+
+@dataclass(frozen=True)
+class PairCandidate:
+    """A same-supplier candidate pair as the index agent sees it: listing a searched, b found."""
+
+    text_a: str  # match_text of both listings
+    text_b: str
+    cosine: float  # image+text cosine of the pair
+    rank: int  # b's position among a's neighbours, 0 = nearest
+    best_other: float  # best image+text cosine of a's other neighbours (-1.0 when none)
+
+
+class DuplicateScorer(ABC):
+    """A calibrated duplicate classifier over candidate pairs, with the threshold chosen on valid."""
+
+    #: Probability at or above which a pair is a duplicate (chosen on a valid split).
+    threshold: float
+
+    @abstractmethod
+    def probabilities(self, candidates: Sequence[PairCandidate]) -> np.ndarray:
+        """``[n]`` calibrated probabilities that each pair is one product."""
 
 
 def listing_text(

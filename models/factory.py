@@ -17,6 +17,8 @@ from samestyle.models.encoder import (
     load_config,
     random_weights_allowed,
 )
+from samestyle.models.finetuned import FUSION as FINETUNED
+from samestyle.models.finetuned import load_finetuned
 from samestyle.models.pretrained import ConcatEncoder
 from samestyle.models.unified import load_unified_model
 from samestyle.topics.errors import ConfigError
@@ -63,6 +65,9 @@ def create_encoder(
         cfg = config
     elif isinstance(config, (str, Path)):
         cfg = load_config(config)
+        if cfg.fusion == FINETUNED and Path(config).expanduser().is_dir():
+            return load_finetuned(Path(config).expanduser(), resolve_device(device),
+                                  allow_random_weights=allow_random_weights)
         if cfg.fusion == "unified" and Path(config).expanduser().is_dir():
             return load_unified_model(Path(config).expanduser(), resolve_device(device),
                                       allow_random_weights=allow_random_weights)

@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 
 from samestyle.models.data import ListingRecord, read_clusters, read_listings, read_pairs
-from samestyle.models.encoder import Embeddings, Encoder
+from samestyle.models.encoder import Embeddings, Encoder, PairCandidate
 from samestyle.models.factory import encoder_from_spec
 from samestyle.models.features import listing_input
+from samestyle.models.train.finetune import TRAINING_SPLITS, candidates_for
 from samestyle.models.train.metrics import (
     KS,
     best_threshold,
@@ -33,10 +34,12 @@ from samestyle.models.train.metrics import (
     tfidf_similarity,
     tfidf_vectors,
 )
-from samestyle.models.train.run import TRAINING_SPLITS
 from samestyle.topics.errors import ConfigError, ImageError, InvalidListingError
 
 logger = logging.getLogger(__name__)
+
+#: Dense candidates per query that the matcher re-ranks.
+RERANK_K = 20
 
 __all__ = ["main", "build_parser"]
 
@@ -163,6 +166,30 @@ def _retrieval(
     return out
 
 
+def _reranked(model: Encoder, records: Sequence[ListingRecord], emb: Embeddings, q: np.ndarray, g: np.ndarray,
+              clusters: np.ndarray, same: np.ndarray, k: int = RERANK_K) -> dict[str, Any]:
+    """IT→IT retrieval with the dense top-``k`` of each query re-ordered by the matcher's
+    probability (the stream's one index search plus a re-rank); the rest keep their order."""
+    matcher = model.duplicate_scorer
+    assert matcher is not None
+    it = emb.image_text
+    texts = [model.match_text(listing_input(r, with_image=False)) for r in records]
+    sim = it[q] @ it[g].T  # [Q, G]
+    sim = np.where(same, -np.inf, sim)
+    reranked = sim.copy()
+    for row in range(len(q)):
+        order = np.argsort(-sim[row])[:k]
+        order = order[np.isfinite(sim[row, order])]
+        if len(order) == 0:
+            continue
+        best_other = [float(sim[row, order[1]]) if len(order) > 1 else -1.0] + [float(sim[row, order[0]])] * (len(order) - 1)
+        candidates = [PairCandidate(texts[q[row]], texts[g[c]], float(sim[row, c]), r, best_other[r])
+                      for r, c in enumerate(order)]
+        # Re-ranked scores sit above every score outside the top-k, ordered by probability.
+        reranked[row, order] = 10.0 + matcher.probabilities(candidates)
+    return retrieval_metrics(reranked, clusters[q], clusters[g], same)
+
+
 def run_clusters(args: argparse.Namespace, records: list[ListingRecord]) -> dict[str, Any]:
     clusters_map = read_clusters(args.clusters)
     ids = [r.listing_id for r in records]
@@ -281,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         any_image = bool(emb.has_image[q].any() or emb.has_image[g].any())
         pairs = VIEW_PAIRS_IMAGE if any_image else VIEW_PAIRS_TEXT
         result["views"] = _retrieval(emb, q, g, clusters, pairs, same)
+        if model.duplicate_scorer is not None:
+            result["views"]["IT->IT reranked"] = _reranked(model, records, emb, q, g, clusters, same)
         result["baselines"] = {}
         titled = np.array([bool(t.strip()) for t in titles])
         if "tfidf" in baselines and titled[q].any():
@@ -322,6 +351,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             main_result = _pair_result(scores(va, vb), vy, scores(ta, tb), ty)
             result["cross_scorer"] = main_result
             result["decision"] = "cross-scorer"
+        matcher = model.duplicate_scorer
+        if matcher is not None:
+            texts_by_id = {r.listing_id: model.match_text(listing_input(r, with_image=False)) for r in records}
+            vectors = {r.listing_id: it[k] for k, r in enumerate(records)}
+            ids = [r.listing_id for r in records]
+
+            def probabilities(pairs_: Sequence[tuple[str, str, int]]) -> np.ndarray:
+                return matcher.probabilities(candidates_for([(a, b) for a, b, _ in pairs_], vectors, ids, texts_by_id))
+
+            valid_p, test_p = probabilities(valid), probabilities(test)
+            # The decision the stream makes: the model's own threshold (chosen on valid at training).
+            served = pair_metrics(test_p, ty, matcher.threshold)
+            result["matcher"] = {
+                "served_threshold": {**served, "valid": pair_metrics(valid_p, vy, matcher.threshold)},
+                "threshold_from_these_valid_pairs": _pair_result(valid_p, vy, test_p, ty),
+            }
+            main_result = served
+            result["decision"] = "matcher (model threshold)"
         result.update({k: main_result[k] for k in ("f1", "precision", "recall", "threshold")})
         result["baselines"] = {}
         if "tfidf" in baselines:

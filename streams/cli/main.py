@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 #: Subcommands whose arguments belong to another module's own parser: ``samestyle NAME ARGS`` is
 #: ``MODULE.main(ARGS)`` (argparse's REMAINDER cannot pass a leading ``--help`` through).
 FORWARDED = {
-    "train": "samestyle.models.train.run",
+    "train": "samestyle.models.train.finetune",
     "eval": "samestyle.models.train.evaluate",
     "simulate-clicks": "samestyle.streams.dev.simulate",
     "pairs-report": "samestyle.streams.dev.pairs_report",

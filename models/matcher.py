@@ -1,0 +1,215 @@
+"""The duplicate decision: a calibrated classifier over a candidate pair's dense and lexical evidence.
+
+:class:`PairFeaturizer` turns :class:`~samestyle.models.encoder.PairCandidate` s into a feature
+matrix (dense cosine, rank and margin among the query's neighbours; word and character-trigram
+TF-IDF cosines with the idf of the training listings; model-code, number, price and brand
+agreement). :class:`Matcher` is that featurizer, a scikit-learn classifier with calibrated
+probabilities and the threshold chosen on a valid split; it is stored in the model directory
+(``matcher.joblib`` + ``matcher.json``) and is the served model's ``duplicate_scorer``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from samestyle.models.encoder import DuplicateScorer, PairCandidate
+from samestyle.models.text import parse_price
+from samestyle.topics.errors import ConfigError
+
+__all__ = ["FEATURES", "Matcher", "PairFeaturizer", "fit_classifier", "load_matcher"]
+
+MATCHER_FILE = "matcher.joblib"
+MATCHER_META = "matcher.json"
+#: Ranks beyond this count as this (the stream only sees a listing's top-k neighbours).
+MAX_RANK = 50
+
+FEATURES = (
+    "dense_cos", "dense_rank", "dense_margin",
+    "word_full", "word_title", "char_title", "char_full",
+    "code_jaccard", "code_containment", "code_in_other", "code_conflict",
+    "num_jaccard", "num_containment", "price_ratio", "brand_agree", "len_ratio",
+)
+
+_SPLIT = re.compile(r"[\s,;:()\[\]{}|/\"'!?+]+")
+_WORD = re.compile(r"[a-z0-9]+")
+_NUM = re.compile(r"\d+(?:\.\d+)?")
+_BRAND = re.compile(r"\|\s*brand\s+([^|]+)")
+_PRICE = re.compile(r"\|\s*price\s+([^|]+)")
+
+
+def _title(text: str) -> str:
+    """The title part of a serialised text (before the first `` | ``)."""
+    return text.split(" | ", 1)[0]
+
+
+def _codes(text: str) -> set[str]:
+    """Model codes: tokens mixing letters and digits (``-._#`` removed), at least 3 long."""
+    out = set()
+    for token in _SPLIT.split(text.lower()):
+        token = re.sub(r"[-._#]", "", token)
+        if len(token) >= 3 and re.search(r"[a-z]", token) and re.search(r"\d", token):
+            out.add(token)
+    return out
+
+
+def _numbers(text: str) -> set[str]:
+    return {n.rstrip("0").rstrip(".") if "." in n else n for n in _NUM.findall(text.lower())}
+
+
+def _jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / len(a | b) if a and b else -1.0
+
+
+def _containment(a: set[str], b: set[str]) -> float:
+    return len(a & b) / min(len(a), len(b)) if a and b else -1.0
+
+
+class _Side:
+    """What the features need of one text, computed once."""
+
+    def __init__(self, text: str) -> None:
+        lowered = text.lower()
+        self.title = _title(lowered)
+        self.codes = _codes(self.title) or _codes(lowered)
+        self.title_codes = _codes(self.title)
+        self.squashed = re.sub(r"[^a-z0-9]", "", lowered)
+        self.numbers = _numbers(self.title)
+        brand = _BRAND.search(lowered)
+        self.brand = brand.group(1).strip() if brand else ""
+        price = _PRICE.search(lowered)
+        self.price = parse_price(price.group(1)) if price else None
+        self.tokens = max(1, len(_WORD.findall(self.title)))
+
+
+class PairFeaturizer:
+    """Fitted on the texts of the training listings (unsupervised idf); then scores any pair."""
+
+    def __init__(self) -> None:
+        self._vectorizers: dict[str, Any] = {}
+
+    def fit(self, texts: Sequence[str]) -> PairFeaturizer:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        full = [t.lower() for t in texts]
+        titles = [_title(t) for t in full]
+        word = dict(token_pattern=r"[a-z0-9]+", sublinear_tf=True)
+        char = dict(analyzer="char_wb", ngram_range=(3, 3), sublinear_tf=True)
+        self._vectorizers = {
+            "word_full": TfidfVectorizer(**word).fit(full),
+            "word_title": TfidfVectorizer(**word).fit(titles),
+            "char_title": TfidfVectorizer(**char).fit(titles),
+            "char_full": TfidfVectorizer(**char).fit(full),
+        }
+        return self
+
+    def _cosines(self, name: str, a: Sequence[str], b: Sequence[str]) -> np.ndarray:
+        vec = self._vectorizers[name]
+        ma, mb = vec.transform(a), vec.transform(b)  # rows are L2-normalised
+        return np.asarray(ma.multiply(mb).sum(axis=1)).ravel()
+
+    def features(self, candidates: Sequence[PairCandidate]) -> np.ndarray:
+        """``[n, len(FEATURES)]`` float32."""
+        if not self._vectorizers:
+            raise ConfigError("PairFeaturizer is not fitted")
+        full_a = [c.text_a.lower() for c in candidates]
+        full_b = [c.text_b.lower() for c in candidates]
+        cols: dict[str, np.ndarray] = {
+            "dense_cos": np.array([c.cosine for c in candidates]),
+            "dense_rank": np.log1p(np.minimum([c.rank for c in candidates], MAX_RANK)),
+            "dense_margin": np.array([c.cosine - c.best_other for c in candidates]),
+            "word_full": self._cosines("word_full", full_a, full_b),
+            "word_title": self._cosines("word_title", [_title(t) for t in full_a], [_title(t) for t in full_b]),
+            "char_title": self._cosines("char_title", [_title(t) for t in full_a], [_title(t) for t in full_b]),
+            "char_full": self._cosines("char_full", full_a, full_b),
+        }
+        rows = []
+        for ta, tb in zip(full_a, full_b):
+            a, b = _Side(ta), _Side(tb)
+            found = [c in b.squashed for c in a.title_codes] + [c in a.squashed for c in b.title_codes]
+            conflict = bool(a.title_codes and b.title_codes and not (a.title_codes & b.title_codes) and not any(found))
+            if a.brand and b.brand:
+                brand = float(a.brand == b.brand or a.brand in b.brand or b.brand in a.brand)
+            elif a.brand or b.brand:
+                known, other = (a.brand, b.title) if a.brand else (b.brand, a.title)
+                brand = 0.5 + 0.5 * float(known.split()[0] in other)
+            else:
+                brand = -1.0
+            price = min(a.price, b.price) / max(a.price, b.price) if a.price and b.price else -1.0
+            rows.append((_jaccard(a.codes, b.codes), _containment(a.codes, b.codes),
+                         float(np.mean(found)) if found else -1.0, float(conflict),
+                         _jaccard(a.numbers, b.numbers), _containment(a.numbers, b.numbers), price, brand,
+                         min(a.tokens, b.tokens) / max(a.tokens, b.tokens)))
+        lexical = np.array(rows, dtype=np.float64).reshape(len(candidates), 9)
+        names = ("code_jaccard", "code_containment", "code_in_other", "code_conflict", "num_jaccard",
+                 "num_containment", "price_ratio", "brand_agree", "len_ratio")
+        for k, name in enumerate(names):
+            cols[name] = lexical[:, k]
+        return np.column_stack([cols[n] for n in FEATURES]).astype(np.float32)
+
+
+def fit_classifier(features: np.ndarray, labels: np.ndarray, kind: str = "hgb", seed: int = 0) -> Any:
+    """A classifier with calibrated ``predict_proba``: gradient-boosted trees with isotonic
+    calibration (``hgb``, the default) or a standardised logistic regression (``lr``)."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if kind == "lr":
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
+    elif kind == "hgb":
+        base = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.05, max_leaf_nodes=15,
+                                              min_samples_leaf=10, l2_regularization=1.0, random_state=seed)
+        model = CalibratedClassifierCV(base, method="isotonic", cv=3)
+    else:
+        raise ConfigError(f"unknown classifier {kind!r}: hgb or lr")
+    return model.fit(features, labels)
+
+
+class Matcher(DuplicateScorer):
+    """Featurizer + calibrated classifier + the probability threshold chosen on valid."""
+
+    def __init__(self, featurizer: PairFeaturizer, classifier: Any, threshold: float,
+                 meta: dict[str, Any] | None = None) -> None:
+        self.featurizer = featurizer
+        self.classifier = classifier
+        self.threshold = float(threshold)
+        self.meta = dict(meta or {})
+
+    def probabilities(self, candidates: Sequence[PairCandidate]) -> np.ndarray:
+        if not candidates:
+            return np.zeros(0, dtype=np.float32)
+        return self.classifier.predict_proba(self.featurizer.features(candidates))[:, 1].astype(np.float32)
+
+    def save(self, directory: Path) -> None:
+        import joblib
+
+        joblib.dump({"featurizer": self.featurizer, "classifier": self.classifier}, directory / MATCHER_FILE)
+        (directory / MATCHER_META).write_text(json.dumps(
+            {"threshold": self.threshold, "features": list(FEATURES), **self.meta}, indent=2, default=float) + "\n")
+
+
+def load_matcher(directory: Path) -> Matcher | None:
+    """The matcher stored in a model directory, or None when it has none.
+
+    The joblib file is a pickle: load model directories you trust only (as with torch weights).
+    """
+    if not (directory / MATCHER_FILE).is_file():
+        return None
+    import joblib
+
+    meta = json.loads((directory / MATCHER_META).read_text())
+    if list(meta.get("features", [])) != list(FEATURES):
+        raise ConfigError(f"{directory}: the matcher was trained on features {meta.get('features')}, "
+                          f"this code computes {list(FEATURES)}")
+    parts = joblib.load(directory / MATCHER_FILE)
+    threshold = meta.pop("threshold")
+    meta.pop("features")
+    return Matcher(parts["featurizer"], parts["classifier"], threshold, meta)

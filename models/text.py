@@ -1,0 +1,47 @@
+"""How a listing becomes text for the fine-tuned model: one function, at training and at serving time.
+
+``title | brand <b> | price <p>``: the title first (it carries the model codes), the brand when
+the title does not already name it, the price when one parses; no description, category or
+source (chosen on valid splits: docs/MODEL.md, "Text serialisation").
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+__all__ = ["parse_price", "serialize"]
+
+_PRICE = re.compile(r"\d+(?:[.,]\d+)?")
+
+
+def _clean(value: object) -> str:
+    return " ".join(str(value or "").split())
+
+
+def parse_price(value: object) -> float | None:
+    """The first positive number in ``value`` (``"$1,299.00"`` → 1.0 is avoided: commas as thousands
+    separators are dropped first), or None."""
+    text = str(value or "").replace(",", "") if re.search(r"\d,\d{3}", str(value or "")) else str(value or "")
+    match = _PRICE.search(text)
+    if not match:
+        return None
+    try:
+        number = float(match.group(0).replace(",", "."))
+    except ValueError:
+        return None
+    return number if number > 0 else None
+
+
+def serialize(title: str | None, attributes: Mapping[str, str] | None = None) -> str:
+    """The model's text of a listing from its title and attributes (``brand``, ``price``)."""
+    attributes = attributes or {}
+    title = _clean(title)
+    parts = [title]
+    brand = _clean(attributes.get("brand"))
+    if brand and brand.lower() not in title.lower():
+        parts.append(f"brand {brand}")
+    price = parse_price(attributes.get("price"))
+    if price is not None:
+        parts.append(f"price {price:g}")
+    return " | ".join(p for p in parts if p)

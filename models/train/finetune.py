@@ -1,0 +1,631 @@
+"""Fine-tune the backbones end to end and fit the duplicate matcher: ``train(TrainConfig) -> Path``.
+
+1. Products: clusters (``--clusters``, a seeded fraction held out) or the connected components of
+   the label-1 pairs (``--pairs``). Listings of one product are never each other's negatives.
+2. Bi-encoder: symmetric in-batch InfoNCE over positive edges (one anchor per product per batch)
+   on the IT view, plus I→IT and T→IT where a listing has both modalities; one hard negative key
+   per anchor: a labelled negative, the nearest non-match under the current model (re-mined each
+   epoch) or a lexical near-miss.
+3. Matcher: cross-fitted (the classifier's dense features come from fold models that never saw
+   the pair's products), a calibrated classifier on dense + lexical features, its threshold
+   chosen on valid. The served model is trained on all training products.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from samestyle.models.backbones import TINY
+from samestyle.models.data import ListingRecord, read_clusters, read_listings, read_pairs
+from samestyle.models.encoder import PairCandidate
+from samestyle.models.finetuned import DualTower, TowerConfig, save_finetuned
+from samestyle.models.images import ImagePreprocessing, load_image_bytes
+from samestyle.models.matcher import Matcher, PairFeaturizer, fit_classifier
+from samestyle.models.text import serialize
+from samestyle.models.train.metrics import best_threshold, pair_metrics
+from samestyle.topics.errors import ConfigError, ImageError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Products", "TrainConfig", "candidates_for", "load_products", "train", "train_towers"]
+
+#: With a split column, rows of these splits are trained on; every other split is never read.
+TRAINING_SPLITS = ("train", "catalog")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every choice of one training run; ``samestyle train`` maps its flags onto this."""
+
+    listings: Path
+    out: Path
+    pairs: Path | None = None
+    clusters: Path | None = None
+    valid_pairs: Path | None = None
+    #: Clusters mode: the fraction of products kept out of training (``samestyle eval`` queries them).
+    holdout_fraction: float = 0.0
+    #: Clusters mode: the fraction of training products whose mined pairs choose the threshold.
+    valid_fraction: float = 0.15
+    split_column: str | None = None
+    base: str = "default"  # "default" (bundled MiniLM + EfficientNet-Lite0) or "tiny" (tests)
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 1e-4
+    image_lr: float = 1e-4
+    head_lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+    temperature: float = 0.05
+    hard_negatives: bool = True
+    max_pairs_per_product: int = 6
+    max_text_tokens: int = 48
+    images: bool = True
+    augment: bool = True
+    folds: int = 2
+    classifier: str = "hgb"
+    mined_k: int = 20
+    seed: int = 0
+    device: str | None = None
+    progress: bool = True
+    name: str | None = None
+    allow_random_weights: bool = False
+    #: Not trained: only checked (the same listing never both trains and evaluates a run).
+    overwrite: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class Products:
+    """Listings, their product ids and the labelled evidence a run trains on."""
+
+    records: dict[str, ListingRecord]
+    texts: dict[str, str]
+    product: dict[str, str]  # listing -> product (training listings only)
+    positives: list[tuple[str, str]]
+    negatives: dict[str, list[str]] = field(default_factory=dict)
+    held_out: list[str] = field(default_factory=list)  # product ids kept out (clusters mode)
+    train_pairs: list[tuple[str, str, int]] = field(default_factory=list)
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: str, b: str) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+def _refuse_test(path: Path | None) -> None:
+    if path is not None and "test" in path.stem.lower():
+        raise ConfigError(f"{path}: training never reads a test split")
+
+
+def load_products(config: TrainConfig) -> Products:
+    """Read the listings and the labels of a run (never a test file)."""
+    if (config.pairs is None) == (config.clusters is None):
+        raise ConfigError("train on either --pairs or --clusters")
+    _refuse_test(config.pairs)
+    _refuse_test(config.valid_pairs)
+    records = {r.listing_id: r for r in read_listings(config.listings)}
+    texts = {i: serialize(r.title, r.attributes) for i, r in records.items()}
+    if config.pairs is not None:
+        pairs = [(a, b, y) for a, b, y in read_pairs(config.pairs) if a in records and b in records]
+        if not any(y for _, _, y in pairs):
+            raise ConfigError(f"{config.pairs}: no positive pair among the listings")
+        uf = _UnionFind()
+        for a, b, y in pairs:
+            uf.find(a), uf.find(b)
+            if y:
+                uf.union(a, b)
+        product = {i: "p:" + uf.find(i) for i in uf.parent}
+        positives = [(a, b) for a, b, y in pairs if y]
+        negatives: dict[str, list[str]] = defaultdict(list)
+        for a, b, y in pairs:
+            if not y and product[a] != product[b]:
+                negatives[a].append(b)
+                negatives[b].append(a)
+        return Products(records, texts, product, positives, dict(negatives), train_pairs=pairs)
+    clusters = read_clusters(config.clusters)
+    split_ok: set[str] | None = None
+    if config.split_column:
+        import csv
+
+        with open(config.clusters, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+        if rows and config.split_column not in rows[0]:
+            raise ConfigError(f"{config.clusters}: no column {config.split_column!r}")
+        split_ok = {r["listing_id"] for r in rows if r[config.split_column] in TRAINING_SPLITS}
+    members: dict[str, list[str]] = defaultdict(list)
+    for listing_id, cluster in clusters.items():
+        if listing_id in records and (split_ok is None or listing_id in split_ok):
+            members[cluster].append(listing_id)
+    names = sorted(c for c, m in members.items() if len(m) >= 2)
+    held_out: list[str] = []
+    if config.holdout_fraction > 0:
+        shuffled = names[:]
+        random.Random(config.seed).shuffle(shuffled)
+        held_out = sorted(shuffled[: int(round(config.holdout_fraction * len(shuffled)))])
+    held = set(held_out)
+    product = {i: "c:" + c for c, m in members.items() if c not in held for i in m}
+    positives = [(m[0], x) for c, m in sorted(members.items()) if c not in held and len(m) >= 2 for x in m[1:]]
+    positives += [(a, b) for c, m in sorted(members.items()) if c not in held and len(m) >= 3
+                  for a, b in zip(m[1:], m[2:])]
+    return Products(records, texts, product, positives, held_out=held_out)
+
+
+# ------------------------------------------------------------------------------ images
+
+
+def _load_pixels(records: Mapping[str, ListingRecord], ids: Sequence[str], size: int,
+                 progress: bool) -> dict[str, torch.Tensor]:
+    """Decoded, centre-cropped ``[3, size, size]`` uint8 images by listing id (decoded once)."""
+    from tqdm import tqdm
+
+    prep = ImagePreprocessing(size=size, crop_pct=1.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    out: dict[str, torch.Tensor] = {}
+    for listing_id in tqdm(ids, desc="decode images", disable=not progress):
+        path = records[listing_id].image_path
+        if not path:
+            continue
+        try:
+            out[listing_id] = prep(load_image_bytes(path)).round().clamp(0, 255).to(torch.uint8)
+        except ImageError as exc:
+            logger.warning("listing %s: image ignored (%s)", listing_id, exc)
+    return out
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random resized crop (scale 0.6-1), horizontal flip and brightness/contrast/saturation
+    jitter (±0.2) of ``[B, 3, S, S]`` float images on 0..255; same shape and range out."""
+    b, _, s, _ = images.shape
+    out = torch.empty_like(images)
+    for k in range(b):
+        scale = 0.6 + 0.4 * float(torch.rand((), generator=generator))
+        side = max(8, int(round(s * math.sqrt(scale))))
+        y = int(torch.randint(0, s - side + 1, (), generator=generator))
+        x = int(torch.randint(0, s - side + 1, (), generator=generator))
+        crop = images[k : k + 1, :, y : y + side, x : x + side]
+        crop = F.interpolate(crop, size=(s, s), mode="bilinear", align_corners=False)[0]
+        if float(torch.rand((), generator=generator)) < 0.5:
+            crop = crop.flip(-1)
+        brightness, contrast, saturation = (1 + 0.4 * (torch.rand(3, generator=generator) - 0.5)).tolist()
+        crop = crop * brightness
+        mean = crop.mean()
+        crop = (crop - mean) * contrast + mean
+        grey = crop.mean(dim=0, keepdim=True)
+        crop = (crop - grey) * saturation + grey
+        out[k] = crop.clamp(0, 255)
+    return out
+
+
+def _model_input(images_uint8: torch.Tensor, size: int, train: bool, generator: torch.Generator | None) -> torch.Tensor:
+    x = images_uint8.float()
+    if train and generator is not None:
+        x = augment(x, generator)
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return (x - 127.0) / 128.0  # EfficientNet-Lite's normalisation
+
+
+# ------------------------------------------------------------------------------ bi-encoder
+
+
+def _tower_config(config: TrainConfig, with_images: bool) -> TowerConfig:
+    if config.base == "tiny":
+        return TowerConfig(text_backbone=TINY, image_backbone=TINY, dim=32, max_text_tokens=config.max_text_tokens,
+                           image_size=32, image_trained=with_images, seed=config.seed)
+    if config.base != "default":
+        raise ConfigError(f"unknown base {config.base!r}: default or tiny")
+    return TowerConfig(max_text_tokens=config.max_text_tokens, image_trained=with_images, seed=config.seed)
+
+
+def _batches(edges: list[tuple[str, str]], product: Mapping[str, str], size: int) -> list[list[tuple[str, str]]]:
+    """Batches of at most ``size`` edges, no two anchors of one product in a batch."""
+    batches, pending = [], edges
+    while pending:
+        rest, current, seen = [], [], set()
+        for edge in pending:
+            p = product[edge[0]]
+            if p in seen or len(current) >= size:
+                rest.append(edge)
+                continue
+            seen.add(p)
+            current.append(edge)
+            if len(current) == size:
+                batches.append(current)
+                current, seen = [], set()
+        if current:
+            batches.append(current)
+        pending = rest
+    return batches
+
+
+def _info_nce(queries: torch.Tensor, keys: torch.Tensor, masked: torch.Tensor, targets: torch.Tensor,
+              temperature: float) -> torch.Tensor:
+    """Cross-entropy of ``queries @ keys.T / t`` towards ``targets``; ``masked`` keys (same product
+    as the query, not its target) are no negatives."""
+    logits = (queries @ keys.T / temperature).masked_fill(masked, float("-inf"))
+    return F.cross_entropy(logits, targets)
+
+
+class _Embedder:
+    """Views of listings under a DualTower, with tokens and pixels prepared once."""
+
+    def __init__(self, towers: DualTower, texts: Mapping[str, str], pixels: Mapping[str, torch.Tensor],
+                 device: str) -> None:
+        self.towers, self.device, self.pixels = towers, device, pixels
+        ids = list(texts)
+        self.tokens = dict(zip(ids, towers.tokenize([texts[i] or " " for i in ids])))
+        self.has_text = {i: bool(texts[i]) for i in ids}
+
+    def views(self, ids: Sequence[str], train: bool, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        n, dim = len(ids), self.towers.config.dim
+        has_text = torch.tensor([self.has_text[i] for i in ids], device=self.device)
+        has_image = torch.tensor([i in self.pixels for i in ids], device=self.device)
+        text = torch.zeros(n, dim, device=self.device)
+        rows = [k for k, i in enumerate(ids) if self.has_text[i]]
+        if rows:
+            text = text.index_copy(0, torch.tensor(rows, device=self.device),
+                                   self.towers.embed_tokens([self.tokens[ids[k]] for k in rows]))
+        image = torch.zeros(n, dim, device=self.device)
+        rows = [k for k, i in enumerate(ids) if i in self.pixels]
+        if rows:
+            stacked = torch.stack([self.pixels[ids[k]] for k in rows])
+            x = _model_input(stacked, self.towers.config.image_size, train, generator).to(self.device)
+            image = image.index_copy(0, torch.tensor(rows, device=self.device), self.towers.embed_pixels(x))
+        return {"I": image, "T": text, "IT": DualTower.fuse(image, text, has_image, has_text),
+                "has_image": has_image, "has_text": has_text}
+
+    def encode(self, ids: Sequence[str], batch_size: int = 128) -> np.ndarray:
+        """``[n, dim]`` IT vectors (eval mode, no augmentation)."""
+        self.towers.eval()
+        order = sorted(range(len(ids)), key=lambda k: len(self.tokens[ids[k]]))
+        out = np.zeros((len(ids), self.towers.config.dim), dtype=np.float32)
+        with torch.inference_mode():
+            for s in range(0, len(order), batch_size):
+                chunk = order[s : s + batch_size]
+                out[chunk] = self.views([ids[k] for k in chunk], False, None)["IT"].cpu().numpy()
+        return out
+
+
+def train_towers(config: TrainConfig, data: Products, product_ids: set[str] | None, pixels: Mapping[str, torch.Tensor],
+                 lexical_nn: Mapping[str, str], *, desc: str = "train") -> tuple[DualTower, list[dict[str, Any]]]:
+    """Fine-tune a DualTower on the positives of ``product_ids`` (None: every training product)."""
+    from tqdm import tqdm
+
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    towers = DualTower(_tower_config(config, bool(pixels))).to(device)
+    towers.image.eval()  # batch-norm statistics stay the pretrained ones (small batches)
+    embedder = _Embedder(towers, data.texts, pixels, device)
+    keep = (lambda i: True) if product_ids is None else (lambda i: data.product.get(i) in product_ids)
+    positives = [(a, b) for a, b in data.positives if keep(a) and keep(b)]
+    by_product: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for a, b in positives:
+        by_product[data.product[a]].append((a, b))
+    pool = sorted(i for i in data.product if keep(i))
+    groups = [
+        {"params": [p for p in towers.text.model.parameters()], "lr": config.lr},
+        {"params": list(towers.text_proj.parameters()) + list(towers.image_proj.parameters()), "lr": config.head_lr},
+    ]
+    if pixels:
+        groups.append({"params": list(towers.image.parameters()), "lr": config.image_lr})
+    else:
+        for p in towers.image.parameters():
+            p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    steps_per_epoch = max(1, sum(min(2 * len(v), config.max_pairs_per_product) for v in by_product.values())
+                          // config.batch_size + 1)
+    total = steps_per_epoch * config.epochs
+    warm = max(1, int(config.warmup_fraction * total))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm)
+                                                 * max(0.0, 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))))
+    logs: list[dict[str, Any]] = []
+    started = time.monotonic()
+    for epoch in range(config.epochs):
+        t0 = time.monotonic()
+        mined: dict[str, str] = {}
+        if config.hard_negatives and len(pool) > 2:
+            vectors = embedder.encode(pool)
+            anchors = sorted({x for edge in positives for x in edge})
+            index = {i: k for k, i in enumerate(pool)}
+            prods = np.array([data.product[i] for i in pool])
+            sims = vectors[[index[a] for a in anchors]] @ vectors.T  # [anchors, pool]
+            for row, a in enumerate(anchors):
+                s = np.where(prods == data.product[a], -np.inf, sims[row])
+                top = np.argsort(-s)[:2]
+                mined[a] = pool[int(top[rng.randrange(len(top))])]
+        edges: list[tuple[str, str]] = []
+        for es in by_product.values():
+            both = es + [(b, a) for a, b in es]
+            rng.shuffle(both)
+            edges.extend(both[: config.max_pairs_per_product])
+        rng.shuffle(edges)
+        batches = _batches(edges, data.product, config.batch_size)
+        towers.train()
+        towers.image.eval()
+        losses: list[float] = []
+        bar = tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{config.epochs}", disable=not config.progress,
+                   mininterval=5, leave=False)
+        for batch in bar:
+            anchors_, targets = [a for a, _ in batch], [b for _, b in batch]
+            negs: list[str] = []
+            if config.hard_negatives:
+                for a in anchors_:
+                    choices = [rng.choice(data.negatives[a])] if data.negatives.get(a) else []
+                    choices += [x for x in (mined.get(a), lexical_nn.get(a)) if x is not None]
+                    if choices:
+                        negs.append(rng.choice(choices))
+            views = embedder.views(anchors_ + targets + negs, True, generator)
+            n = len(batch)
+            prod_of = [data.product[i] for i in anchors_ + targets + negs]
+            loss = torch.zeros((), device=device)
+            terms = 0
+            for qs, ks in ((slice(0, n), slice(n, 2 * n)), (slice(n, 2 * n), slice(0, n))):
+                key_rows = list(range(ks.start, ks.stop)) + list(range(2 * n, 2 * n + len(negs)))
+                keys = views["IT"][key_rows]
+                masked = torch.tensor([[prod_of[key_rows[j]] == prod_of[qs.start + r] and j != r
+                                        for j in range(len(key_rows))] for r in range(n)], device=device)
+                for view in ("IT", "I", "T"):
+                    # I→IT and T→IT only where the listing has both modalities (else they are IT→IT).
+                    rows = (torch.arange(n, device=device) if view == "IT"
+                            else (views["has_image"][qs] & views["has_text"][qs]).nonzero().squeeze(1))
+                    if rows.numel() == 0:
+                        continue
+                    loss = loss + _info_nce(views[view][qs][rows], keys, masked[rows], rows, config.temperature)
+                    terms += 1
+            loss = loss / max(1, terms)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        bar.close()
+        logs.append({"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else None, "steps": len(batches),
+                     "seconds": round(time.monotonic() - t0, 1)})
+        logger.info("%s epoch %d/%d: loss %.4f, %d steps, %.0f s", desc, epoch + 1, config.epochs,
+                    logs[-1]["loss"] or 0.0, len(batches), logs[-1]["seconds"])
+    towers.eval()
+    logger.info("%s: trained in %.0f s", desc, time.monotonic() - started)
+    return towers, logs
+
+
+# ------------------------------------------------------------------------------ matcher
+
+
+def candidates_for(pairs: Sequence[tuple[str, str]], vectors: Mapping[str, np.ndarray], index_ids: Sequence[str],
+                   texts: Mapping[str, str]) -> list[PairCandidate]:
+    """PairCandidates as the stream would see them: rank and margin of b among a's neighbours in
+    an index holding ``index_ids`` (a itself excluded)."""
+    matrix = np.stack([vectors[i] for i in index_ids])  # [n, dim]
+    position = {i: k for k, i in enumerate(index_ids)}
+    out: list[PairCandidate] = []
+    by_anchor: dict[str, list[str]] = defaultdict(list)
+    for a, b in pairs:
+        by_anchor[a].append(b)
+    cache: dict[tuple[str, str], PairCandidate] = {}
+    for a, bs in by_anchor.items():
+        sims = matrix @ vectors[a]  # [n]
+        if a in position:
+            sims[position[a]] = -np.inf
+        ordered = np.sort(sims)[::-1]
+        for b in bs:
+            cos = float(vectors[a] @ vectors[b])
+            rank = int((sims > cos + 1e-6).sum())
+            # Best other: the top score that is not b itself.
+            best = ordered[0] if not (b in position and abs(ordered[0] - cos) < 1e-6) else (ordered[1] if len(ordered) > 1 else -1.0)
+            cache[(a, b)] = PairCandidate(texts[a], texts[b], cos, rank, float(best) if np.isfinite(best) else -1.0)
+    for a, b in pairs:
+        out.append(cache[(a, b)])
+    return out
+
+
+def _mined_pairs(ids: Sequence[str], vectors: Mapping[str, np.ndarray], product: Mapping[str, str], k: int) -> list[tuple[str, str, int]]:
+    """Each listing's k nearest others plus its true matches, labelled by product."""
+    matrix = np.stack([vectors[i] for i in ids])
+    pairs: set[tuple[str, str]] = set()
+    sims = matrix @ matrix.T
+    np.fill_diagonal(sims, -np.inf)
+    members: dict[str, list[str]] = defaultdict(list)
+    for i in ids:
+        members[product[i]].append(i)
+    for row, a in enumerate(ids):
+        for col in np.argsort(-sims[row])[:k]:
+            pairs.add((a, ids[int(col)]))
+        for b in members[product[a]]:
+            if b != a:
+                pairs.add((a, b))
+    return [(a, b, int(product[a] == product[b])) for a, b in sorted(pairs)]
+
+
+def _lexical_neighbours(data: Products, ids: Sequence[str]) -> dict[str, str]:
+    """Each listing's character-trigram TF-IDF nearest listing of another product (a near-miss)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    if len(ids) < 3:
+        return {}
+    matrix = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 3), sublinear_tf=True).fit_transform(
+        [data.texts[i].lower() or " " for i in ids])
+    out: dict[str, str] = {}
+    prods = np.array([data.product[i] for i in ids])
+    for s in range(0, len(ids), 1024):
+        sims = (matrix[s : s + 1024] @ matrix.T).toarray()
+        for r in range(sims.shape[0]):
+            row = np.where(prods == prods[s + r], -np.inf, sims[r])
+            out[ids[s + r]] = ids[int(np.argmax(row))]
+    return out
+
+
+def train(config: TrainConfig, log: Callable[[str], None] = logger.info) -> Path:
+    """Train, fit the matcher, write the model directory; returns its path."""
+    from samestyle.models.encoder import random_weights_allowed
+
+    if config.base == "tiny" and not random_weights_allowed(config.allow_random_weights):
+        raise ConfigError("base 'tiny' has random weights: tests only (--allow-random-weights)")
+    out = Path(config.out)
+    if out.exists() and any(out.iterdir()) and not config.overwrite:
+        raise ConfigError(f"{out} exists and is not empty (--overwrite replaces it)")
+    started = time.monotonic()
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    data = load_products(config)
+    train_ids = sorted(data.product)
+    with_images = config.images and any(data.records[i].image_path for i in train_ids)
+    pixels = _load_pixels(data.records, sorted(data.records), 256 if config.base != "tiny" else 32,
+                          config.progress) if with_images else {}
+    lexical_nn = _lexical_neighbours(data, train_ids) if config.hard_negatives else {}
+    products = sorted(set(data.product.values()))
+    rng = random.Random(config.seed)
+    shuffled = products[:]
+    rng.shuffle(shuffled)
+    folds = [set(shuffled[k :: config.folds]) for k in range(config.folds)]
+    all_ids = sorted(data.records)
+    oof: dict[str, np.ndarray] = {}
+    fold_logs = []
+    for k, held in enumerate(folds):
+        towers, logs = train_towers(config, data, set(products) - held, pixels, lexical_nn, desc=f"fold {k + 1}/{config.folds}")
+        vectors = _Embedder(towers, data.texts, pixels, device).encode(all_ids)
+        for i, v in zip(all_ids, vectors):
+            if data.product.get(i) in held or (i not in data.product and k == 0):
+                oof[i] = v
+        fold_logs.append(logs)
+        del towers
+    towers, final_logs = train_towers(config, data, None, pixels, lexical_nn, desc="final")
+    final = dict(zip(all_ids, _Embedder(towers, data.texts, pixels, device).encode(all_ids)))
+    featurizer = PairFeaturizer().fit([data.texts[i] for i in all_ids])
+    valid_info: dict[str, Any]
+    if config.pairs is not None:
+        fit_pairs = [(a, b, y) for a, b, y in data.train_pairs]
+        x_fit = featurizer.features(candidates_for([(a, b) for a, b, _ in fit_pairs], oof, all_ids, data.texts))
+        y_fit = np.array([y for _, _, y in fit_pairs])
+        classifier = fit_classifier(x_fit, y_fit, config.classifier, config.seed)
+        if config.valid_pairs is None:
+            raise ConfigError("--pairs needs --valid-pairs: the matcher's threshold is chosen on valid")
+        valid = [(a, b, y) for a, b, y in read_pairs(config.valid_pairs) if a in data.records and b in data.records]
+        x_valid = featurizer.features(candidates_for([(a, b) for a, b, _ in valid], final, all_ids, data.texts))
+        y_valid = np.array([y for _, _, y in valid])
+        valid_info = {"pairs": len(valid), "source": str(config.valid_pairs)}
+    else:
+        valid_products = set(shuffled[: max(1, int(round(config.valid_fraction * len(shuffled))))])
+        mined = _mined_pairs(train_ids, oof, data.product, config.mined_k)
+        fit_pairs = [p for p in mined if data.product[p[0]] not in valid_products]
+        valid = [p for p in mined if data.product[p[0]] in valid_products]
+        x_all = featurizer.features(candidates_for([(a, b) for a, b, _ in mined], oof, train_ids, data.texts))
+        is_fit = np.array([data.product[a] not in valid_products for a, _, _ in mined])
+        y_all = np.array([y for _, _, y in mined])
+        classifier = fit_classifier(x_all[is_fit], y_all[is_fit], config.classifier, config.seed)
+        x_valid, y_valid = x_all[~is_fit], y_all[~is_fit]
+        valid_info = {"pairs": int((~is_fit).sum()), "source": "mined pairs of held-back training products"}
+    probabilities = classifier.predict_proba(x_valid)[:, 1]
+    threshold = best_threshold(probabilities, y_valid)
+    valid_info.update(pair_metrics(probabilities, y_valid, threshold))
+    log(f"matcher: valid F1 {valid_info['f1']:.4f} at p >= {threshold:.3f} ({valid_info['pairs']} pairs)")
+    matcher = Matcher(featurizer, classifier, threshold, {"classifier": config.classifier, "valid": valid_info})
+    name = config.name or Path(config.listings).parent.name
+    version = f"finetuned-{name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    manifest = {
+        "recipe": "finetune", "config": config.to_dict(), "version": version,
+        "listings": {"path": str(config.listings)},
+        "pairs": {"path": str(config.pairs)} if config.pairs else None,
+        "clusters": {"path": str(config.clusters)} if config.clusters else None,
+        "valid_pairs": {"path": str(config.valid_pairs)} if config.valid_pairs else None,
+        "held_out_clusters": [c.removeprefix("c:") for c in data.held_out],
+        "training_products": len(products), "training_listings": len(train_ids),
+        "images": with_images, "epochs": {"folds": fold_logs, "final": final_logs},
+        "matcher_valid": valid_info, "seconds": round(time.monotonic() - started, 1),
+    }
+    if out.exists() and config.overwrite:
+        import shutil
+
+        shutil.rmtree(out)
+    save_finetuned(out, towers, version=version, name=name, matcher=matcher, manifest=manifest)
+    log(f"model {version} written to {out} in {manifest['seconds']:.0f} s")
+    return out
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+
+    p = argparse.ArgumentParser(prog="samestyle train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--listings", required=True, type=Path)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pairs", type=Path, help="labelled pairs (label 1 positives, 0 negatives)")
+    src.add_argument("--clusters", type=Path, help="clusters file: same cluster = same product")
+    p.add_argument("--valid-pairs", type=Path, help="pairs the matcher's threshold is chosen on (pairs mode)")
+    p.add_argument("--out", required=True, type=Path, help="model directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
+    p.add_argument("--holdout-fraction", type=float, default=0.0, help="clusters kept out of training")
+    p.add_argument("--split-column", default=None, help="clusters column naming each row's split "
+                   f"(rows of {', '.join(TRAINING_SPLITS)} train; the others are never read)")
+    p.add_argument("--base", default="default", choices=("default", "tiny"), help="backbones to start from")
+    p.add_argument("--name", default=None, help="model name (default: the listings' folder name)")
+    p.add_argument("--no-images", action="store_true", help="ignore image_path (text only)")
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr, help="text backbone learning rate")
+    p.add_argument("--image-lr", type=float, default=TrainConfig.image_lr)
+    p.add_argument("--no-hard-negatives", action="store_true", help="ablation: in-batch negatives only")
+    p.add_argument("--classifier", choices=("hgb", "lr"), default=TrainConfig.classifier)
+    p.add_argument("--max-text-tokens", type=int, default=TrainConfig.max_text_tokens)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
+    p.add_argument("--allow-random-weights", action="store_true", help="tests only (--base tiny)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--recipe", choices=("finetune", "frozen"), default="finetune",
+                   help="frozen: the earlier frozen-backbone fusion recipe (samestyle.models.train.run)")
+    return p
+
+
+def config_from_args(args: Any) -> TrainConfig:
+    return TrainConfig(listings=args.listings, out=args.out, pairs=args.pairs, clusters=args.clusters,
+                       valid_pairs=args.valid_pairs, holdout_fraction=args.holdout_fraction,
+                       split_column=args.split_column, base=args.base, epochs=args.epochs,
+                       batch_size=args.batch_size, lr=args.lr, image_lr=args.image_lr,
+                       hard_negatives=not args.no_hard_negatives, classifier=args.classifier,
+                       max_text_tokens=args.max_text_tokens, images=not args.no_images, seed=args.seed,
+                       device=args.device, progress=not args.no_progress, name=args.name,
+                       allow_random_weights=args.allow_random_weights, overwrite=args.overwrite)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--recipe" in argv and argv[argv.index("--recipe") + 1 :][:1] == ["frozen"]:
+        from samestyle.models.train import run
+
+        i = argv.index("--recipe")
+        return run.main(argv[:i] + argv[i + 2 :])
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = train(config_from_args(args), log=lambda m: print(m, flush=True))
+    print(out)
+    return 0

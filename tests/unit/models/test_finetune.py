@@ -1,0 +1,172 @@
+"""The fine-tuning recipe on tiny random models: products, negatives, matcher, augmentation, model dirs."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from samestyle.models.encoder import ListingInput, PairCandidate
+from samestyle.models.factory import create_encoder
+from samestyle.models.finetuned import FinetunedEncoder
+from samestyle.models.matcher import FEATURES, PairFeaturizer, load_matcher
+from samestyle.models.text import parse_price, serialize
+from samestyle.models.train import finetune
+from samestyle.models.train.finetune import TrainConfig, augment, candidates_for, load_products, train
+from samestyle.topics.errors import ConfigError
+
+
+def _catalogue(folder: Path, products: int = 12) -> Path:
+    rows, clusters, pairs = [], [], {"train": [], "valid": []}
+    for p in range(products):
+        code = f"k{p}x{100 + 7 * p}"
+        for k in range(2):
+            rows.append({"listing_id": f"l{p}_{k}", "title": f"acme speaker {code}" if k == 0 else f"ACME {code} speaker",
+                         "description": "", "price": str(10 + p) if k == 0 else "", "brand": "acme" if k else "",
+                         "category": "", "image_path": "", "source": "ab"[k]})
+            clusters.append({"listing_id": f"l{p}_{k}", "cluster_id": f"c{p}"})
+        split = "train" if p < 8 else "valid"
+        pairs[split] += [(f"l{p}_0", f"l{p}_1", 1), (f"l{p}_0", f"l{(p + 1) % products}_1", 0)]
+    with open(folder / "listings.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with open(folder / "clusters.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["listing_id", "cluster_id"])
+        w.writeheader()
+        w.writerows(clusters)
+    for split, rows_ in pairs.items():
+        with open(folder / f"pairs_{split}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["listing_id_a", "listing_id_b", "label"])
+            w.writerows(rows_)
+    return folder
+
+
+def test_serialisation_is_the_same_at_training_and_serving(tmp_path: Path) -> None:
+    folder = _catalogue(tmp_path)
+    config = TrainConfig(listings=folder / "listings.csv", out=tmp_path / "m", clusters=folder / "clusters.csv")
+    data = load_products(config)
+    record = data.records["l3_1"]
+    served = FinetunedEncoder.match_text(None, ListingInput(record.listing_id, record.title,  # type: ignore[arg-type]
+                                                           attributes=dict(record.attributes)))
+    assert data.texts["l3_1"] == served == "ACME k3x121 speaker"  # the title names the brand already
+    assert data.texts["l3_0"] == "acme speaker k3x121 | price 13"
+    assert serialize("Speaker X1", {"brand": "acme"}) == "Speaker X1 | brand acme"
+    assert serialize("Sony TV", {"brand": "sony", "price": "$1,299.00"}) == "Sony TV | price 1299"
+    assert parse_price("n/a") is None and parse_price("12,5") == 12.5
+
+
+def test_products_come_from_positive_pairs_and_test_files_are_refused(tmp_path: Path) -> None:
+    folder = _catalogue(tmp_path)
+    config = TrainConfig(listings=folder / "listings.csv", out=tmp_path / "m", pairs=folder / "pairs_train.csv")
+    data = load_products(config)
+    assert data.product["l0_0"] == data.product["l0_1"] != data.product["l1_1"]
+    # A labelled negative is never a listing of the same product.
+    assert all(data.product[a] != data.product[b] for a, negs in data.negatives.items() for b in negs)
+    (folder / "pairs_test.csv").write_text((folder / "pairs_train.csv").read_text())
+    with pytest.raises(ConfigError, match="test"):
+        load_products(TrainConfig(listings=folder / "listings.csv", out=tmp_path / "m", pairs=folder / "pairs_test.csv"))
+
+
+def test_held_out_clusters_never_train(tmp_path: Path) -> None:
+    folder = _catalogue(tmp_path)
+    data = load_products(TrainConfig(listings=folder / "listings.csv", out=tmp_path / "m",
+                                     clusters=folder / "clusters.csv", holdout_fraction=0.25))
+    assert len(data.held_out) == 3
+    held = {f"l{c.removeprefix('c:c')}_{k}" for c in data.held_out for k in (0, 1)}
+    assert held and not held & set(data.product)
+    assert not any(a in held or b in held for a, b in data.positives)
+
+
+def test_lexical_near_misses_are_never_the_same_product(tmp_path: Path) -> None:
+    folder = _catalogue(tmp_path)
+    data = load_products(TrainConfig(listings=folder / "listings.csv", out=tmp_path / "m", clusters=folder / "clusters.csv"))
+    near = finetune._lexical_neighbours(data, sorted(data.product))
+    assert near and all(data.product[a] != data.product[b] for a, b in near.items())
+
+
+def test_mined_hard_negatives_exclude_the_anchor_s_product(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dense near-misses mined each epoch: whatever the model says, never a same-product listing."""
+    folder = _catalogue(tmp_path)
+    config = TrainConfig(listings=folder / "listings.csv", out=tmp_path / "m", clusters=folder / "clusters.csv",
+                         base="tiny", epochs=1, batch_size=4, allow_random_weights=True, progress=False)
+    data = load_products(config)
+    seen: list[tuple[str, str]] = []
+    original = finetune._Embedder.views
+
+    def spy(self, ids, train_, generator):  # type: ignore[no-untyped-def]
+        if train_:
+            n = (len(ids)) // 3 if len(ids) % 3 == 0 else None
+            if n:
+                seen.extend(zip(ids[:n], ids[2 * n:]))
+        return original(self, ids, train_, generator)
+
+    monkeypatch.setattr(finetune._Embedder, "views", spy)
+    finetune.train_towers(config, data, None, {}, {})
+    assert seen and all(data.product[a] != data.product[n] for a, n in seen)
+
+
+def test_augmentation_keeps_shape_and_range() -> None:
+    images = torch.rand(4, 3, 32, 32) * 255
+    out = augment(images, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.dtype == images.dtype
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 255.0
+    assert not torch.equal(out, images)
+    again = augment(images, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)  # seeded: reproducible
+
+
+def test_candidates_rank_and_margin_are_the_stream_s() -> None:
+    vectors = {k: np.array(v, dtype=np.float32) for k, v in
+               {"a": [1, 0], "b": [0.8, 0.6], "c": [0.6, 0.8], "d": [0, 1]}.items()}
+    texts = {k: k for k in vectors}
+    [ab, ac] = candidates_for([("a", "b"), ("a", "c")], vectors, list(vectors), texts)
+    assert (ab.rank, ac.rank) == (0, 1)
+    assert ab.cosine == pytest.approx(0.8) and ab.best_other == pytest.approx(0.6)
+    assert ac.best_other == pytest.approx(0.8)
+
+
+def test_featurizer_sees_codes_and_brands() -> None:
+    featurizer = PairFeaturizer().fit(["acme speaker k1x100", "acme speaker k2x200", "zeta lamp z9"])
+    same = PairCandidate("acme speaker k1x100 | price 10", "ACME k1-x100 speaker | brand acme", 0.9, 0, 0.5)
+    other = PairCandidate("acme speaker k1x100", "acme speaker k2x200", 0.9, 0, 0.5)
+    f = featurizer.features([same, other])
+    assert f.shape == (2, len(FEATURES)) and f.dtype == np.float32
+    col = {name: k for k, name in enumerate(FEATURES)}
+    assert f[0, col["code_in_other"]] == 1.0 and f[1, col["code_conflict"]] == 1.0
+    assert f[0, col["brand_agree"]] > 0.5
+
+
+def test_pairs_run_writes_a_model_whose_threshold_round_trips(tmp_path: Path) -> None:
+    folder = _catalogue(tmp_path)
+    out = train(TrainConfig(listings=folder / "listings.csv", out=tmp_path / "model", pairs=folder / "pairs_train.csv",
+                            valid_pairs=folder / "pairs_valid.csv", base="tiny", epochs=1, batch_size=4,
+                            allow_random_weights=True, progress=False, folds=2))
+    matcher = load_matcher(out)
+    assert matcher is not None
+    encoder = create_encoder(str(out), "cpu", allow_random_weights=True)
+    assert isinstance(encoder, FinetunedEncoder)
+    assert encoder.duplicate_scorer is not None
+    assert encoder.duplicate_scorer.threshold == pytest.approx(matcher.threshold)
+    assert 0.0 <= matcher.threshold <= 1.0
+    emb = encoder.encode([ListingInput("x", "acme speaker k1x107", attributes={"price": "11"}),
+                          ListingInput("y", "zeta lamp")])
+    assert emb.image_text.shape == (2, 32)
+    assert np.allclose(np.linalg.norm(emb.image_text, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(emb.image_text, emb.text, atol=1e-6)  # no image: IT is T
+    p = encoder.duplicate_scorer.probabilities([PairCandidate("a", "a", 0.9, 0, 0.1)])
+    assert p.shape == (1,) and 0.0 <= float(p[0]) <= 1.0
+    with pytest.raises(ConfigError, match="not empty"):
+        train(TrainConfig(listings=folder / "listings.csv", out=out, pairs=folder / "pairs_train.csv",
+                          valid_pairs=folder / "pairs_valid.csv", base="tiny", allow_random_weights=True))
+
+
+def test_random_backbones_need_the_test_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SAMESTYLE_ALLOW_RANDOM_WEIGHTS", raising=False)
+    folder = _catalogue(tmp_path)
+    with pytest.raises(ConfigError, match="tests only"):
+        train(TrainConfig(listings=folder / "listings.csv", out=tmp_path / "m", clusters=folder / "clusters.csv", base="tiny"))
