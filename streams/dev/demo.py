@@ -151,7 +151,26 @@ def summarize(outputs: Outputs, wanted: set[str], clusters: dict[str, str] | Non
         summary["alert_precision"] = scores["precision"]
         summary["alert_recall"] = scores["recall"]
         summary["true_duplicate_pairs"] = len(truth)
+        held = held_out_clusters(settings.encoder)
+        if held:
+            # The products the model never trained on: true pairs inside them, and every alert
+            # that names one of their listings.
+            held_ids = {i for i in indexed if clusters.get(i) in held}
+            held_truth = {pair for pair in truth if pair <= held_ids}
+            held_alerts = [tuple(pair) for pair in alert_pairs if pair & held_ids]
+            held_scores = pair_precision_recall(held_alerts, held_truth)
+            summary["held_out"] = {"clusters": len(held), "listings": len(held_ids),
+                                   "true_duplicate_pairs": len(held_truth), "alerts": len(held_alerts),
+                                   "alert_precision": held_scores["precision"], "alert_recall": held_scores["recall"]}
     return summary
+
+
+def held_out_clusters(encoder: str) -> set[str]:
+    """The clusters a trained model directory's manifest says it was not trained on (else none)."""
+    manifest = Path(encoder).expanduser() / "manifest.json"
+    if not manifest.is_file():
+        return set()
+    return set(json.loads(manifest.read_text()).get("held_out_clusters") or [])
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -162,10 +181,20 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"listings produced   {summary['listings_produced']:>8}",
         f"listings indexed    {summary['listings_indexed']:>8}",
         f"similar-products    {summary['similar_products']:>8}",
-        f"duplicate-alerts    {summary['duplicate_alerts']:>8}  (threshold {summary['duplicate_threshold']})",
+        f"duplicate-alerts    {summary['duplicate_alerts']:>8}  (threshold "
+        f"{summary['duplicate_threshold'] if summary['duplicate_threshold'] is not None else 'of the model'})",
         f"dead letters        {summary['dead_letters']:>8}",
         f"alert precision     {pct(summary['alert_precision']):>8}",
         f"alert recall        {pct(summary['alert_recall']):>8}",
+    ]
+    if summary.get("held_out"):
+        held = summary["held_out"]
+        lines += [
+            f"held-out products   {held['clusters']:>8}  (clusters the model never trained on)",
+            f"  alert precision   {pct(held['alert_precision']):>8}",
+            f"  alert recall      {pct(held['alert_recall']):>8}",
+        ]
+    lines += [
         f"model version       {summary['model_version']}",
         f"seconds             {summary['seconds']:>8}",
         f"logs                {summary['run_dir']}",
