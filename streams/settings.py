@@ -17,6 +17,9 @@ from typing import Any, Mapping
 from samestyle.topics.errors import ConfigError
 
 ENV_PREFIX = "SAMESTYLE_"
+#: Image+text cosine at or above which a same-supplier neighbour is a duplicate, for a model
+#: without a duplicate classifier when ``SAMESTYLE_DUPLICATE_THRESHOLD`` is not set.
+DEFAULT_COSINE_THRESHOLD = 0.82
 
 
 @dataclass(frozen=True)
@@ -48,11 +51,15 @@ class Settings:
     batch_linger_seconds: float = 0.05
     #: Neighbours per similar-products message.
     top_k: int = 10
-    #: Image+text cosine at or above which a same-supplier neighbour is a duplicate. 0.82 is the
-    #: middle of the gap between planted copies and other same-supplier pairs under the default
-    #: encoder on the seed-1 sample (0.806 .. 0.845); the demo runs on seed 0. A trained model
-    #: should be given the threshold chosen on its validation pairs.
-    duplicate_threshold: float = 0.82
+    #: The duplicate decision's threshold. None (default): the served model's own threshold, i.e.
+    #: its calibrated classifier's probability threshold (chosen on its validation pairs) when the
+    #: model has a duplicate scorer; for a model without a classifier, 0.82 image+text cosine
+    #: (:data:`DEFAULT_COSINE_THRESHOLD`). Set explicitly, it overrides the model's threshold and is
+    #: read in the model's terms: a *probability* in [0, 1] when the served model has a scorer, an
+    #: image+text *cosine* in [-1, 1] otherwise. (0.82 is the middle of the gap between planted
+    #: copies and other same-supplier pairs under the default encoder on the seed-1 sample,
+    #: 0.806 .. 0.845; the demo runs on seed 0.)
+    duplicate_threshold: float | None = None
     #: "flat" (exact inner product) or "hnsw" (approximate, for large catalogues).
     index_kind: str = "flat"
     #: Where the index snapshots (and Faust's own data) live.
@@ -111,8 +118,9 @@ class Settings:
             problems.append("batch_size must be >= 1")
         if self.top_k < 1:
             problems.append("top_k must be >= 1")
-        if not -1.0 <= self.duplicate_threshold <= 1.0:
-            problems.append("duplicate_threshold is a cosine and must lie in [-1, 1]")
+        if self.duplicate_threshold is not None and not -1.0 <= self.duplicate_threshold <= 1.0:
+            problems.append("duplicate_threshold (a probability for a model with a duplicate classifier, "
+                            "else a cosine) must lie in [-1, 1]")
         if self.index_kind not in ("flat", "hnsw"):
             problems.append(f"index_kind must be 'flat' or 'hnsw', not {self.index_kind!r}")
         if self.partitions is not None and self.partitions < 1:
@@ -139,6 +147,13 @@ class Settings:
             problems.append("torch_threads must be >= 1")
         if problems:
             raise ConfigError("invalid settings: " + "; ".join(problems))
+
+    @property
+    def effective_cosine_threshold(self) -> float:
+        """The image+text cosine threshold of the cosine rule: ``duplicate_threshold`` when set,
+        else :data:`DEFAULT_COSINE_THRESHOLD` (for readers that decide by cosine alone, such as
+        the search API's duplicates view)."""
+        return DEFAULT_COSINE_THRESHOLD if self.duplicate_threshold is None else self.duplicate_threshold
 
     @property
     def broker_url(self) -> str:

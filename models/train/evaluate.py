@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -190,19 +191,34 @@ def _reranked(model: Encoder, records: Sequence[ListingRecord], emb: Embeddings,
     return retrieval_metrics(reranked, clusters[q], clusters[g], same)
 
 
-def run_clusters(args: argparse.Namespace, records: list[ListingRecord]) -> dict[str, Any]:
-    clusters_map = read_clusters(args.clusters)
+@dataclass(frozen=True)
+class ClusterSetup:
+    """Which listings query which in a clusters evaluation, and how that was chosen."""
+
+    q: np.ndarray  # query rows
+    g: np.ndarray  # gallery rows
+    same: np.ndarray  # [Q, G]: a query never finds itself
+    clusters: np.ndarray  # cluster id per row
+    info: dict[str, Any]  # mode, queries, leakage, n_queries, n_gallery
+
+
+def run_clusters(records: Sequence[ListingRecord], clusters_path: Path, *, model: str | None = None,
+                 split_column: str | None = None, query_split: str | None = None,
+                 gallery_split: str | None = None) -> ClusterSetup:
+    """Queries and gallery of a clusters file, restricted to the clusters a model never trained on
+    when its manifest names them."""
+    clusters_map = read_clusters(clusters_path)
     ids = [r.listing_id for r in records]
     keep = np.array([i in clusters_map for i in ids])
     # Listings without a cluster row are their own product.
     clusters = np.array([clusters_map.get(i, f"__single__{i}") for i in ids])
     n = len(records)
     description = ""
-    if args.split_column:
-        split = _split_rows(args.clusters, args.split_column)
-        q = np.array([k for k in range(n) if split.get(ids[k]) == args.query_split])
-        g = np.array([k for k in range(n) if split.get(ids[k]) == args.gallery_split])
-        description = f"{args.split_column}={args.query_split} -> {args.split_column}={args.gallery_split}"
+    if split_column:
+        split = _split_rows(clusters_path, split_column)
+        q = np.array([k for k in range(n) if split.get(ids[k]) == query_split])
+        g = np.array([k for k in range(n) if split.get(ids[k]) == gallery_split])
+        description = f"{split_column}={query_split} -> {split_column}={gallery_split}"
     else:
         sources = [r.attributes.get("source", "") for r in records]
         distinct = list(dict.fromkeys(s for s in sources if s))
@@ -215,14 +231,14 @@ def run_clusters(args: argparse.Namespace, records: list[ListingRecord]) -> dict
             g = np.arange(n)
             description = "every listing -> all others"
     q = q[keep[q]] if len(q) else q
-    manifest = _manifest(args.model)
+    manifest = _manifest(model) if model else {}
     held = manifest.get("held_out_clusters") or []
     trained_clusters = manifest.get("clusters") or {}
     leak_note = "model was not trained on this clusters file"
-    trained_split = (manifest.get("args") or {}).get("split_column")
-    if trained_clusters and trained_clusters.get("sha256") == _sha256(args.clusters):
-        if trained_split and args.split_column == trained_split and args.query_split not in TRAINING_SPLITS:
-            leak_note = (f"queries are {trained_split}={args.query_split}, a split the model never trained on "
+    trained_split = (manifest.get("args") or manifest.get("config") or {}).get("split_column")
+    if trained_clusters and trained_clusters.get("sha256") == _sha256(clusters_path):
+        if trained_split and split_column == trained_split and query_split not in TRAINING_SPLITS:
+            leak_note = (f"queries are {trained_split}={query_split}, a split the model never trained on "
                          f"(it trained on {'/'.join(TRAINING_SPLITS)})")
         elif not held:
             leak_note = "WARNING: model trained on every cluster of this file (retrieval leaks)"
@@ -233,8 +249,9 @@ def run_clusters(args: argparse.Namespace, records: list[ListingRecord]) -> dict
     q = np.sort(q)
     g = np.sort(g)
     same = q[:, None] == g[None, :]
-    return {"mode": "clusters", "queries": description, "leakage": leak_note, "n_queries": int(len(q)),
-            "n_gallery": int(len(g)), "_q": q, "_g": g, "_same": same, "_clusters": clusters}
+    info = {"mode": "clusters", "queries": description, "leakage": leak_note, "n_queries": int(len(q)),
+            "n_gallery": int(len(g))}
+    return ClusterSetup(q, g, same, clusters, info)
 
 
 # -------------------------------------------------------------------------------- main
@@ -302,9 +319,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         del base
 
     if args.clusters is not None:
-        setup = run_clusters(args, records)
-        q, g, same, clusters = setup.pop("_q"), setup.pop("_g"), setup.pop("_same"), setup.pop("_clusters")
-        result.update(setup)
+        setup = run_clusters(records, args.clusters, model=args.model, split_column=args.split_column,
+                             query_split=args.query_split, gallery_split=args.gallery_split)
+        q, g, same, clusters = setup.q, setup.g, setup.same, setup.clusters
+        result.update(setup.info)
         any_image = bool(emb.has_image[q].any() or emb.has_image[g].any())
         pairs = VIEW_PAIRS_IMAGE if any_image else VIEW_PAIRS_TEXT
         result["views"] = _retrieval(emb, q, g, clusters, pairs, same)

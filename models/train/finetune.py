@@ -482,6 +482,15 @@ def _lexical_neighbours(data: Products, ids: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def _file_info(path: Path | None) -> dict[str, Any] | None:
+    """Path and sha256 of an input file (eval compares them to detect leakage)."""
+    if path is None:
+        return None
+    import hashlib
+
+    return {"path": str(path), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+
+
 def train(config: TrainConfig, log: Callable[[str], None] = logger.info) -> Path:
     """Train, fit the matcher, write the model directory; returns its path."""
     from samestyle.models.encoder import random_weights_allowed
@@ -519,7 +528,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = logger.info) -> Path
     final = dict(zip(all_ids, _Embedder(towers, data.texts, pixels, device).encode(all_ids)))
     featurizer = PairFeaturizer().fit([data.texts[i] for i in all_ids])
     valid_info: dict[str, Any]
-    if config.pairs is not None:
+    if any(y == 0 for _, _, y in data.train_pairs):
         fit_pairs = [(a, b, y) for a, b, y in data.train_pairs]
         x_fit = featurizer.features(candidates_for([(a, b) for a, b, _ in fit_pairs], oof, all_ids, data.texts))
         y_fit = np.array([y for _, _, y in fit_pairs])
@@ -530,7 +539,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = logger.info) -> Path
         x_valid = featurizer.features(candidates_for([(a, b) for a, b, _ in valid], final, all_ids, data.texts))
         y_valid = np.array([y for _, _, y in valid])
         valid_info = {"pairs": len(valid), "source": str(config.valid_pairs)}
-    else:
+    else:  # clusters, or positive pairs only (mined clicks): the matcher learns from mined pairs
         valid_products = set(shuffled[: max(1, int(round(config.valid_fraction * len(shuffled))))])
         mined = _mined_pairs(train_ids, oof, data.product, config.mined_k)
         fit_pairs = [p for p in mined if data.product[p[0]] not in valid_products]
@@ -550,10 +559,8 @@ def train(config: TrainConfig, log: Callable[[str], None] = logger.info) -> Path
     version = f"finetuned-{name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
     manifest = {
         "recipe": "finetune", "config": config.to_dict(), "version": version,
-        "listings": {"path": str(config.listings)},
-        "pairs": {"path": str(config.pairs)} if config.pairs else None,
-        "clusters": {"path": str(config.clusters)} if config.clusters else None,
-        "valid_pairs": {"path": str(config.valid_pairs)} if config.valid_pairs else None,
+        "listings": _file_info(config.listings), "pairs": _file_info(config.pairs),
+        "clusters": _file_info(config.clusters), "valid_pairs": _file_info(config.valid_pairs),
         "held_out_clusters": [c.removeprefix("c:") for c in data.held_out],
         "training_products": len(products), "training_listings": len(train_ids),
         "images": with_images, "epochs": {"folds": fold_logs, "final": final_logs},

@@ -351,12 +351,12 @@ def search_routes(settings: Settings, backend: SearchBackend, health: Callable[[
         index = index_or_503()
         loop = asyncio.get_running_loop()
         found = await loop.run_in_executor(loop_executor, similar_to, index, listing_id, k,
-                                           settings.duplicate_threshold, duplicates_only)
+                                           settings.effective_cosine_threshold, duplicates_only)
         if found is None:
             raise ApiError(404, f"no listing {listing_id!r} in the index")
         listing, results = found
         return web.json_response({"listing": listing, "model_version": model_version(), "k": k,
-                                  "duplicate_threshold": settings.duplicate_threshold, "results": results})
+                                  "duplicate_threshold": settings.effective_cosine_threshold, "results": results})
 
     async def thumbnail(request: web.Request) -> web.Response:
         listing_id = request.match_info["listing_id"]
@@ -390,7 +390,7 @@ def search_routes(settings: Settings, backend: SearchBackend, health: Callable[[
             "model_version": status["model_version"],
             "replica": status["replica"],
             "lag": lag,
-            "duplicate_threshold": settings.duplicate_threshold,
+            "duplicate_threshold": settings.effective_cosine_threshold,
         })
 
     async def openapi(request: web.Request) -> web.Response:

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import csv
 import json
 import logging
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -193,9 +191,8 @@ class Validation:
             # Queries and gallery as `samestyle eval` picks them (first source -> second, or all
             # against all). model=the work dir, which holds no manifest: no query is filtered as
             # "trained on" (candidates never train on clusters).
-            setup = run_clusters(argparse.Namespace(clusters=args.valid_clusters, split_column=None, query_split=None,
-                                                    gallery_split=None, model=str(args.work_dir)), self.records)
-            q, g, clusters = setup["_q"], setup["_g"], setup["_clusters"]
+            setup = run_clusters(self.records, args.valid_clusters)
+            q, g, clusters = setup.q, setup.g, setup.clusters
             if len(q) == 0:
                 raise ConfigError(f"{args.valid_clusters}: no query listing has a cluster (with two sources, "
                                   "queries are the first source's listings)")
@@ -203,9 +200,9 @@ class Validation:
             keep = np.union1d(q, g)
             self.records = [self.records[k] for k in keep]
             self.q, self.g = np.searchsorted(keep, q), np.searchsorted(keep, g)
-            self.same = setup["_same"]  # [Q, G]: a query never finds itself
+            self.same = setup.same  # [Q, G]: a query never finds itself
             self.clusters = clusters[keep]
-            log.info("valid clusters: %s, %d queries, %d gallery", setup["queries"], len(q), len(g))
+            log.info("valid clusters: %s, %d queries, %d gallery", setup.info["queries"], len(q), len(g))
 
     def score(self, spec: str, label: str) -> tuple[float, str]:
         """``(metric value, model version)`` of a model directory or encoder spec."""
@@ -238,7 +235,7 @@ class Validation:
 def train_candidate(args: argparse.Namespace, pairs: Sequence[Pair], catalogue: set[str]) -> tuple[Path, str, int]:
     """Write the pairs CSV and train a candidate; returns ``(model dir, version, pairs used)``."""
     from samestyle.models.encoder import load_config
-    from samestyle.models.train import run as train
+    from samestyle.models.train.finetune import TrainConfig, train
 
     usable = [p for p in pairs if p[0] in catalogue and p[1] in catalogue]
     if len(usable) < len(pairs):
@@ -252,29 +249,13 @@ def train_candidate(args: argparse.Namespace, pairs: Sequence[Pair], catalogue: 
     # The version (name + time + weights hash) is known only once trained: train into a fresh
     # directory, then rename it to the version.
     staging = Path(tempfile.mkdtemp(prefix=".candidate-", dir=args.models_dir))
-    argv = ["--listings", str(args.listings), "--pairs", str(pairs_csv), "--out", str(staging), "--overwrite",
-            "--scorer-layers", "0", "--base", args.base, "--epochs", str(args.epochs),
-            "--batch-size", str(args.batch_size), "--loss", args.loss, "--seed", str(args.seed),
-            "--cache-dir", str(args.cache_dir)]
-    if args.name:
-        argv += ["--name", args.name]
-    if args.no_images:
-        argv.append("--no-images")
-    if args.device:
-        argv += ["--device", args.device]
-    if args.allow_random_weights:
-        argv.append("--allow-random-weights")
-    if not args.progress:
-        argv.append("--no-progress")
-    argv += shlex.split(args.train_args or "")
-    log.info("training a candidate on %d mined pairs (%s): samestyle train %s", len(usable), pairs_csv,
-             " ".join(shlex.quote(a) for a in argv))
+    config = TrainConfig(listings=args.listings, out=staging, pairs=pairs_csv, base=args.base, epochs=args.epochs,
+                         batch_size=args.batch_size, seed=args.seed, name=args.name, images=not args.no_images,
+                         device=args.device, progress=args.progress, overwrite=True,
+                         allow_random_weights=args.allow_random_weights)
+    log.info("training a candidate on %d mined pairs (%s)", len(usable), pairs_csv)
     started = time.monotonic()
-    # train prints its summary on stdout; ours is the decision.
-    with contextlib.redirect_stdout(sys.stderr):
-        code = train.main(argv)
-    if code:
-        raise ConfigError(f"training the candidate failed (exit code {code})")
+    train(config)
     version = load_config(staging).version
     model_dir = args.models_dir / version
     os.replace(staging, model_dir)
@@ -425,18 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-timeout", type=float, default=120.0, help="longest a catch-up read may take")
     p.add_argument("--bootstrap", help="Kafka bootstrap servers (env SAMESTYLE_BOOTSTRAP)")
     p.add_argument("--topic-prefix", dest="topic_prefix", help="prefix of every topic name")
-    t = p.add_argument_group("candidate training (passed to `samestyle train`)")
-    t.add_argument("--base", default="default", help="backbones: default, tiny (tests), or a JSON config")
+    t = p.add_argument_group("candidate training (the samestyle train recipe)")
+    t.add_argument("--base", default="default", choices=("default", "tiny"), help="backbones: default, tiny (tests)")
     t.add_argument("--name", help="model name (default: the listings' folder name)")
-    t.add_argument("--epochs", type=int, default=4)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--loss", choices=("hinge", "infonce"), default="infonce",
-                   help="default infonce: +0.10 held-out R@1 over hinge on Abt-Buy (docs/MODEL.md)")
+    t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-images", action="store_true", help="text only")
-    t.add_argument("--cache-dir", type=Path, default=Path("runs/cache"), help="backbone token cache")
     t.add_argument("--device", default=None, help="cpu, cuda (default: CUDA when available)")
-    t.add_argument("--train-args", default="", help="more `samestyle train` flags, one shell-quoted string")
     t.add_argument("--allow-random-weights", action="store_true",
                    help="tests only: tiny random backbones (also SAMESTYLE_ALLOW_RANDOM_WEIGHTS=1)")
     return p

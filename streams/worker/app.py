@@ -21,7 +21,7 @@ import faust
 import mode
 
 from samestyle.index_store import LiveIndex
-from samestyle.models.encoder import Encoder
+from samestyle.models.encoder import DuplicateScorer, Encoder
 from samestyle.streams.http.search import search_body_limit, search_routes
 from samestyle.streams.http.server import WebServer, core_routes
 from samestyle.streams.settings import Settings
@@ -53,7 +53,7 @@ from samestyle.topics import (
     SIMILAR_PRODUCTS,
     topic_specs,
 )
-from samestyle.topics.errors import BadInputError
+from samestyle.topics.errors import BadInputError, SamestyleError
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,40 @@ def searchable(updates: Sequence[EmbeddingUpdate], indexes: ModelIndexes) -> dic
         assert version is not None
         groups.setdefault(version, []).append(update.for_version(version))
     return groups
+
+
+class Scorers:
+    """The duplicate scorer of each model version the index agent searches, from the registry.
+
+    Looking one up may load a promoted model (seconds), so it runs on the model thread; a found
+    scorer is kept (a version's model never changes). A version whose encoder does not load here
+    is searched with the cosine rule (and retried on the next batch).
+    """
+
+    def __init__(self, registry: ModelRegistry, model_thread: ModelThread) -> None:
+        self._registry, self._thread = registry, model_thread
+        self._scorers: dict[str, DuplicateScorer | None] = {}
+        self._warned: set[str] = set()
+
+    def _lookup(self, version: str) -> DuplicateScorer | None:
+        return self._registry.encoder_for(version).duplicate_scorer
+
+    async def scorer_for(self, version: str) -> DuplicateScorer | None:
+        if version not in self._scorers:
+            try:
+                self._scorers[version] = await self._thread.run(self._lookup, version)
+            except SamestyleError as exc:
+                if version not in self._warned:
+                    self._warned.add(version)
+                    log.warning("no encoder for model %s on this worker (%s): its duplicates are "
+                                "decided by the cosine rule", version, exc)
+                return None
+        return self._scorers[version]
+
+    def keep_only(self, versions: Sequence[str]) -> None:
+        """Forget the scorers of versions no longer indexed."""
+        for version in [v for v in self._scorers if v not in versions]:
+            del self._scorers[version]
 
 
 def create_app(settings: Settings, *, encoder: Encoder | None = None, pairs: bool = False) -> faust.App:
@@ -250,6 +284,7 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, pairs: boo
     @app.agent(topics[LISTING_EMBEDDINGS], name="index", supervisor_strategy=mode.CrashingSupervisor)
     async def index(stream: faust.StreamT) -> None:
         search = SearchStep(None, settings)
+        scorers = Scorers(registry, model_thread)
         loop = asyncio.get_running_loop()
         async for events in stream.take_events(settings.batch_size, within=settings.batch_linger_seconds):
             updates, failures = [], []
@@ -264,8 +299,14 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, pairs: boo
                 if not update.reembed:  # re-embedded for a model switch: the listing did not change
                     updates.append(update)
             similar, alerts = [], []
-            for version, group_ in searchable(updates, replica.indexes).items():
-                found = await loop.run_in_executor(None, search, group_, replica.indexes.indexes[version])
+            groups = searchable(updates, replica.indexes)
+            # Taken before any await: the replica may drop an index at a switch meanwhile.
+            searched = {version: replica.indexes.indexes[version] for version in groups}
+            scorers.keep_only(list(replica.indexes.indexes))
+            for version, group_ in groups.items():
+                # The duplicate decision of the model whose index is searched (None: cosine rule).
+                scorer = await scorers.scorer_for(version)
+                found = await loop.run_in_executor(None, search, group_, searched[version], scorer)
                 similar += found[0]
                 alerts += found[1]
             # Alerts first: once a listing's similar-products message is visible, its alerts are
@@ -283,4 +324,4 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, pairs: boo
     return app
 
 
-__all__ = ["ModelThread", "WorkerSearch", "build_replica", "create_app", "snapshot_dir", "worker_health"]
+__all__ = ["ModelThread", "Scorers", "WorkerSearch", "build_replica", "create_app", "snapshot_dir", "worker_health"]

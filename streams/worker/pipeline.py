@@ -21,6 +21,7 @@ import numpy as np
 
 from samestyle.index_store import LiveIndex
 from samestyle.models import Embeddings, Encoder, ListingInput, load_image_bytes
+from samestyle.models.encoder import DuplicateScorer, PairCandidate
 from samestyle.streams.settings import Settings
 from samestyle.topics import (
     DEAD_LETTERS,
@@ -159,7 +160,7 @@ class EmbedStep:
         failures: list[Failure] = []
         # Output slots keep input order, so an upsert and a later delete of one listing stay in order.
         slots: list[dict[str, Any] | None] = [None] * len(batch)
-        to_embed: list[tuple[int, dict[str, Any], list[Any]]] = []
+        to_embed: list[tuple[int, dict[str, Any], ListingInput, list[Any]]] = []
         for i, msg in enumerate(batch):
             try:
                 if msg.value is None:
@@ -170,14 +171,18 @@ class EmbedStep:
                     slots[i] = self._delete_record(record, encoders[0], reembed)
                     continue
                 listing = listing_input(record, self.settings)
-                to_embed.append((i, record, [encoder.prepare(listing) for encoder in encoders]))
+                to_embed.append((i, record, listing, [encoder.prepare(listing) for encoder in encoders]))
             except BadInputError as exc:
                 failures.append(Failure(msg, self.stage, exc))
         if to_embed:
-            embedded = [encoder.embed([p[k] for _, _, p in to_embed]) for k, encoder in enumerate(encoders)]
+            embedded = [encoder.embed([p[k] for _, _, _, p in to_embed]) for k, encoder in enumerate(encoders)]
             embedded_at = now_ms()
-            for row, (i, record, _) in enumerate(to_embed):
+            for row, (i, record, listing, _) in enumerate(to_embed):
                 out = self._upsert_record(record, encoders[0], embedded[0], row, embedded_at, reembed)
+                # The first model's match text: a record carries one, and during a switch both
+                # encoders use the same text serialisation in practice, so the next model's
+                # index (searched with these records too) compares the same text.
+                out["match_text"] = encoders[0].match_text(listing)
                 if len(encoders) == 2:
                     out["next_model"] = self._vectors(encoders[1], embedded[1], row)
                 slots[i] = out
@@ -210,6 +215,7 @@ class EmbedStep:
             "has_image": has_image,
             **self._vectors(encoder, emb, row),
             "image_uri": record.get("image_uri") if has_image else None,
+            "match_text": None,  # set by the caller, from the listing
             "reembed": reembed,
             "next_model": None,
             "event_time": record["event_time"],
@@ -230,6 +236,7 @@ class EmbedStep:
             "vector_text": None,
             "vector_image_text": None,
             "image_uri": None,
+            "match_text": None,
             "reembed": reembed,
             "next_model": None,
             "event_time": record["event_time"],
@@ -292,7 +299,8 @@ def decode_embedding(value: bytes | None) -> EmbeddingUpdate:
         views=views,
         payload={"supplier_id": record["supplier_id"], "category": record.get("category"),
                  "title": record.get("title"), "event_time": record["event_time"],
-                 "has_image": record["has_image"], "image_uri": record.get("image_uri")},
+                 "has_image": record["has_image"], "image_uri": record.get("image_uri"),
+                 "match_text": record.get("match_text")},
         vectors=vectors,
         reembed=bool(record.get("reembed")),
     )
@@ -309,43 +317,98 @@ def _views(record: dict[str, Any], listing_id: str) -> np.ndarray:
     return np.stack([image, text, image_text]).astype(np.float32)
 
 
+def match_text_of(payload: dict[str, Any]) -> str:
+    """A listing's match text as the index keeps it: ``match_text``, else (a record or snapshot
+    from before the field existed) its whitespace-normalised title, the default
+    :meth:`Encoder.match_text`."""
+    text = payload.get("match_text")
+    return text if isinstance(text, str) else " ".join((payload.get("title") or "").split())
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How a search step decides duplicates: the served model's classifier or the cosine rule."""
+
+    decided_by: str  # "classifier" (probability >= threshold) or "cosine" (score >= threshold)
+    threshold: float
+    scorer: DuplicateScorer | None
+    #: Where the threshold came from: the model's own or SAMESTYLE_DUPLICATE_THRESHOLD.
+    source: str
+
+    @classmethod
+    def of(cls, scorer: DuplicateScorer | None, settings: Settings) -> Decision:
+        explicit = settings.duplicate_threshold
+        source = "SAMESTYLE_DUPLICATE_THRESHOLD" if explicit is not None else "the model's threshold"
+        if scorer is not None:
+            return cls("classifier", float(scorer.threshold if explicit is None else explicit), scorer, source)
+        return cls("cosine", settings.effective_cosine_threshold, None,
+                   source if explicit is not None else "the default threshold")
+
+
+@dataclass
+class _Candidate:
+    """A same-supplier neighbour of a searched listing, waiting for the duplicate decision."""
+
+    update: EmbeddingUpdate
+    other_id: str
+    score: float
+    payload: dict[str, Any]
+    pair: PairCandidate
+    probability: float | None = None
+
+
 class SearchStep:
-    """For every upsert: its top-k neighbours, and an alert for each same-supplier near copy."""
+    """For every upsert: its top-k neighbours, and an alert for each same-supplier near copy.
+
+    The duplicate decision is the served model's (:attr:`Encoder.duplicate_scorer`): its
+    calibrated classifier scores every same-supplier neighbour of a batch in one call, and a
+    pair is a duplicate when the probability reaches its threshold. A model without a scorer
+    keeps the cosine rule (image+text cosine >= ``settings.effective_cosine_threshold``). An
+    explicit ``settings.duplicate_threshold`` replaces the model's threshold, in its terms.
+    """
 
     stage = "index"
 
-    def __init__(self, index: LiveIndex, settings: Settings) -> None:
+    def __init__(self, index: LiveIndex, settings: Settings, scorer: DuplicateScorer | None = None) -> None:
         self.index = index
         self.settings = settings
+        #: The duplicate scorer of the model whose index is searched (None: the cosine rule).
+        self.scorer = scorer
         self._similar = codec_for_topic(SIMILAR_PRODUCTS)
         self._alerts = codec_for_topic(DUPLICATE_ALERTS)
         #: Pairs this worker has alerted on, oldest first (bounded: at-least-once, not exactly-once).
         self._alerted: OrderedDict[tuple[str, str], None] = OrderedDict()
 
-    def __call__(self, updates: Sequence[EmbeddingUpdate],
-                 index: LiveIndex | None = None) -> tuple[list[Outgoing], list[Outgoing]]:
+    def __call__(self, updates: Sequence[EmbeddingUpdate], index: LiveIndex | None = None,
+                 scorer: DuplicateScorer | None = None) -> tuple[list[Outgoing], list[Outgoing]]:
         """Search ``index`` (default: the step's) for every upsert; the updates' vectors must be
-        that index's model's (see :meth:`EmbeddingUpdate.for_version`)."""
-        if index is not None:
-            self.index = index
+        that index's model's (see :meth:`EmbeddingUpdate.for_version`). ``scorer`` is that
+        model's duplicate scorer: given with an ``index``, None means the model has none; with
+        neither, the step's index and scorer are used."""
+        if index is not None or scorer is not None:
+            if index is not None:
+                self.index = index
+            self.scorer = scorer
         upserts = [u for u in updates if u.op != "DELETE"]
         if not upserts:
             return [], []
+        decision = Decision.of(self.scorer, self.settings)
         queries = np.stack([u.vector for u in upserts])  # [q, dim]
         results = self.index.search(queries, self.settings.top_k, exclude=[u.listing_id for u in upserts])
         emitted_at = now_ms()
         similar: list[Outgoing] = []
-        alerts: list[Outgoing] = []
+        candidates: list[_Candidate] = []
         for update, hits in zip(upserts, results):
             neighbours = []
+            found: list[tuple[str, float, dict[str, Any]]] = []
             for hit in hits:
                 payload = self.index.payload(hit.listing_id)
                 if payload is None:  # deleted between search and here
                     continue
                 neighbours.append({"listing_id": hit.listing_id, "supplier_id": payload["supplier_id"],
                                    "score": float(hit.score)})
-                if self._is_duplicate(update, hit.listing_id, float(hit.score), payload):
-                    alerts.append(self._alert(update, hit.listing_id, float(hit.score), payload, emitted_at))
+                found.append((hit.listing_id, float(hit.score), payload))
+            candidates += self._candidates(update, found)
             key = update.listing_id.encode()
             similar.append(Outgoing(key, self._similar.encode({
                 "listing_id": update.listing_id,
@@ -355,15 +418,52 @@ class SearchStep:
                 "event_time": update.event_time,
                 "emitted_at": emitted_at,
             })))
+        alerts = [self._alert(c, decision, emitted_at) for c in self._decide(candidates, decision)]
         return similar, alerts
 
-    def _is_duplicate(self, update: EmbeddingUpdate, other_id: str, score: float, payload: dict[str, Any]) -> bool:
-        if payload["supplier_id"] != update.supplier_id or score < self.settings.duplicate_threshold:
-            return False
+    @staticmethod
+    def _candidates(update: EmbeddingUpdate,
+                    found: list[tuple[str, float, dict[str, Any]]]) -> list[_Candidate]:
+        """The same-supplier neighbours of ``update`` (``found``: its neighbours, nearest first)."""
+        out = []
+        text = None
+        for rank, (other_id, score, payload) in enumerate(found):
+            if payload["supplier_id"] != update.supplier_id:
+                continue
+            if text is None:
+                text = match_text_of(update.payload)
+            others = [s for k, (_, s, _) in enumerate(found) if k != rank]
+            pair = PairCandidate(text_a=text, text_b=match_text_of(payload), cosine=score, rank=rank,
+                                 best_other=max(others) if others else -1.0)
+            out.append(_Candidate(update, other_id, score, payload, pair))
+        return out
+
+    def _decide(self, candidates: list[_Candidate], decision: Decision) -> list[_Candidate]:
+        """The candidates that are duplicates and not alerted here before, in search order."""
+        if not candidates:
+            return []
+        if decision.scorer is not None:
+            probabilities = np.asarray(decision.scorer.probabilities([c.pair for c in candidates]),
+                                       dtype=np.float64).reshape(-1)
+            if probabilities.shape[0] != len(candidates):
+                raise ValueError(f"duplicate scorer returned {probabilities.shape[0]} probabilities "
+                                 f"for {len(candidates)} candidates")
+            for c, p in zip(candidates, probabilities):
+                c.probability = float(p)
+        duplicates = []
+        for c in candidates:
+            value = c.probability if decision.scorer is not None else c.score
+            # NaN is never a duplicate.
+            if value is not None and value >= decision.threshold and self._first_alert(c.update.listing_id, c.other_id):
+                duplicates.append(c)
+        return duplicates
+
+    def _first_alert(self, listing_id: str, other_id: str) -> bool:
+        """Whether this worker has not alerted the pair before (and remember it now)."""
         # Either side of a pair may find the other: whichever is searched second sees the first
         # (a copy can be searched before its original reached this replica from another partition,
         # and then the original finds the copy). Pairs already alerted here are not alerted again.
-        pair = (update.listing_id, other_id) if update.listing_id < other_id else (other_id, update.listing_id)
+        pair = (listing_id, other_id) if listing_id < other_id else (other_id, listing_id)
         if pair in self._alerted:
             self._alerted.move_to_end(pair)
             return False
@@ -372,8 +472,8 @@ class SearchStep:
             self._alerted.popitem(last=False)
         return True
 
-    def _alert(self, update: EmbeddingUpdate, other_id: str, score: float, payload: dict[str, Any],
-               emitted_at: int) -> Outgoing:
+    def _alert(self, candidate: _Candidate, decision: Decision, emitted_at: int) -> Outgoing:
+        update, other_id, score, payload = candidate.update, candidate.other_id, candidate.score, candidate.payload
         assert update.views is not None
         other = self.index.views([other_id])[0]  # [3, dim]
         both_images = update.has_image and bool(payload.get("has_image"))
@@ -388,8 +488,14 @@ class SearchStep:
             newer, older, event_time = update.listing_id, other_id, update.event_time
         else:
             newer, older, event_time = other_id, update.listing_id, payload["event_time"]
-        reason = (f"image+text cosine {score:.3f} >= {self.settings.duplicate_threshold:.3f} "
-                  f"with an older listing of the same supplier")
+        if decision.decided_by == "classifier":
+            assert candidate.probability is not None
+            reason = (f"duplicate probability {candidate.probability:.3f} >= {decision.threshold:.3f} "
+                      f"({decision.source}) by the model's classifier, image+text cosine {score:.3f}, "
+                      f"with an older listing of the same supplier")
+        else:
+            reason = (f"image+text cosine {score:.3f} >= {decision.threshold:.3f} ({decision.source}) "
+                      f"with an older listing of the same supplier")
         return Outgoing(newer.encode(), self._alerts.encode({
             "listing_id": newer,
             "duplicate_of": older,
@@ -397,6 +503,9 @@ class SearchStep:
             "score": score,
             "scores": view_scores,
             "model_version": update.model_version,
+            "probability": candidate.probability,
+            "threshold": decision.threshold,
+            "decided_by": decision.decided_by,
             "reason": reason,
             "event_time": event_time,
             "emitted_at": emitted_at,

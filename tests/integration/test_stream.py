@@ -78,6 +78,24 @@ def test_planted_duplicates_are_alerted_only_within_a_supplier(stack: Stack) -> 
     assert similar["copy-s2"]["neighbours"][0]["score"] == pytest.approx(1.0, abs=1e-4)
 
 
+def test_without_a_model_classifier_the_default_cosine_rule_decides_and_says_so(stack: Stack) -> None:
+    # No SAMESTYLE_DUPLICATE_THRESHOLD: the tiny encoder has no duplicate classifier, so the
+    # worker falls back to the 0.82 image+text cosine, and every alert says what decided it.
+    assert stack.settings.duplicate_threshold is None
+    original = text_listing("orig", "Green glass vase 30 cm")
+    copy = dict(original, listing_id="copy", event_time=original["event_time"] + 1)
+    stack.start_worker()
+    stack.produce([original])
+    stack.collect(all_indexed({"orig"}))
+    stack.produce([copy])
+    out = stack.collect(lambda o: "copy" in o.indexed_ids and any(a["listing_id"] == "copy" for a in o.alerts))
+    [alert] = [a for a in out.alerts if (a["listing_id"], a["duplicate_of"]) == ("copy", "orig")]
+    assert alert["decided_by"] == "cosine" and alert["probability"] is None
+    assert alert["threshold"] == pytest.approx(0.82)
+    assert alert["score"] == pytest.approx(1.0, abs=1e-4)
+    assert alert["reason"].startswith("image+text cosine 1.000 >= 0.820")
+
+
 def test_a_delete_removes_the_listing_from_the_index(stack: Stack) -> None:
     target = text_listing("target", "Blue linen table cloth 140 x 200 cm")
     filler = [text_listing(f"f{i}", t) for i, t in enumerate(["Garden hose 20 m", "Cast iron skillet 28 cm"])]

@@ -29,7 +29,6 @@ from tests.integration.conftest import Stack
 
 pytestmark = pytest.mark.integration
 
-SMALL = "--dim 16 --hidden 32 --heads 2 --layers 1 --image-grid 2"
 
 
 def positive(a: str, b: str) -> dict[str, Any]:
@@ -82,8 +81,7 @@ def run_trainer(stack: Stack, data: Path, *extra: str, prefix: str | None = None
     argv = [sys.executable, "-m", "samestyle.streams.cli.main", "trainer", "--once", "--json",
             "--listings", str(data / "listings.csv"), "--valid-clusters", str(data / "clusters.csv"),
             "--work-dir", str(stack.tmp / "work"), "--models-dir", str(stack.tmp / "models"),
-            "--base", "tiny", "--epochs", "1", "--batch-size", "4", "--cache-dir", str(stack.tmp / "cache"),
-            "--train-args", SMALL, *extra]
+            "--base", "tiny", "--epochs", "1", "--batch-size", "4", *extra]
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
 
 

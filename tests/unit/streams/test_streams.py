@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from samestyle.index_store import LiveIndex
-from samestyle.models import create_encoder
-from samestyle.streams.settings import Settings
+from samestyle.models import ListingInput, create_encoder
+from samestyle.models.encoder import DuplicateScorer, PairCandidate
+from samestyle.streams.settings import DEFAULT_COSINE_THRESHOLD, Settings
 from samestyle.streams.switch.indexes import ModelIndexes
 from samestyle.streams.worker.pipeline import (
     VIEWS,
@@ -21,6 +22,7 @@ from samestyle.streams.worker.pipeline import (
     Incoming,
     SearchStep,
     decode_embedding,
+    match_text_of,
 )
 from samestyle.topics import DEAD_LETTERS, DUPLICATE_ALERTS, LISTINGS, SIMILAR_PRODUCTS, codec_for_topic
 from samestyle.topics.errors import ConfigError
@@ -136,13 +138,16 @@ def test_an_image_without_a_title_is_a_listing(encoder) -> None:
 
 
 def update(listing_id: str, vec: np.ndarray, supplier: str = "s1", event_time: int = 0, op: str = "UPSERT",
-           image: np.ndarray | None = None) -> EmbeddingUpdate:
+           image: np.ndarray | None = None, text: str | None = None) -> EmbeddingUpdate:
+    """``text``: the listing's match_text (None: none in the payload, the title ``listing_id`` is used)."""
     vec = (vec / np.linalg.norm(vec)).astype(np.float32)
     has_image = image is not None
     views = np.stack([image if has_image else np.zeros_like(vec), vec, vec]) if op != "DELETE" else None
-    return EmbeddingUpdate(listing_id, supplier, op, "test-v1", event_time, has_image, views,
-                           {"supplier_id": supplier, "category": None, "title": listing_id,
-                            "event_time": event_time, "has_image": has_image},
+    payload = {"supplier_id": supplier, "category": None, "title": listing_id,
+               "event_time": event_time, "has_image": has_image}
+    if text is not None:
+        payload["match_text"] = text
+    return EmbeddingUpdate(listing_id, supplier, op, "test-v1", event_time, has_image, views, payload,
                            vectors={"test-v1": views} if views is not None else {})
 
 
@@ -231,3 +236,197 @@ def test_the_app_consumes_with_the_configured_fetch_wait(tmp_path: Path) -> None
             thread.thread_loop.close()  # the thread never ran: its loop is ours to close
 
     assert asyncio.run(built_consumer_wait_ms()) == 250
+
+
+# ---------------------------------------------------------------------------------- duplicate decision
+
+
+class TextScorer(DuplicateScorer):
+    """A deterministic stand-in for a model's classifier: one product when the match texts agree."""
+
+    def __init__(self, threshold: float = 0.5, same: float = 0.9, different: float = 0.1) -> None:
+        self.threshold = threshold
+        self.same, self.different = same, different
+        self.calls: list[list[PairCandidate]] = []
+
+    def probabilities(self, candidates):
+        self.calls.append(list(candidates))
+        return np.array([self.same if c.text_a == c.text_b else self.different for c in candidates],
+                        dtype=np.float32)
+
+
+def at_cosine(cos: float, axis: int, dim: int = 6) -> np.ndarray:
+    """A unit vector with the given cosine to e0, leaning towards ``axis``."""
+    v = np.zeros(dim)
+    v[0], v[axis] = cos, np.sqrt(1.0 - cos * cos)
+    return v
+
+
+def mug_index() -> tuple[LiveIndex, EmbeddingUpdate]:
+    """A query listing, a same-text copy at cosine 0.6 (below 0.82) and a different product of the
+    same supplier at cosine 0.99 (above it), both older than the query."""
+    index = LiveIndex(6, n_views=3)
+    copy = update("copy", at_cosine(0.6, 1), event_time=1, text="Red ceramic mug 350 ml")
+    lookalike = update("lookalike", at_cosine(0.99, 2), event_time=2, text="Blue ceramic mug 350 ml")
+    query = update("query", at_cosine(1.0, 1), event_time=3, text="Red ceramic mug 350 ml")
+    apply_updates(index, [copy, lookalike, query])
+    return index, query
+
+
+def decoded_alerts(alerts) -> dict[str, dict]:
+    out = {}
+    for a in alerts:
+        record = codec_for_topic(DUPLICATE_ALERTS).decode(a.value)
+        out[record["duplicate_of"]] = record
+    return out
+
+
+def test_settings_default_to_the_models_threshold_with_a_cosine_fallback() -> None:
+    assert Settings().duplicate_threshold is None
+    assert Settings().effective_cosine_threshold == DEFAULT_COSINE_THRESHOLD == 0.82
+    assert Settings(duplicate_threshold=0.7).effective_cosine_threshold == 0.7
+    assert "SAMESTYLE_DUPLICATE_THRESHOLD" not in Settings().to_env()
+    assert Settings.from_env(Settings(duplicate_threshold=0.3).to_env()).duplicate_threshold == 0.3
+
+
+def test_with_a_scorer_the_models_classifier_decides_not_the_cosine() -> None:
+    index, query = mug_index()
+    scorer = TextScorer(threshold=0.5)
+    similar, alerts = SearchStep(index, Settings(), scorer)([query])
+    assert len(similar) == 1
+    by_other = decoded_alerts(alerts)
+    # The copy is below the cosine threshold but its probability passes; the look-alike is the
+    # other way round and is not alerted.
+    assert set(by_other) == {"copy"}
+    alert = by_other["copy"]
+    assert (alert["listing_id"], alert["duplicate_of"]) == ("query", "copy")
+    assert alert["decided_by"] == "classifier"
+    assert alert["probability"] == pytest.approx(0.9)
+    assert alert["threshold"] == pytest.approx(0.5)
+    assert alert["score"] == pytest.approx(0.6, abs=1e-5)  # the image+text cosine is still carried
+    assert alert["scores"]["image_text"] == pytest.approx(0.6, abs=1e-5)
+    assert "probability 0.900 >= 0.500" in alert["reason"] and "same supplier" in alert["reason"]
+    # Both same-supplier neighbours were scored, in one call.
+    assert len(scorer.calls) == 1 and {c.text_b for c in scorer.calls[0]} == {
+        "Red ceramic mug 350 ml", "Blue ceramic mug 350 ml"}
+
+
+def test_the_scorer_is_given_per_call_with_the_index_it_belongs_to() -> None:
+    index, query = mug_index()
+    step = SearchStep(None, Settings())
+    assert set(decoded_alerts(step([query], index, TextScorer())[1])) == {"copy"}
+    # The same step searching a model without a classifier (None given with its index): the cosine rule.
+    assert set(decoded_alerts(step([query], index, None)[1])) == {"lookalike"}
+    assert step.scorer is None
+
+
+def test_an_explicit_threshold_overrides_the_models() -> None:
+    index, query = mug_index()
+    strict = SearchStep(index, Settings(duplicate_threshold=0.95), TextScorer(threshold=0.5))
+    assert strict([query])[1] == []  # 0.9 < 0.95: nothing, although the model's 0.5 would alert
+    lenient = SearchStep(index, Settings(duplicate_threshold=0.05), TextScorer(threshold=0.5))
+    by_other = decoded_alerts(lenient([query])[1])
+    assert set(by_other) == {"copy", "lookalike"}  # 0.1 >= 0.05: the look-alike too
+    assert all(a["threshold"] == pytest.approx(0.05) and a["decided_by"] == "classifier" for a in by_other.values())
+    assert "SAMESTYLE_DUPLICATE_THRESHOLD" in by_other["lookalike"]["reason"]
+
+
+def test_without_a_scorer_the_cosine_rule_decides() -> None:
+    index, query = mug_index()
+    by_other = decoded_alerts(SearchStep(index, Settings())([query])[1])
+    assert set(by_other) == {"lookalike"}
+    alert = by_other["lookalike"]
+    assert alert["decided_by"] == "cosine" and alert["probability"] is None
+    assert alert["threshold"] == pytest.approx(DEFAULT_COSINE_THRESHOLD)
+    assert alert["score"] == pytest.approx(0.99, abs=1e-5)
+    assert alert["reason"].startswith("image+text cosine 0.990 >= 0.820")
+    # An explicit threshold is a cosine for a model without a classifier.
+    by_other = decoded_alerts(SearchStep(index, Settings(duplicate_threshold=0.5))([query])[1])
+    assert set(by_other) == {"copy", "lookalike"}
+    assert by_other["copy"]["threshold"] == pytest.approx(0.5) and by_other["copy"]["decided_by"] == "cosine"
+
+
+def test_the_scorer_sees_rank_and_best_other_among_the_querys_neighbours() -> None:
+    index = LiveIndex(6, n_views=3)
+    apply_updates(index, [update("near", at_cosine(0.95, 1), supplier="s2", text="a"),  # rank 0
+                          update("mid", at_cosine(0.9, 2), text="b"),  # rank 1
+                          update("far", at_cosine(0.5, 3), text="c")])  # rank 2
+    scorer = TextScorer()
+    step = SearchStep(index, Settings(top_k=3), scorer)
+    query = update("query", at_cosine(1.0, 4), text="q")  # searched, not in the index
+    step([query])
+    [call] = scorer.calls
+    got = {c.text_b: c for c in call}
+    assert set(got) == {"b", "c"} and {c.text_a for c in call} == {"q"}  # same-supplier neighbours only
+    assert (got["b"].rank, got["b"].cosine, got["b"].best_other) == (1, pytest.approx(0.9, abs=1e-5),
+                                                                     pytest.approx(0.95, abs=1e-5))
+    assert (got["c"].rank, got["c"].cosine, got["c"].best_other) == (2, pytest.approx(0.5, abs=1e-5),
+                                                                     pytest.approx(0.95, abs=1e-5))
+    # The nearest neighbour's best other is the second nearest.
+    scorer.calls.clear()
+    step([update("query-s2", at_cosine(1.0, 4), supplier="s2", text="q2")])
+    [[nearest]] = scorer.calls
+    assert (nearest.text_b, nearest.rank, nearest.best_other) == ("a", 0, pytest.approx(0.9, abs=1e-5))
+    # A lone neighbour has no other: -1.0.
+    scorer.calls.clear()
+    SearchStep(index, Settings(top_k=1), scorer)([update("query-s2", at_cosine(1.0, 4), supplier="s2", text="q2")])
+    [[lone]] = scorer.calls
+    assert (lone.text_b, lone.rank, lone.best_other) == ("a", 0, -1.0)
+    # A whole batch is one probabilities() call.
+    scorer.calls.clear()
+    step([query, update("query-s2", at_cosine(1.0, 4), supplier="s2", text="q2")])
+    assert len(scorer.calls) == 1 and len(scorer.calls[0]) == 3
+
+
+def test_match_text_travels_from_the_embed_step_into_the_index(encoder, monkeypatch) -> None:
+    step = EmbedStep(encoder, Settings())
+    out, failures = step(incoming([listing("a", title="  Red   ceramic mug "), listing("a", op="DELETE", title=None)]))
+    assert not failures
+    upsert, delete = [codec_for_topic("listing-embeddings").decode(o.value) for o in out]
+    assert upsert["match_text"] == "Red ceramic mug" == encoder.match_text(ListingInput("a", "  Red   ceramic mug "))
+    assert delete["match_text"] is None
+    decoded = decode_embedding(out[0].value)
+    assert decoded.payload["match_text"] == "Red ceramic mug"
+    index = LiveIndex(encoder.dim, n_views=3)
+    ModelIndexes("flat", n_views=3, indexes={encoder.version: index}).apply([decoded])
+    assert index.payload("a")["match_text"] == "Red ceramic mug"
+    assert match_text_of(index.payload("a")) == "Red ceramic mug"
+    # The model's own serialisation is what travels (the first model's during a switch).
+    monkeypatch.setattr(encoder, "match_text", lambda listing: f"{listing.title.strip()} | brand Acme")
+    out, _ = step(incoming([listing("b", title="Mug ")]), [encoder, encoder])
+    assert decode_embedding(out[0].value).payload["match_text"] == "Mug | brand Acme"
+    # A payload without it (an older snapshot) falls back to the normalised title.
+    assert match_text_of({"title": "  Old   mug "}) == "Old mug" and match_text_of({"title": None}) == ""
+
+
+def test_the_index_agent_gets_each_versions_scorer_from_the_registry() -> None:
+    import threading
+    from types import SimpleNamespace
+
+    from samestyle.streams.worker.app import ModelThread, Scorers
+
+    scorer = TextScorer()
+
+    class Registry:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, str]] = []
+
+        def encoder_for(self, version: str) -> SimpleNamespace:
+            self.calls.append((version, threading.current_thread().name))
+            if version == "gone":
+                raise ConfigError("model 'gone' is neither SAMESTYLE_ENCODER nor a promoted model")
+            return SimpleNamespace(duplicate_scorer=scorer if version == "v2" else None)
+
+    registry = Registry()
+    scorers = Scorers(registry, ModelThread())  # type: ignore[arg-type]
+
+    async def lookups(*versions: str) -> list:
+        return [await scorers.scorer_for(v) for v in versions]
+
+    # v1 has no classifier, v2 has one; a version with no encoder here falls back to the cosine rule.
+    assert asyncio.run(lookups("v1", "v2", "v2", "gone")) == [None, scorer, scorer, None]
+    assert [v for v, _ in registry.calls] == ["v1", "v2", "gone"]  # found scorers are kept
+    assert all(thread.startswith("embed") for _, thread in registry.calls)  # on the model thread
+    scorers.keep_only(["v1"])
+    assert asyncio.run(lookups("v1", "v2")) == [None, scorer]
+    assert [v for v, _ in registry.calls][3:] == ["v2"]

@@ -90,6 +90,7 @@ def realistic(schema_name: str) -> dict[str, Any]:
             "vector_text": vector_to_bytes(_unit(2)),
             "vector_image_text": vector_to_bytes(_unit(3)),
             "image_uri": "file:///srv/images/L000123.jpg",
+            "match_text": "Handmade ceramic frog mug, 350 ml, green glaze",
             "reembed": False,
             "next_model": {"model_version": "crossbert-v4", "dim": DIM, "vector_image": None,
                            "vector_text": vector_to_bytes(_unit(4)),
@@ -115,7 +116,11 @@ def realistic(schema_name: str) -> dict[str, Any]:
             "score": 0.96875,
             "scores": {"image": None, "text": 0.875, "image_text": 0.96875},
             "model_version": "crossbert-v3",
-            "reason": "image+text cosine 0.97 >= 0.92 with a listing of the same supplier",
+            "probability": 0.9375,
+            "threshold": 0.5,
+            "decided_by": "classifier",
+            "reason": "duplicate probability 0.938 >= 0.500 by the model's classifier, image+text cosine 0.969, "
+                      "with an older listing of the same supplier",
             "event_time": T0,
             "emitted_at": T0 + 1200,
         },
@@ -278,7 +283,7 @@ def test_round_trip_delete_embedding() -> None:
     c = codec("listing_embedding")
     record = {**realistic("listing_embedding"), "op": "DELETE", "title": None,
               "has_image": False, "vector_image": None, "vector_text": None,
-              "vector_image_text": None, "image_uri": None}
+              "vector_image_text": None, "image_uri": None, "match_text": None}
     assert c.decode(c.encode(record)) == record
 
 
