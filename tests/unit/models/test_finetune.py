@@ -170,3 +170,22 @@ def test_random_backbones_need_the_test_flag(tmp_path: Path, monkeypatch: pytest
     folder = _catalogue(tmp_path)
     with pytest.raises(ConfigError, match="tests only"):
         train(TrainConfig(listings=folder / "listings.csv", out=tmp_path / "m", clusters=folder / "clusters.csv", base="tiny"))
+
+
+def test_a_catalogue_with_images_trains_both_towers_into_one_space(tmp_path: Path) -> None:
+    from samestyle.models.data import read_listings
+    from samestyle.models.features import listing_input
+    from samestyle.streams.dev.sample import generate_sample
+
+    listings, clusters = generate_sample(tmp_path / "data", n_products=12, seed=1)
+    out = train(TrainConfig(listings=listings, out=tmp_path / "model", clusters=clusters, base="tiny", epochs=1,
+                            batch_size=4, allow_random_weights=True, progress=False, mined_k=3))
+    encoder = create_encoder(str(out), "cpu", allow_random_weights=True)
+    records = read_listings(listings)[:4]
+    assert all(r.image_path for r in records)
+    emb = encoder.encode([listing_input(r, with_image=True) for r in records])
+    assert emb.has_image.all() and emb.has_text.all()
+    assert np.allclose(np.linalg.norm(emb.image, axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(emb.image_text, emb.text)  # IT reads the image too
+    photo = encoder.encode([ListingInput(records[0].listing_id, "", image=Path(records[0].image_path).read_bytes())])
+    assert not photo.has_text[0] and np.allclose(photo.image_text, photo.image, atol=1e-6)  # no title: IT is I
