@@ -30,14 +30,16 @@ from samestyle.topics.errors import ConfigError
 __all__ = [
     "LISTING_COLUMNS",
     "ListingRecord",
+    "UnionFind",
     "cluster_pairs",
     "pair_precision_recall",
     "read_clusters",
     "read_listings",
     "read_pairs",
+    "refuse_test",
 ]
 
-#: The columns of the common listings form, in order (the writer in ``models.sample`` uses it).
+#: The columns of the common listings form, in order (the writer in ``samestyle.streams.dev.sample`` uses it).
 LISTING_COLUMNS: tuple[str, ...] = (
     "listing_id",
     "title",
@@ -265,3 +267,26 @@ def pair_precision_recall(
         "predicted": len(predicted_set),
         "actual": len(true_set),
     }
+
+
+class UnionFind:
+    """Connected components of listings joined by positive pairs."""
+
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: str, b: str) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+def refuse_test(path: Path | None) -> None:
+    """Training never reads a test split: refuse a file whose name says it is one."""
+    if path is not None and "test" in path.stem.lower():
+        raise ConfigError(f"{path}: training never reads a test split")

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from samestyle.models.backbones import TINY
-from samestyle.models.data import ListingRecord, read_clusters, read_listings, read_pairs
+from samestyle.models.data import ListingRecord, UnionFind, read_clusters, read_listings, read_pairs, refuse_test
 from samestyle.models.encoder import PairCandidate
 from samestyle.models.finetuned import DualTower, TowerConfig, save_finetuned
 from samestyle.models.images import ImagePreprocessing, load_image_bytes
@@ -102,39 +102,19 @@ class Products:
     train_pairs: list[tuple[str, str, int]] = field(default_factory=list)
 
 
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: dict[str, str] = {}
-
-    def find(self, x: str) -> str:
-        self.parent.setdefault(x, x)
-        while self.parent[x] != x:
-            self.parent[x] = self.parent[self.parent[x]]
-            x = self.parent[x]
-        return x
-
-    def union(self, a: str, b: str) -> None:
-        self.parent[self.find(a)] = self.find(b)
-
-
-def _refuse_test(path: Path | None) -> None:
-    if path is not None and "test" in path.stem.lower():
-        raise ConfigError(f"{path}: training never reads a test split")
-
-
 def load_products(config: TrainConfig) -> Products:
     """Read the listings and the labels of a run (never a test file)."""
     if (config.pairs is None) == (config.clusters is None):
         raise ConfigError("train on either --pairs or --clusters")
-    _refuse_test(config.pairs)
-    _refuse_test(config.valid_pairs)
+    refuse_test(config.pairs)
+    refuse_test(config.valid_pairs)
     records = {r.listing_id: r for r in read_listings(config.listings)}
     texts = {i: serialize(r.title, r.attributes) for i, r in records.items()}
     if config.pairs is not None:
         pairs = [(a, b, y) for a, b, y in read_pairs(config.pairs) if a in records and b in records]
         if not any(y for _, _, y in pairs):
             raise ConfigError(f"{config.pairs}: no positive pair among the listings")
-        uf = _UnionFind()
+        uf = UnionFind()
         for a, b, y in pairs:
             uf.find(a), uf.find(b)
             if y:

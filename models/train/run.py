@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from samestyle.models.backbones import build_image_backbone, build_text_backbone
-from samestyle.models.data import read_clusters, read_listings, read_pairs
+from samestyle.models.data import UnionFind, read_clusters, read_listings, read_pairs, refuse_test
 from samestyle.models.encoder import ALLOW_RANDOM_WEIGHTS_ENV, load_config
 from samestyle.models.features import FeatureCache, LiveImageFeatures, LiveTextFeatures, build_feature_cache
 from samestyle.models.train.losses import (
@@ -139,26 +139,6 @@ def _file_info(path: Path | None) -> dict[str, Any] | None:
     return {"path": str(path.resolve()), "sha256": digest, "bytes": path.stat().st_size}
 
 
-def _refuse_test(path: Path | None) -> None:
-    if path is not None and "test" in path.stem.lower():
-        raise ConfigError(f"{path}: training never reads a test split")
-
-
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: dict[str, str] = {}
-
-    def find(self, x: str) -> str:
-        self.parent.setdefault(x, x)
-        while self.parent[x] != x:
-            self.parent[x] = self.parent[self.parent[x]]
-            x = self.parent[x]
-        return x
-
-    def union(self, a: str, b: str) -> None:
-        self.parent[self.find(a)] = self.find(b)
-
-
 class TrainingData:
     """Positive partners, hard negatives and product ids of the training listings."""
 
@@ -183,7 +163,7 @@ class TrainingData:
 def load_training_data(args: argparse.Namespace, ids: set[str]) -> TrainingData:
     positives: dict[str, list[str]] = defaultdict(list)
     negatives: dict[str, list[str]] = defaultdict(list)
-    uf = _UnionFind()
+    uf = UnionFind()
     labelled: list[tuple[str, str, int]] = []
     held_out: list[str] = []
     excluded: set[str] = set()
@@ -640,7 +620,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for path in (args.pairs, args.clusters, args.valid_pairs):
-        _refuse_test(path)
+        refuse_test(path)
     if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
         raise ConfigError(f"{args.out} exists and is not empty (use --overwrite)")
     torch.manual_seed(args.seed)
