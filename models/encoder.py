@@ -410,15 +410,18 @@ def listing_text(
 
 
 def prepare_listing(listing: ListingInput, preprocess: Callable[[bytes], torch.Tensor],
-                    max_chars: int | None) -> PreparedListing:
+                    max_chars: int | None, *, text_of: Callable[[ListingInput], str] | None = None) -> PreparedListing:
     """The CPU side of every encoder: validate, build the text, decode the image (thread-safe).
 
-    ``text`` is ``""`` for an image-only listing (see :func:`listing_text`)."""
+    ``text`` is ``""`` for an image-only listing (see :func:`listing_text`); ``text_of`` replaces
+    :func:`listing_text` for a listing with a title (the fine-tuned model's serialisation)."""
     if not isinstance(listing.listing_id, str) or not listing.listing_id:
         raise InvalidListingError(f"listing id must be a non-empty string, got {listing.listing_id!r}")
     if listing.image is not None and not isinstance(listing.image, (bytes, bytearray, memoryview)):
         raise InvalidListingError(f"listing {listing.listing_id!r}: image must be bytes")
-    text = listing_text(listing, max_chars)
+    text = listing_text(listing, max_chars)  # validates the fields too
+    if text_of is not None:
+        text = text_of(listing) if (listing.title or "").strip() else ""
     image = None
     if listing.image is not None:
         try:

@@ -32,15 +32,17 @@ from samestyle.models.encoder import (
     EncoderConfig,
     ListingInput,
     PreparedListing,
+    prepare_listing,
     random_weights_allowed,
 )
 from samestyle.models.matcher import Matcher, load_matcher
 from samestyle.models.text import serialize
-from samestyle.topics.errors import ConfigError, ImageError, InvalidListingError, MissingWeightsError
+from samestyle.topics.errors import ConfigError, MissingWeightsError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DualTower", "FinetunedEncoder", "TowerConfig", "is_finetuned_dir", "load_finetuned", "save_finetuned"]
+__all__ = ["DualTower", "FinetunedEncoder", "TowerConfig", "is_finetuned_dir", "load_finetuned", "save_finetuned",
+           "serving_crop_pct"]
 
 FUSION = "finetuned"
 TOWERS_CONFIG = "towers.json"
@@ -115,10 +117,15 @@ class DualTower(nn.Module):
         return F.normalize(z, dim=-1)
 
 
+def serving_crop_pct(config: TowerConfig) -> float:
+    """The centre crop the served model takes of an image before resizing it."""
+    return 1.0 if config.image_backbone == TINY else 0.875
+
+
 def _encoder_config(config: TowerConfig, version: str, name: str) -> EncoderConfig:
     return EncoderConfig(name=name, text_backbone=TEXT_DIR, image_backbone=config.image_backbone, fusion=FUSION,
                          version=version, max_text_tokens=config.max_text_tokens, image_size=config.image_size,
-                         image_crop_pct=1.0 if config.image_backbone == TINY else 0.875, seed=config.seed,
+                         image_crop_pct=serving_crop_pct(config), seed=config.seed,
                          tiny_text_hidden=config.tiny_text_hidden, tiny_text_layers=config.tiny_text_layers,
                          tiny_image_channels=config.tiny_image_channels)
 
@@ -148,27 +155,8 @@ class FinetunedEncoder(Encoder):
         return self._matcher
 
     def prepare(self, listing: ListingInput) -> PreparedListing:
-        if not isinstance(listing.listing_id, str) or not listing.listing_id:
-            raise InvalidListingError(f"listing id must be a non-empty string, got {listing.listing_id!r}")
-        if listing.title is not None and not isinstance(listing.title, str):
-            raise InvalidListingError(f"listing {listing.listing_id!r}: title is not a string")
-        if not isinstance(listing.attributes, dict):
-            raise InvalidListingError(f"listing {listing.listing_id!r}: attributes is not a mapping")
-        has_title = bool((listing.title or "").strip())
-        if not has_title and listing.image is None:
-            raise InvalidListingError(f"listing {listing.listing_id!r} has an empty title and no image: "
-                                      "nothing to embed")
         # Without a title the T view is empty (a photo query): brand and price alone are no text.
-        text = serialize(listing.title, listing.attributes) if has_title else ""
-        image = None
-        if listing.image is not None:
-            if not isinstance(listing.image, (bytes, bytearray, memoryview)):
-                raise InvalidListingError(f"listing {listing.listing_id!r}: image must be bytes")
-            try:
-                image = self._preprocess(bytes(listing.image))  # [3, S, S]
-            except ImageError as exc:
-                raise ImageError(f"listing {listing.listing_id!r}: {exc}") from exc
-        return PreparedListing(listing.listing_id, text, image, listing.category)
+        return prepare_listing(listing, self._preprocess, None, text_of=self.match_text)
 
     def embed(self, batch: Sequence[PreparedListing]) -> Embeddings:
         if not batch:

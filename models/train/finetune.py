@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from samestyle.models.backbones import TINY
 from samestyle.models.data import ListingRecord, UnionFind, read_clusters, read_listings, read_pairs, refuse_test
 from samestyle.models.encoder import PairCandidate
-from samestyle.models.finetuned import DualTower, TowerConfig, save_finetuned
+from samestyle.models.finetuned import DualTower, TowerConfig, save_finetuned, serving_crop_pct
 from samestyle.models.images import ImagePreprocessing, load_image_bytes
 from samestyle.models.matcher import Matcher, PairFeaturizer, fit_classifier
 from samestyle.models.text import serialize
@@ -82,7 +82,7 @@ class TrainConfig:
     progress: bool = True
     name: str | None = None
     allow_random_weights: bool = False
-    #: Not trained: only checked (the same listing never both trains and evaluates a run).
+    #: Replace an existing, non-empty ``out`` directory.
     overwrite: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,12 +158,13 @@ def load_products(config: TrainConfig) -> Products:
 # ------------------------------------------------------------------------------ images
 
 
-def _load_pixels(records: Mapping[str, ListingRecord], ids: Sequence[str], size: int,
+def _load_pixels(records: Mapping[str, ListingRecord], ids: Sequence[str], size: int, crop_pct: float,
                  progress: bool) -> dict[str, torch.Tensor]:
-    """Decoded, centre-cropped ``[3, size, size]`` uint8 images by listing id (decoded once)."""
+    """Decoded ``[3, size, size]`` uint8 images by listing id (decoded once), centre-cropped as
+    the served model crops them (``crop_pct``), so training sees the serving view."""
     from tqdm import tqdm
 
-    prep = ImagePreprocessing(size=size, crop_pct=1.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    prep = ImagePreprocessing(size=size, crop_pct=crop_pct, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     out: dict[str, torch.Tensor] = {}
     for listing_id in tqdm(ids, desc="decode images", disable=not progress):
         path = records[listing_id].image_path
@@ -360,7 +361,7 @@ def train_towers(config: TrainConfig, data: Products, product_ids: set[str] | No
                     choices += [x for x in (mined.get(a), lexical_nn.get(a)) if x is not None]
                     if choices:
                         negs.append(rng.choice(choices))
-            views = embedder.views(anchors_ + targets + negs, True, generator)
+            views = embedder.views(anchors_ + targets + negs, True, generator if config.augment else None)
             n = len(batch)
             prod_of = [data.product[i] for i in anchors_ + targets + negs]
             loss = torch.zeros((), device=device)
@@ -405,24 +406,20 @@ def candidates_for(pairs: Sequence[tuple[str, str]], vectors: Mapping[str, np.nd
     an index holding ``index_ids`` (a itself excluded)."""
     matrix = np.stack([vectors[i] for i in index_ids])  # [n, dim]
     position = {i: k for k, i in enumerate(index_ids)}
+    sims_of: dict[str, np.ndarray] = {}  # a's scores against the index, once per anchor
     out: list[PairCandidate] = []
-    by_anchor: dict[str, list[str]] = defaultdict(list)
     for a, b in pairs:
-        by_anchor[a].append(b)
-    cache: dict[tuple[str, str], PairCandidate] = {}
-    for a, bs in by_anchor.items():
-        sims = matrix @ vectors[a]  # [n]
-        if a in position:
-            sims[position[a]] = -np.inf
-        ordered = np.sort(sims)[::-1]
-        for b in bs:
-            cos = float(vectors[a] @ vectors[b])
-            rank = int((sims > cos + 1e-6).sum())
-            # Best other: the top score that is not b itself.
-            best = ordered[0] if not (b in position and abs(ordered[0] - cos) < 1e-6) else (ordered[1] if len(ordered) > 1 else -1.0)
-            cache[(a, b)] = PairCandidate(texts[a], texts[b], cos, rank, float(best) if np.isfinite(best) else -1.0)
-    for a, b in pairs:
-        out.append(cache[(a, b)])
+        if a not in sims_of:
+            sims = matrix @ vectors[a]  # [n]
+            if a in position:
+                sims[position[a]] = -np.inf
+            sims_of[a] = sims
+        sims = sims_of[a]
+        cos = float(vectors[a] @ vectors[b])
+        others = np.delete(sims, position[b]) if b in position else sims
+        best = float(others.max()) if others.size else -np.inf
+        out.append(PairCandidate(texts[a], texts[b], cos, int((sims > cos + 1e-6).sum()),
+                                 best if np.isfinite(best) else -1.0))
     return out
 
 
@@ -486,7 +483,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = logger.info) -> Path
     train_ids = sorted(data.product)
     with_images = config.images and any(data.records[i].image_path for i in train_ids)
     pixels = _load_pixels(data.records, sorted(data.records), 256 if config.base != "tiny" else 32,
-                          config.progress) if with_images else {}
+                          serving_crop_pct(_tower_config(config, with_images)), config.progress) if with_images else {}
     lexical_nn = _lexical_neighbours(data, train_ids) if config.hard_negatives else {}
     products = sorted(set(data.product.values()))
     rng = random.Random(config.seed)
@@ -612,7 +609,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run.main(argv[:i] + argv[i + 2 :])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = train(config_from_args(args), log=lambda m: print(m, flush=True))
     print(out)
     return 0
