@@ -26,7 +26,7 @@ from samestyle.models.data import ListingRecord, read_clusters, read_listings, r
 from samestyle.models.encoder import Embeddings, Encoder, PairCandidate
 from samestyle.models.factory import encoder_from_spec
 from samestyle.models.features import listing_input
-from samestyle.models.train.finetune import TRAINING_SPLITS, candidates_for
+from samestyle.models.train.finetune import TRAINING_SPLITS, arrival_order, candidates_for
 from samestyle.models.train.metrics import (
     KS,
     best_threshold,
@@ -375,16 +375,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             vectors = {r.listing_id: it[k] for k, r in enumerate(records)}
             ids = [r.listing_id for r in records]
 
-            def probabilities(pairs_: Sequence[tuple[str, str, int]]) -> np.ndarray:
-                return matcher.probabilities(candidates_for([(a, b) for a, b, _ in pairs_], vectors, ids, texts_by_id))
+            meta = getattr(matcher, "meta", {})
+            order = meta.get("candidate_order", "full")
+            # Candidates meet the index as they did when the matcher was fitted: in "arrival" order
+            # the later listing of a pair queries an index of the listings that came before it.
+            arrival = arrival_order(ids, int(meta.get("order_seed", 0))) if order == "arrival" else None
 
-            valid_p, test_p = probabilities(valid), probabilities(test)
+            def probabilities(pairs_: Sequence[tuple[str, str, int]], arrival_: dict[str, int] | None) -> np.ndarray:
+                return matcher.probabilities(candidates_for([(a, b) for a, b, _ in pairs_], vectors, ids, texts_by_id,
+                                                            arrival_))
+
+            valid_p, test_p = probabilities(valid, arrival), probabilities(test, arrival)
             # The decision the stream makes: the model's own threshold (chosen on valid at training).
             served = pair_metrics(test_p, ty, matcher.threshold)
             result["matcher"] = {
+                "candidate_order": order,
                 "served_threshold": {**served, "valid": pair_metrics(valid_p, vy, matcher.threshold)},
                 "threshold_from_these_valid_pairs": _pair_result(valid_p, vy, test_p, ty),
             }
+            if order == "arrival":  # for reference: the same matcher with every listing indexed
+                full_p = probabilities(test, None)
+                result["matcher"]["full_index_served_threshold"] = pair_metrics(full_p, ty, matcher.threshold)
             main_result = served
             result["decision"] = "matcher (model threshold)"
         result.update({k: main_result[k] for k in ("f1", "precision", "recall", "threshold")})

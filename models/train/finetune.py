@@ -20,7 +20,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,8 @@ from samestyle.topics.errors import ConfigError, ImageError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Products", "TrainConfig", "candidates_for", "load_products", "train", "train_towers"]
+__all__ = ["MatcherData", "Products", "TrainConfig", "arrival_order", "candidates_for", "fit_matcher", "load_products",
+           "refit_matcher", "train", "train_towers"]
 
 #: With a split column, rows of these splits are trained on; every other split is never read.
 TRAINING_SPLITS = ("train", "catalog")
@@ -77,6 +78,9 @@ class TrainConfig:
     folds: int = 2
     classifier: str = "hgb"
     mined_k: int = 20
+    #: How the matcher's training candidates meet the index: "arrival" (as the stream does: the
+    #: later listing of a pair queries an index of the listings before it) or "full" (every listing).
+    matcher_order: str = "arrival"
     seed: int = 0
     device: str | None = None
     progress: bool = True
@@ -400,19 +404,36 @@ def train_towers(config: TrainConfig, data: Products, product_ids: set[str] | No
 # ------------------------------------------------------------------------------ matcher
 
 
+def arrival_order(ids: Sequence[str], seed: int) -> dict[str, int]:
+    """A seeded random arrival position per listing: the order a stream would index them in."""
+    order = sorted(ids)
+    random.Random(seed).shuffle(order)
+    return {i: k for k, i in enumerate(order)}
+
+
 def candidates_for(pairs: Sequence[tuple[str, str]], vectors: Mapping[str, np.ndarray], index_ids: Sequence[str],
-                   texts: Mapping[str, str]) -> list[PairCandidate]:
+                   texts: Mapping[str, str], arrival: Mapping[str, int] | None = None) -> list[PairCandidate]:
     """PairCandidates as the stream would see them: rank and margin of b among a's neighbours in
-    an index holding ``index_ids`` (a itself excluded)."""
+    an index holding ``index_ids`` (a itself excluded).
+
+    With ``arrival`` (listing -> arrival position), each pair is seen as the stream sees it: the
+    later listing of the two is the query, and the index holds only the listings that arrived
+    before it (so the first listing of a product meets an index without its duplicate).
+    """
     matrix = np.stack([vectors[i] for i in index_ids])  # [n, dim]
     position = {i: k for k, i in enumerate(index_ids)}
+    when = None if arrival is None else np.array([arrival[i] for i in index_ids])
     sims_of: dict[str, np.ndarray] = {}  # a's scores against the index, once per anchor
     out: list[PairCandidate] = []
     for a, b in pairs:
+        if arrival is not None and arrival[b] > arrival[a]:
+            a, b = b, a
         if a not in sims_of:
             sims = matrix @ vectors[a]  # [n]
             if a in position:
                 sims[position[a]] = -np.inf
+            if when is not None:
+                sims[when >= arrival[a]] = -np.inf  # type: ignore[index]
             sims_of[a] = sims
         sims = sims_of[a]
         cos = float(vectors[a] @ vectors[b])
@@ -423,22 +444,106 @@ def candidates_for(pairs: Sequence[tuple[str, str]], vectors: Mapping[str, np.nd
     return out
 
 
-def _mined_pairs(ids: Sequence[str], vectors: Mapping[str, np.ndarray], product: Mapping[str, str], k: int) -> list[tuple[str, str, int]]:
-    """Each listing's k nearest others plus its true matches, labelled by product."""
+def _mined_pairs(ids: Sequence[str], vectors: Mapping[str, np.ndarray], product: Mapping[str, str], k: int,
+                 arrival: Mapping[str, int] | None = None) -> list[tuple[str, str, int]]:
+    """Each listing's k nearest others plus its true matches, labelled by product.
+
+    With ``arrival``, as the stream meets them: each listing's k nearest among the listings that
+    arrived before it, plus its earlier true matches (the pair's first element is the later one).
+    """
     matrix = np.stack([vectors[i] for i in ids])
     pairs: set[tuple[str, str]] = set()
     sims = matrix @ matrix.T
     np.fill_diagonal(sims, -np.inf)
+    if arrival is not None:
+        when = np.array([arrival[i] for i in ids])
+        sims[when[None, :] >= when[:, None]] = -np.inf
     members: dict[str, list[str]] = defaultdict(list)
     for i in ids:
         members[product[i]].append(i)
     for row, a in enumerate(ids):
         for col in np.argsort(-sims[row])[:k]:
-            pairs.add((a, ids[int(col)]))
+            if np.isfinite(sims[row, col]):
+                pairs.add((a, ids[int(col)]))
         for b in members[product[a]]:
-            if b != a:
+            if b != a and (arrival is None or arrival[b] < arrival[a]):
                 pairs.add((a, b))
     return [(a, b, int(product[a] == product[b])) for a, b in sorted(pairs)]
+
+
+@dataclass(frozen=True)
+class MatcherData:
+    """What the matcher is fitted from: texts, products and the two sets of listing vectors.
+
+    ``oof`` vectors come from fold models that never saw the listing's product (the classifier's
+    fit features); ``final`` are the served model's (the valid features in pairs mode). Written
+    next to the model (:data:`MATCHER_VECTORS`) so a matcher can be refitted without training.
+    """
+
+    ids: list[str]
+    oof: dict[str, np.ndarray]
+    final: dict[str, np.ndarray]
+
+    def save(self, path: Path) -> None:
+        np.savez_compressed(path, ids=np.array(self.ids), oof=np.stack([self.oof[i] for i in self.ids]),
+                            final=np.stack([self.final[i] for i in self.ids]))
+
+    @classmethod
+    def load(cls, path: Path) -> MatcherData:
+        with np.load(path) as z:
+            ids = [str(i) for i in z["ids"]]
+            return cls(ids, dict(zip(ids, z["oof"])), dict(zip(ids, z["final"])))
+
+
+#: The training vectors a model directory keeps for refitting its matcher (not served).
+MATCHER_VECTORS = "matcher_vectors.npz"
+
+
+def fit_matcher(config: TrainConfig, data: Products, vectors: MatcherData,
+                log: Callable[[str], None] = logger.info) -> tuple[Matcher, dict[str, Any]]:
+    """Fit the calibrated classifier and choose its threshold on valid; returns it and the valid info."""
+    if config.matcher_order not in ("arrival", "full"):
+        raise ConfigError(f"unknown matcher order {config.matcher_order!r}: arrival or full")
+    all_ids = vectors.ids
+    oof, final = vectors.oof, vectors.final
+    train_ids = sorted(data.product)
+    arrival = arrival_order(all_ids, config.seed) if config.matcher_order == "arrival" else None
+    featurizer = PairFeaturizer().fit([data.texts[i] for i in all_ids])
+    valid_info: dict[str, Any]
+    if any(y == 0 for _, _, y in data.train_pairs):
+        fit_pairs = [(a, b, y) for a, b, y in data.train_pairs]
+        x_fit = featurizer.features(candidates_for([(a, b) for a, b, _ in fit_pairs], oof, all_ids, data.texts,
+                                                   arrival))
+        y_fit = np.array([y for _, _, y in fit_pairs])
+        classifier = fit_classifier(x_fit, y_fit, config.classifier, config.seed)
+        if config.valid_pairs is None:
+            raise ConfigError("--pairs needs --valid-pairs: the matcher's threshold is chosen on valid")
+        valid = [(a, b, y) for a, b, y in read_pairs(config.valid_pairs) if a in data.records and b in data.records]
+        x_valid = featurizer.features(candidates_for([(a, b) for a, b, _ in valid], final, all_ids, data.texts,
+                                                     arrival))
+        y_valid = np.array([y for _, _, y in valid])
+        valid_info = {"pairs": len(valid), "source": str(config.valid_pairs)}
+    else:  # clusters, or positive pairs only (mined clicks): the matcher learns from mined pairs
+        products = sorted(set(data.product.values()))
+        shuffled = products[:]
+        random.Random(config.seed).shuffle(shuffled)
+        valid_products = set(shuffled[: max(1, int(round(config.valid_fraction * len(shuffled))))])
+        mined = _mined_pairs(train_ids, oof, data.product, config.mined_k, arrival)
+        is_fit = np.array([data.product[a] not in valid_products for a, _, _ in mined])
+        x_all = featurizer.features(candidates_for([(a, b) for a, b, _ in mined], oof, train_ids, data.texts,
+                                                   arrival))
+        y_all = np.array([y for _, _, y in mined])
+        classifier = fit_classifier(x_all[is_fit], y_all[is_fit], config.classifier, config.seed)
+        x_valid, y_valid = x_all[~is_fit], y_all[~is_fit]
+        valid_info = {"pairs": int((~is_fit).sum()), "source": "mined pairs of held-back training products"}
+    probabilities = classifier.predict_proba(x_valid)[:, 1]
+    threshold = best_threshold(probabilities, y_valid)
+    valid_info.update(pair_metrics(probabilities, y_valid, threshold))
+    log(f"matcher: valid F1 {valid_info['f1']:.4f} at p >= {threshold:.3f} ({valid_info['pairs']} pairs, "
+        f"{config.matcher_order} order)")
+    meta = {"classifier": config.classifier, "candidate_order": config.matcher_order, "order_seed": config.seed,
+            "valid": valid_info}
+    return Matcher(featurizer, classifier, threshold, meta), valid_info
 
 
 def _lexical_neighbours(data: Products, ids: Sequence[str]) -> dict[str, str]:
@@ -495,43 +600,16 @@ def train(config: TrainConfig, log: Callable[[str], None] = logger.info) -> Path
     fold_logs = []
     for k, held in enumerate(folds):
         towers, logs = train_towers(config, data, set(products) - held, pixels, lexical_nn, desc=f"fold {k + 1}/{config.folds}")
-        vectors = _Embedder(towers, data.texts, pixels, device).encode(all_ids)
-        for i, v in zip(all_ids, vectors):
+        fold_vectors = _Embedder(towers, data.texts, pixels, device).encode(all_ids)
+        for i, v in zip(all_ids, fold_vectors):
             if data.product.get(i) in held or (i not in data.product and k == 0):
                 oof[i] = v
         fold_logs.append(logs)
         del towers
     towers, final_logs = train_towers(config, data, None, pixels, lexical_nn, desc="final")
     final = dict(zip(all_ids, _Embedder(towers, data.texts, pixels, device).encode(all_ids)))
-    featurizer = PairFeaturizer().fit([data.texts[i] for i in all_ids])
-    valid_info: dict[str, Any]
-    if any(y == 0 for _, _, y in data.train_pairs):
-        fit_pairs = [(a, b, y) for a, b, y in data.train_pairs]
-        x_fit = featurizer.features(candidates_for([(a, b) for a, b, _ in fit_pairs], oof, all_ids, data.texts))
-        y_fit = np.array([y for _, _, y in fit_pairs])
-        classifier = fit_classifier(x_fit, y_fit, config.classifier, config.seed)
-        if config.valid_pairs is None:
-            raise ConfigError("--pairs needs --valid-pairs: the matcher's threshold is chosen on valid")
-        valid = [(a, b, y) for a, b, y in read_pairs(config.valid_pairs) if a in data.records and b in data.records]
-        x_valid = featurizer.features(candidates_for([(a, b) for a, b, _ in valid], final, all_ids, data.texts))
-        y_valid = np.array([y for _, _, y in valid])
-        valid_info = {"pairs": len(valid), "source": str(config.valid_pairs)}
-    else:  # clusters, or positive pairs only (mined clicks): the matcher learns from mined pairs
-        valid_products = set(shuffled[: max(1, int(round(config.valid_fraction * len(shuffled))))])
-        mined = _mined_pairs(train_ids, oof, data.product, config.mined_k)
-        fit_pairs = [p for p in mined if data.product[p[0]] not in valid_products]
-        valid = [p for p in mined if data.product[p[0]] in valid_products]
-        x_all = featurizer.features(candidates_for([(a, b) for a, b, _ in mined], oof, train_ids, data.texts))
-        is_fit = np.array([data.product[a] not in valid_products for a, _, _ in mined])
-        y_all = np.array([y for _, _, y in mined])
-        classifier = fit_classifier(x_all[is_fit], y_all[is_fit], config.classifier, config.seed)
-        x_valid, y_valid = x_all[~is_fit], y_all[~is_fit]
-        valid_info = {"pairs": int((~is_fit).sum()), "source": "mined pairs of held-back training products"}
-    probabilities = classifier.predict_proba(x_valid)[:, 1]
-    threshold = best_threshold(probabilities, y_valid)
-    valid_info.update(pair_metrics(probabilities, y_valid, threshold))
-    log(f"matcher: valid F1 {valid_info['f1']:.4f} at p >= {threshold:.3f} ({valid_info['pairs']} pairs)")
-    matcher = Matcher(featurizer, classifier, threshold, {"classifier": config.classifier, "valid": valid_info})
+    vectors = MatcherData(all_ids, oof, final)
+    matcher, valid_info = fit_matcher(config, data, vectors, log)
     name = config.name or Path(config.listings).parent.name
     version = f"finetuned-{name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
     manifest = {
@@ -548,8 +626,42 @@ def train(config: TrainConfig, log: Callable[[str], None] = logger.info) -> Path
 
         shutil.rmtree(out)
     save_finetuned(out, towers, version=version, name=name, matcher=matcher, manifest=manifest)
+    vectors.save(out / MATCHER_VECTORS)
     log(f"model {version} written to {out} in {manifest['seconds']:.0f} s")
     return out
+
+
+def refit_matcher(model_dir: Path, *, matcher_order: str | None = None, classifier: str | None = None,
+                  log: Callable[[str], None] = logger.info) -> dict[str, Any]:
+    """Refit a model directory's matcher from its saved training vectors (no backbone training).
+
+    The matcher and its threshold are replaced in place; the model version stays (the
+    embeddings are unchanged), and the manifest records the refit. Returns the valid info.
+    """
+    import json
+
+    model_dir = Path(model_dir)
+    manifest_path = model_dir / "manifest.json"
+    if not (model_dir / MATCHER_VECTORS).is_file() or not manifest_path.is_file():
+        raise ConfigError(f"{model_dir}: no {MATCHER_VECTORS} (models trained before it was saved cannot be refitted)")
+    manifest = json.loads(manifest_path.read_text())
+    fields = {f for f in TrainConfig.__dataclass_fields__}
+    raw = {k: v for k, v in manifest["config"].items() if k in fields}
+    for key in ("listings", "out", "pairs", "clusters", "valid_pairs"):
+        if raw.get(key) is not None:
+            raw[key] = Path(raw[key])
+    config = TrainConfig(**raw)
+    overrides = {k: v for k, v in (("matcher_order", matcher_order), ("classifier", classifier)) if v is not None}
+    config = replace(config, **overrides)
+    data = load_products(config)
+    matcher, valid_info = fit_matcher(config, data, MatcherData.load(model_dir / MATCHER_VECTORS), log)
+    matcher.save(model_dir)
+    manifest["config"] = config.to_dict()
+    manifest["matcher_valid"] = valid_info
+    manifest.setdefault("matcher_refits", []).append(
+        {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **overrides, "valid_f1": valid_info["f1"]})
+    manifest_path.write_text(json.dumps(manifest, indent=2, default=float) + "\n")
+    return valid_info
 
 
 # ------------------------------------------------------------------------------ command line
@@ -578,6 +690,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-hard-negatives", action="store_true", help="ablation: in-batch negatives only")
     p.add_argument("--classifier", choices=("hgb", "lr"), default=TrainConfig.classifier)
     p.add_argument("--max-text-tokens", type=int, default=TrainConfig.max_text_tokens)
+    p.add_argument("--pairs-per-product", type=int, default=TrainConfig.max_pairs_per_product,
+                   help="positive edges per product per epoch (raise it for products with many listings)")
+    p.add_argument("--matcher-order", choices=("arrival", "full"), default=TrainConfig.matcher_order,
+                   help="how the matcher's training candidates meet the index: as the stream does "
+                   "(arrival) or with every listing indexed (full)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
     p.add_argument("--allow-random-weights", action="store_true", help="tests only (--base tiny)")
@@ -594,6 +711,7 @@ def config_from_args(args: Any) -> TrainConfig:
                        batch_size=args.batch_size, lr=args.lr, image_lr=args.image_lr,
                        hard_negatives=not args.no_hard_negatives, classifier=args.classifier,
                        max_text_tokens=args.max_text_tokens, images=not args.no_images, seed=args.seed,
+                       max_pairs_per_product=args.pairs_per_product, matcher_order=args.matcher_order,
                        device=args.device, progress=not args.no_progress, name=args.name,
                        allow_random_weights=args.allow_random_weights, overwrite=args.overwrite)
 
@@ -607,8 +725,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         i = argv.index("--recipe")
         return run.main(argv[:i] + argv[i + 2 :])
+    if "--refit-matcher" in argv:
+        return _refit_main(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = train(config_from_args(args), log=lambda m: print(m, flush=True))
     print(out)
+    return 0
+
+
+def _refit_main(argv: Sequence[str]) -> int:
+    import json
+
+    p = argparse.ArgumentParser(prog="samestyle train --refit-matcher",
+                                description="refit a model directory's matcher from its saved training vectors")
+    p.add_argument("--refit-matcher", required=True, type=Path, metavar="MODEL_DIR")
+    p.add_argument("--matcher-order", choices=("arrival", "full"), default=None)
+    p.add_argument("--classifier", choices=("hgb", "lr"), default=None)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    info = refit_matcher(args.refit_matcher, matcher_order=args.matcher_order, classifier=args.classifier,
+                         log=lambda m: print(m, flush=True))
+    print(json.dumps(info, default=float))
     return 0

@@ -130,6 +130,59 @@ def test_candidates_rank_and_margin_are_the_stream_s() -> None:
     assert ac.best_other == pytest.approx(0.8)
 
 
+def test_in_arrival_order_the_later_listing_queries_only_the_earlier_ones() -> None:
+    vectors = {k: np.array(v, dtype=np.float32) / np.linalg.norm(v) for k, v in
+               {"a": [1, 0], "b": [0.9, 0.1], "c": [0.8, 0.2], "d": [0, 1]}.items()}
+    texts = {k: k for k in vectors}
+    arrival = {"c": 0, "a": 1, "b": 2, "d": 3}
+    # (a, b): b came later, so b is the query, and the index holds c and a (not d).
+    [ab] = candidates_for([("a", "b")], vectors, list(vectors), texts, arrival)
+    assert (ab.text_a, ab.text_b, ab.rank) == ("b", "a", 0)
+    assert ab.best_other == pytest.approx(float(vectors["b"] @ vectors["c"]))
+    # (c, a): a is the query of an index holding only c: nothing else to be better than.
+    [ca] = candidates_for([("c", "a")], vectors, list(vectors), texts, arrival)
+    assert (ca.text_a, ca.text_b, ca.rank, ca.best_other) == ("a", "c", 0, -1.0)
+    # With every listing indexed, a's nearest is b, so c ranks second.
+    [ac] = candidates_for([("a", "c")], vectors, list(vectors), texts)
+    assert ac.rank == 1
+
+
+def test_mined_pairs_in_arrival_order_never_look_ahead() -> None:
+    rng = np.random.default_rng(0)
+    ids = [f"l{k}" for k in range(30)]
+    product = {i: f"p{k // 3}" for k, i in enumerate(ids)}
+    vectors = {i: v / np.linalg.norm(v) for i, v in zip(ids, rng.normal(size=(30, 8)).astype(np.float32))}
+    arrival = finetune.arrival_order(ids, seed=3)
+    assert sorted(arrival.values()) == list(range(30)) and arrival == finetune.arrival_order(ids, seed=3)
+    mined = finetune._mined_pairs(ids, vectors, product, 4, arrival)
+    assert mined and all(arrival[b] < arrival[a] for a, b, _ in mined)
+    positives = {frozenset((a, b)) for a, b, y in mined if y}
+    # every same-product pair is met exactly once: by whichever of the two arrived later
+    assert positives == {frozenset((a, b)) for a in ids for b in ids if a < b and product[a] == product[b]}
+    first = min(ids, key=arrival.__getitem__)
+    assert not any(a == first for a, _, _ in mined)  # the first listing meets an empty index
+
+
+def test_the_matcher_refits_from_the_saved_vectors(tmp_path: Path) -> None:
+    import json
+
+    folder = _catalogue(tmp_path)
+    out = train(TrainConfig(listings=folder / "listings.csv", out=tmp_path / "model", clusters=folder / "clusters.csv",
+                            base="tiny", epochs=1, batch_size=4, allow_random_weights=True, progress=False,
+                            folds=2, mined_k=3))
+    assert (out / finetune.MATCHER_VECTORS).is_file()
+    assert load_matcher(out).meta["candidate_order"] == "arrival"  # type: ignore[union-attr]
+    info = finetune.refit_matcher(out, matcher_order="full")
+    matcher = load_matcher(out)
+    assert matcher is not None and matcher.meta["candidate_order"] == "full"
+    assert matcher.threshold == pytest.approx(info["threshold"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["matcher_refits"][-1]["matcher_order"] == "full"
+    assert manifest["config"]["matcher_order"] == "full"
+    with pytest.raises(ConfigError, match="cannot be refitted"):
+        finetune.refit_matcher(tmp_path)
+
+
 def test_featurizer_sees_codes_and_brands() -> None:
     featurizer = PairFeaturizer().fit(["acme speaker k1x100", "acme speaker k2x200", "zeta lamp z9"])
     same = PairCandidate("acme speaker k1x100 | price 10", "ACME k1-x100 speaker | brand acme", 0.9, 0, 0.5)
