@@ -15,10 +15,11 @@ COPY . .
 # The pinned torch above already satisfies the project's torch requirement.
 RUN pip install ".[cpu]"
 
-# Run unprivileged; /state is created here so a named volume mounted on it inherits the owner.
+# Run unprivileged; /state (a worker's), /models (the trainer's candidates, shared with the
+# workers) and /trainer (its state) are created here so named volumes mounted on them inherit the owner.
 RUN useradd --create-home --uid 10001 samestyle \
-    && mkdir -p /state \
-    && chown samestyle /state
+    && mkdir -p /state /models /trainer \
+    && chown samestyle /state /models /trainer
 USER samestyle
 WORKDIR /home/samestyle
 

@@ -1,34 +1,38 @@
-"""Click events/s through the pairs agent, against raw aiokafka consumption of the same messages.
+"""Click events/s through the pairs agents, against raw aiokafka consumption of the same messages.
 
-Clicks: ``--events`` click events drawn by the click simulator (:mod:`streams.simulate`, default
-click model, seed 0) on the demo's generated catalogue, pre-produced to ``click-events``
-(4 partitions, keyed by session) before any worker starts.
+Clicks: ``--events`` click events drawn by the click simulator (:mod:`streams.dev.simulate`, default
+click model, seed 0) on the demo's generated catalogue, produced to ``click-events`` (4 partitions,
+keyed by session) before any worker starts. They are generated and produced as a stream, so
+``--events 10000000`` needs no memory for the clicks themselves (the embedded broker keeps every
+record in memory: ~3 GB for that run).
 
-Pairs agent: a real worker process running it (``samestyle pairs-worker``, the integration
-tests' way) on the embedded broker, with a fresh topic
-prefix, app id (consumer group) and changelog topics per run, and the default pair rules (so
-bounces and self-clicks stop at the first stage, as in production). Its ``/metrics`` is scraped
-every ``--scrape-interval`` s; the clock runs
+Pairs agents: a real ``samestyle worker`` process (the pairs agents run in every worker) on the
+embedded broker, with a fresh topic prefix, app id (consumer groups) and changelog topics per run,
+and the default pair rules (so bounces and self-clicks stop at the first stage, as in production).
+Its ``/metrics`` is scraped every ``--scrape-interval`` s; the clock runs
 
-* from the first scrape that shows a fetch high-water mark on every click-events partition (the
-  group has joined and the first fetch answered: group join excluded)
-* to the first scrape where the *committed* offsets have reached the high-water marks on both
-  click-events and the internal click-pairs topic (every event through both stages).
+* from the last scrape before the agents processed their first click (a fetch high-water mark
+  known on every click-events partition, ``samestyle_messages_processed_total{agent="pairs-sessionize"}``
+  still 0: the group join and the tables' recovery excluded, the first batch included)
+* to the first scrape where the *committed* offsets of the pairs consumer (``consumer="pairs"``)
+  have reached the high-water marks on both click-events and the internal click-pairs topic
+  (every event through both stages, every table write acknowledged).
 
-Commits come every second (``broker_commit_interval``), so that end is late by up to 1 s; the
-run also reports a second clock from the broker timestamps of the tables' changelog records
-(first session write to last evidence write), which has no such delay.
+The agents commit at once when a fetch comes back empty (and every
+``SAMESTYLE_PAIRS_COMMIT_INTERVAL_SECONDS`` while busy), so that end is late by about one fetch
+wait; the run also reports a second clock from the broker timestamps of the tables' changelog
+records (first session write to last table write), which has no such delay. Each scrape also
+records the tables' sizes (``samestyle_pairs_table_keys``) and the worker's RSS: the run reports
+their peaks and last values (the bounded-state check of a long run).
 
 Raw: an ``AIOKafkaConsumer`` (no group, assigned every partition, from the beginning) reads the
 same topic in this process, ``--raw-repeats`` times per run, from the first ``getmany`` call to
-the last message. Raw runs alternate with the pairs runs on the noisy machine: raw, pairs (mode
-1), raw, pairs (mode 2), raw, ... Modes (``--modes``): ``on`` = changelog producers send one
-record per batch (``producer_max_batch_size=1``, the default on tansu, BROKER.md trap 1), ``off``
-= Faust's default batching (what real Apache Kafka allows).
+the last message. Raw runs alternate with the pairs runs on the noisy machine: raw, pairs, raw,
+pairs, ..., raw. ``--profile PATH`` records the worker of the first run with py-spy (raw stacks).
 
-    samestyle bench clicks --json [--events 10000] [--rounds 2] [--modes on,off]
+    samestyle bench clicks --json [--events 50000] [--rounds 2] [--profile PATH]
 
-``ratio = pairs_agent_events_per_second (mode on) / raw_consume_events_per_second``; goal >= 0.5.
+``ratio = pairs_agent_events_per_second / raw_consume_events_per_second``; goal >= 0.5.
 """
 
 from __future__ import annotations
@@ -42,32 +46,34 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import bench_parser, finish, machine_info, ratio, rounded, setup_logging
+from bench.common import (
+    Profiler,
+    bench_parser,
+    finish,
+    machine_info,
+    ratio,
+    rounded,
+    setup_logging,
+    summarize_profile,
+)
 
 GOAL_RATIO = 0.5
-MODES = ("on", "off")
 #: A caught-up state must hold this long (several scrapes) to count as the end.
 CONFIRM_SECONDS = 0.5
-
-
-def modes_list(text: str) -> list[str]:
-    """argparse type: ``"on,off"`` -> ``["on", "off"]`` (each of on/off, no repeats)."""
-    values = [v.strip() for v in text.split(",") if v.strip()]
-    if not values or any(v not in MODES for v in values) or len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of on,off, got {text!r}")
-    return values
+#: Consumer label of the pairs agents' rows in the lag metrics.
+CONSUMER = "pairs"
+#: py-spy samples per second (a run lasts seconds).
+PROFILE_RATE = 250
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = bench_parser("clicks", __doc__.splitlines()[0], plot="write a PNG bar chart to PATH")
     p.add_argument("--events", type=int, default=10_000, help="click events per run (default 10000)")
-    p.add_argument("--rounds", type=int, default=2, help="pairs runs per mode, alternating with raw runs (default 2)")
-    p.add_argument("--modes", type=modes_list, default=list(MODES),
-                   help="changelog single-record batches: on (tansu default), off, or on,off (default)")
+    p.add_argument("--rounds", type=int, default=2, help="pairs runs, alternating with raw runs (default 2)")
     p.add_argument("--raw-repeats", type=int, default=5,
                    help="full reads of the topic per raw run (a single read lasts tens of ms; default 5)")
     p.add_argument("--products", type=int, default=200, help="products of the generated catalogue (default 200)")
@@ -76,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "empty index (default tiny)")
     p.add_argument("--scrape-interval", type=float, default=0.1, help="seconds between /metrics scrapes (default 0.1)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a pairs run may take (default 600)")
+    p.add_argument("--profile", type=Path, help="py-spy the worker of the first run; raw stacks to PATH")
     p.add_argument("--session-timeout", type=float, default=6.0,
                    help="the worker's consumer-group session timeout in s (a group join takes about half)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -86,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def offsets_from_metrics(text: str) -> dict[str, dict[tuple[str, int], float]]:
-    """The group's ``highwater`` and committed ``position`` per (topic, partition) of a /metrics page."""
+    """The pairs consumer's ``highwater`` and committed ``position`` per (topic, partition) of a /metrics page."""
     from prometheus_client.parser import text_string_to_metric_families
 
     wanted = {"samestyle_consumer_highwater_offset": "highwater", "samestyle_consumer_position_offset": "position"}
@@ -96,9 +103,15 @@ def offsets_from_metrics(text: str) -> dict[str, dict[tuple[str, int], float]]:
         if key is None:
             continue
         for s in family.samples:
-            if s.labels.get("consumer") == "group":
+            if s.labels.get("consumer") == CONSUMER:
                 out[key][(s.labels["topic"], int(s.labels["partition"]))] = s.value
     return out
+
+
+def clicks_processed(text: str) -> float:
+    """Click events the sessionize stage has processed, from a /metrics page."""
+    values = metric_values(text, ("samestyle_messages_processed_total",))
+    return values.get("samestyle_messages_processed_total{agent=pairs-sessionize}", 0.0)
 
 
 def consumption_started(offsets: dict[str, dict[tuple[str, int], float]], topic: str, partitions: int) -> bool:
@@ -123,45 +136,55 @@ def pooled_rate(events: int, seconds: Sequence[float]) -> float | None:
     return events * len(seconds) / total if seconds and total > 0 else None
 
 
-def clicks_result(events: int, raw_seconds: Sequence[float], pairs_seconds: dict[str, list[float]]) -> dict[str, Any]:
-    """Pooled rates, the ratio (mode on) and the same for mode off when measured."""
+def metric_values(text: str, names: Sequence[str]) -> dict[str, float]:
+    """``{name or name{label=value}: value}`` of the samples of ``names`` on a /metrics page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in names:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+def clicks_result(events: int, raw_seconds: Sequence[float], pairs_seconds: Sequence[float]) -> dict[str, Any]:
+    """Pooled rates of both sides and their ratio."""
     raw = pooled_rate(events, raw_seconds)
-    on = pooled_rate(events, pairs_seconds.get("on", []))
-    result: dict[str, Any] = {
-        "pairs_agent_events_per_second": on,
+    pairs = pooled_rate(events, pairs_seconds)
+    return {
+        "pairs_agent_events_per_second": pairs,
         "raw_consume_events_per_second": raw,
-        "ratio": ratio(on, raw),
+        "ratio": ratio(pairs, raw),
         "goal_ratio": GOAL_RATIO,
-        "goal_met": (ratio(on, raw) or 0.0) >= GOAL_RATIO,
+        "goal_met": (ratio(pairs, raw) or 0.0) >= GOAL_RATIO,
         "raw_runs_events_per_second": [events / s for s in raw_seconds],
-        "pairs_agent_runs_events_per_second": [events / s for s in pairs_seconds.get("on", [])],
+        "pairs_agent_runs_events_per_second": [events / s for s in pairs_seconds],
     }
-    if pairs_seconds.get("off"):
-        off = pooled_rate(events, pairs_seconds["off"])
-        result["pairs_agent_events_per_second_single_record_batches_off"] = off
-        result["ratio_single_record_batches_off"] = ratio(off, raw)
-        result["pairs_agent_runs_events_per_second_single_record_batches_off"] = [
-            events / s for s in pairs_seconds["off"]]
-    return result
 
 
 # ------------------------------------------------------------------------------ click data
 
 
-def simulated_clicks(count: int, products: int, directory: Path, seed: int = 0) -> list[dict[str, Any]]:
-    """``count`` click events of the default click model on a generated catalogue (session order)."""
+def simulated_clicks(count: int, products: int, directory: Path, seed: int = 0) -> Iterator[dict[str, Any]]:
+    """``count`` click events of the default click model on a generated catalogue (session order),
+    generated as they are taken (the same ones on every call)."""
     from samestyle.models.data import read_clusters, read_listings
     from samestyle.streams.dev.sample import generate_sample
     from samestyle.streams.dev.simulate import ClickSimulator
 
-    listings_csv, clusters_csv = generate_sample(directory / "sample", n_products=products, seed=seed)
-    sim = ClickSimulator(read_listings(listings_csv), read_clusters(clusters_csv), seed=seed)
-    clicks = []
+    sample = directory / "sample"
+    if not (sample / "listings.csv").is_file():
+        generate_sample(sample, n_products=products, seed=seed)
+    sim = ClickSimulator(read_listings(sample / "listings.csv"), read_clusters(sample / "clusters.csv"), seed=seed)
+    n = 0
     for c in sim.sessions(math.ceil(count / 2) + 10):  # 2.5 clicks per session on average
-        clicks.append(c)
-        if len(clicks) == count:
-            return clicks
-    raise RuntimeError(f"the simulator gave {len(clicks)} clicks, not {count}")  # pragma: no cover
+        yield c
+        n += 1
+        if n == count:
+            return
+    raise RuntimeError(f"the simulator gave {n} clicks, not {count}")  # pragma: no cover
 
 
 # --------------------------------------------------------------------------------- the runs
@@ -170,30 +193,28 @@ def simulated_clicks(count: int, products: int, directory: Path, seed: int = 0) 
 class Block:
     """The topics (unique prefix) and settings of one pairs run; clicks pre-produced to its click-events."""
 
-    def __init__(self, bootstrap: str, mode: str, args: argparse.Namespace, run_dir: Path) -> None:
+    def __init__(self, bootstrap: str, args: argparse.Namespace, run_dir: Path) -> None:
         from samestyle.streams.dev.broker import free_port
         from samestyle.streams.settings import Settings
         from samestyle.topics import topic_specs
 
         run = uuid.uuid4().hex[:8]
-        self.mode = mode
         self.settings = Settings(
             bootstrap=bootstrap, topic_prefix=f"c{run}-", app_id=f"samestyle-clicks-{run}", worker_id=f"clicks-{run}",
             encoder=args.encoder, allow_random_weights=(args.encoder == "tiny"), state_dir=run_dir / run / "state",
             web_port=free_port(), session_timeout_seconds=args.session_timeout,
-            heartbeat_interval_seconds=args.session_timeout / 3,
-            changelog_single_record_batches=(mode == "on"))
+            heartbeat_interval_seconds=args.session_timeout / 3)
         self.specs = topic_specs(self.settings.topic_prefix, app_id=self.settings.app_id)
         self.log_path = run_dir / run / "worker.log"
 
 
-async def _produce(block: Block, clicks: Sequence[dict[str, Any]]) -> None:
+async def _produce(block: Block, clicks: Iterable[dict[str, Any]]) -> None:
     from samestyle.streams.io.producer import send_records
     from samestyle.topics import CLICK_EVENTS, codec_for_topic
 
     codec = codec_for_topic(CLICK_EVENTS)
     await send_records(block.settings, block.specs[CLICK_EVENTS].name,
-                       [(c["session_id"].encode(), codec.encode(c)) for c in clicks])
+                       ((c["session_id"].encode(), codec.encode(c)) for c in clicks))
 
 
 async def raw_consume(bootstrap: str, topic: str, partitions: int, events: int, repeats: int) -> float:
@@ -238,8 +259,12 @@ async def _topic_stats(bootstrap: str, specs: dict[str, Any]) -> dict[str, dict[
     return out
 
 
-def pairs_run(block: Block, events: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Start a pairs worker on ``block`` and time it through every pre-produced click."""
+#: Scraped beside the offsets: table sizes and the worker's memory.
+STATE_METRICS = ("samestyle_pairs_table_keys", "process_resident_memory_bytes")
+
+
+def pairs_run(block: Block, events: int, args: argparse.Namespace, profile: Path | None = None) -> dict[str, Any]:
+    """Start a worker on ``block`` and time its pairs agents through every pre-produced click."""
     import urllib.request
 
     from samestyle.streams.dev.broker import die_with_parent
@@ -252,11 +277,13 @@ def pairs_run(block: Block, events: int, args: argparse.Namespace) -> dict[str, 
     env = dict(os.environ, **block.settings.to_env(), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     block.log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(block.log_path, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "samestyle", "pairs-worker"], env=env, stdout=out,
+        proc = subprocess.Popen([sys.executable, "-m", "samestyle", "worker"], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+    profiler: Profiler | None = None
     launched = time.monotonic()
-    started = ended = candidate = None
+    started = ended = candidate = idle_at = None
     scrapes = 0
+    state: list[dict[str, float]] = []
     try:
         deadline = launched + args.timeout
         while ended is None:
@@ -273,22 +300,32 @@ def pairs_run(block: Block, events: int, args: argparse.Namespace) -> dict[str, 
             if text is not None:
                 scrapes += 1
                 offsets = offsets_from_metrics(text)
+                state.append(metric_values(text, STATE_METRICS))
                 if started is None and consumption_started(offsets, source.name, source.partitions):
-                    started = t
+                    if profile is not None and profiler is None:  # the measured window, not the start-up
+                        profiler = Profiler(proc.pid, profile, rate=PROFILE_RATE)
+                    if clicks_processed(text) == 0:
+                        idle_at = t  # assigned, fetching, tables being read: not processing yet
+                    else:
+                        started = idle_at if idle_at is not None else t
                 # The high-water mark of click-pairs comes from the worker's last fetch: confirm
                 # over CONFIRM_SECONDS of scrapes, and time the end at the first of them.
                 if started is not None and caught_up(offsets, watched, events, source.name):
                     candidate = t if candidate is None else candidate
+                    if profiler is not None:
+                        profiler.stop()
                     if t - candidate >= CONFIRM_SECONDS:
                         ended = candidate
                 else:
                     candidate = None
             time.sleep(max(0.0, args.scrape_interval - (time.monotonic() - t)))
     finally:
+        if profiler is not None:
+            profiler.stop()
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-    assert started is not None
+    assert started is not None and ended is not None
     stats_specs = {k: block.specs[k] for k in (CLICK_PAIRS, POSITIVE_PAIRS)}
     for table in (PAIRS_SESSIONS_TABLE, PAIRS_EVIDENCE_TABLE):
         stats_specs[table] = block.specs[changelog_topic(block.settings.app_id, table)]
@@ -296,8 +333,9 @@ def pairs_run(block: Block, events: int, args: argparse.Namespace) -> dict[str, 
     first = stats[PAIRS_SESSIONS_TABLE]["first_ms"]
     last = max(v for v in (stats[PAIRS_EVIDENCE_TABLE]["last_ms"], stats[PAIRS_SESSIONS_TABLE]["last_ms"])
                if v is not None) if first is not None else None
+    keys = [sum(v for k, v in row.items() if k.startswith("samestyle_pairs_table_keys")) for row in state]
+    rss = [row.get("process_resident_memory_bytes", 0.0) / 2**20 for row in state]
     return {
-        "mode": block.mode,
         "seconds": ended - started,
         "join_seconds": started - launched,
         "scrapes": scrapes,
@@ -307,6 +345,12 @@ def pairs_run(block: Block, events: int, args: argparse.Namespace) -> dict[str, 
         "positive_pairs": stats[POSITIVE_PAIRS]["records"],
         "sessions_changelog_records": stats[PAIRS_SESSIONS_TABLE]["records"],
         "evidence_changelog_records": stats[PAIRS_EVIDENCE_TABLE]["records"],
+        "table_keys_max": max(keys, default=None),
+        "table_keys_last": keys[-1] if keys else None,
+        "table_keys_last_by_table": {k.split("=", 1)[1].rstrip("}"): v for k, v in (state[-1] if state else {}).items()
+                                     if k.startswith("samestyle_pairs_table_keys")},
+        "worker_rss_mb_max": max(rss, default=None),
+        "worker_rss_mb_last": rss[-1] if rss else None,
     }
 
 
@@ -316,13 +360,10 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["raw aiokafka", "pairs agent\n(1 record/batch)"]
+    names = ["raw aiokafka", "pairs agents\n(batched)"]
     values = [result["raw_consume_events_per_second"], result["pairs_agent_events_per_second"]]
-    if result.get("pairs_agent_events_per_second_single_record_batches_off"):
-        names.append("pairs agent\n(batching)")
-        values.append(result["pairs_agent_events_per_second_single_record_batches_off"])
     fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=80)
-    bars = ax.bar(names, [v or 0 for v in values], color=["#888888", "#3b75af", "#7fb0d8"][:len(values)])
+    bars = ax.bar(names, [v or 0 for v in values], color=["#888888", "#3b75af"])
     ax.bar_label(bars, fmt="%.0f")
     ax.set_yscale("log")
     ax.set_ylabel("click events / s (log)")
@@ -343,15 +384,14 @@ def main(argv: list[str] | None = None) -> int:
     from samestyle.topics import CLICK_EVENTS
 
     tmp = Path(tempfile.mkdtemp(prefix="samestyle-bench-clicks-"))
-    clicks = simulated_clicks(args.events, args.products, tmp)
     raw_seconds: list[float] = []
-    pairs_seconds: dict[str, list[float]] = {m: [] for m in args.modes}
+    pairs_seconds: list[float] = []
     runs: list[dict[str, Any]] = []
     with EmbeddedBroker(log_path=tmp / "broker.log") as broker:
-        blocks = [Block(broker.bootstrap, mode, args, tmp) for _ in range(args.rounds) for mode in args.modes]
+        blocks = [Block(broker.bootstrap, args, tmp) for _ in range(args.rounds)]
         for block in blocks:  # every topic exists, and every click is in, before any worker starts
             create_topics(broker.bootstrap, block.specs.values())
-            asyncio.run(_produce(block, clicks))
+            asyncio.run(_produce(block, simulated_clicks(args.events, args.products, tmp)))
 
         def raw(block: Block) -> None:
             spec = block.specs[CLICK_EVENTS]
@@ -361,25 +401,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"raw run {len(raw_seconds)}: {args.events * args.raw_repeats / seconds:,.0f} events/s",
                   file=sys.stderr)
 
-        for block in blocks:
+        for i, block in enumerate(blocks):
             raw(block)
-            run = pairs_run(block, args.events, args)
+            run = pairs_run(block, args.events, args, args.profile if i == 0 else None)
             runs.append(run)
-            pairs_seconds[block.mode].append(run["seconds"])
-            print(f"pairs run (single-record batches {block.mode}): {args.events / run['seconds']:,.0f} events/s "
+            pairs_seconds.append(run["seconds"])
+            print(f"pairs run {i + 1}: {args.events / run['seconds']:,.0f} events/s "
                   f"(by record timestamps {run['seconds_by_record_timestamps']} s; join {run['join_seconds']:.1f} s)",
                   file=sys.stderr)
         raw(blocks[-1])
 
     result = clicks_result(args.events, raw_seconds, pairs_seconds)
-    by_stamps = {m: [r["seconds_by_record_timestamps"] for r in runs if r["mode"] == m
-                     and r["seconds_by_record_timestamps"]] for m in args.modes}
-    result["pairs_agent_events_per_second_by_record_timestamps"] = {
-        m: rounded(pooled_rate(args.events, s)) for m, s in by_stamps.items()}
+    by_stamps = [r["seconds_by_record_timestamps"] for r in runs if r["seconds_by_record_timestamps"]]
+    result["pairs_agent_events_per_second_by_record_timestamps"] = rounded(pooled_rate(args.events, by_stamps))
     result.update({
         "events": args.events,
         "rounds": args.rounds,
-        "modes": args.modes,
         "raw_repeats": args.raw_repeats,
         "runs": [{k: rounded(v) if isinstance(v, float) else v for k, v in r.items()} for r in runs],
         "forwarded_share": rounded(runs[0]["forwarded_to_click_pairs"] / args.events) if runs else None,
@@ -388,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "run_dir": str(tmp),
     })
+    if args.profile is not None and args.profile.exists():
+        result["profile"] = summarize_profile(args.profile, top=20)
+        result["profile_path"] = str(args.profile)
     for key, value in list(result.items()):
         if isinstance(value, float):
             result[key] = rounded(value)

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import logging
 import math
 import os
 import platform
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -260,7 +263,9 @@ def streaming_stack(encoder: str, batch_size: int, run_dir: Path | None = None,
             "encoder": encoder, "allow_random_weights": encoder == "tiny", "batch_size": batch_size,
             "state_dir": run_dir / "state", "web_port": 0, **overrides})
         specs = topic_specs(settings.topic_prefix, settings.partitions)
-        create_topics(broker.bootstrap, specs.values())
+        # app_id: the pairs agents' changelogs too (the worker runs them unless SAMESTYLE_PAIRS_ENABLED=0).
+        create_topics(broker.bootstrap,
+                      topic_specs(settings.topic_prefix, settings.partitions, app_id=settings.app_id).values())
         worker = WorkerProcess(settings, run_dir / "worker.log", extra_env=worker_env).start()
         log.info("worker pid %d, logs in %s", worker.pid, run_dir)
         try:
@@ -325,8 +330,59 @@ def run_async(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
+# ---------------------------------------------------------------------------------- profiles
+
+
+class Profiler:
+    """``py-spy record`` of one process, raw (collapsed) stacks, stopped with SIGINT."""
+
+    def __init__(self, pid: int, path: Path, rate: int = 50) -> None:
+        self.path = path
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid), "--rate", str(rate),
+             "--format", "raw", "--threads", "--output", str(path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
+    """Samples per thread and the functions that take the most samples, inclusive and self."""
+    threads: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    leaf: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        total += count
+        threads[frames[0]] += count
+        names = [f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1] + ")"
+                 for f in frames[1:]]
+        for name in set(names):
+            inclusive[name] += count
+        if names:
+            leaf[names[-1]] += count
+
+    def share(counter: collections.Counter[str]) -> list[dict[str, Any]]:
+        return [{"name": k, "share": round(v / total, 3)} for k, v in counter.most_common(top)]
+
+    return {"samples": total, "threads": share(threads), "inclusive": share(inclusive), "self": share(leaf)}
+
+
 __all__ = [
-    "Stack", "bench_parser", "embedded_times", "emit", "encode_listing", "listing_inputs", "machine_info", "median", "percentile",
+    "Profiler", "Stack", "bench_parser", "embedded_times", "emit", "encode_listing", "listing_inputs", "machine_info", "median", "percentile",
     "positive_float_list", "positive_int_list", "ratio", "rounded", "run_async", "sample_messages",
-    "setup_logging", "streaming_stack", "time_encoder", "wait_indexed", "worker_environment",
+    "setup_logging", "streaming_stack", "summarize_profile", "time_encoder", "wait_indexed", "worker_environment",
 ]
+

@@ -2,9 +2,17 @@
 
 * Memory bandwidth, measured in the same run: read (``numpy`` sum over a large float32 array,
   one thread per core, best of ``--repeat``) and copy (read + write bytes counted).
-* Exact search (``LiveIndex(kind="flat")``, ``--n`` uniform random vectors): GB/s of vectors
+* Exact search (``LiveIndex(kind="flat")``, ``--n`` random unit vectors): GB/s of vectors
   scanned = ``n * dim * 4`` bytes per query batch / seconds (median of ``--repeat``), all cores;
   ``bandwidth_ratio = exact_scan_gbps / memory_gbps``. Also add and delete throughput.
+* Exact search against the matrix product, at ``--query-batch`` (the index agent's 32): rounds
+  alternating the search, numpy's sgemm of the same shapes (``queries @ vectors.T`` and
+  ``vectors @ queries.T`` into preallocated outputs; the faster of the two each round) and
+  ``faiss.knn`` twice: with faiss's own settings (what the flat search called before) and forced
+  onto its BLAS path with large blocks (the alternative to ``index_store/exact.py``). GFLOP/s =
+  ``2 * nq * n * dim`` / median seconds; ``sgemm_ratio = search_gflops / sgemm_gflops``; the
+  thread counts are the process defaults (a worker sets none). ``--gallery-blocks`` sweeps the
+  rows per GEMM of the search the same way.
 * Approximate search (``LiveIndex(kind="hnsw")``) on ``--approx-n`` *clustered* vectors (unit
   Gaussian blobs, see :func:`clustered`): recall@10 against exact search on the same vectors
   and queries/s on one core (FAISS limited to one thread), for ``--ef-search`` and a sweep.
@@ -12,7 +20,8 @@
 
     samestyle bench index --n 1000000 --dim 256 --json [--approx-n 100000] [--plot index.png]
 
-Goals: exact >= 0.7 of memory bandwidth; approximate recall@10 >= 0.95 at >= 1,000 q/s per core.
+Goals: exact >= 0.7 of memory bandwidth and >= 0.7 of the sgemm's GFLOP/s; approximate recall@10
+>= 0.95 at >= 1,000 q/s per core.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import numpy as np
 from bench.common import bench_parser, finish, machine_info, median, positive_int_list, ratio, rounded, setup_logging
 
 GOAL_BANDWIDTH_RATIO = 0.7
+GOAL_SGEMM_RATIO = 0.7
 GOAL_RECALL = 0.95
 GOAL_QPS_PER_CORE = 1000.0
 
@@ -45,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="queries per exact search call (default 32, the index agent's batch)")
     p.add_argument("--query-batches", type=positive_int_list, default=[1, 8, 32, 128],
                    help="query batch sizes of the exact-scan sweep (default 1,8,32,128)")
+    p.add_argument("--gallery-blocks", type=positive_int_list, default=[16384, 65536, 262144, 1048576],
+                   help="gallery rows per GEMM of the exact search to sweep at --query-batch, against "
+                        "the sgemm (default 16384,65536,262144,1048576; the search's own: 2**23 / batch)")
     p.add_argument("--add-batch", type=int, default=1000, help="vectors per upsert call (default 1000)")
     p.add_argument("--delete-n", type=int, default=20_000, help="listings deleted to time deletes (default 20,000)")
     p.add_argument("--memory-mb", type=int, default=1024, help="array size of the bandwidth test (default 1024)")
@@ -117,14 +130,110 @@ def _ids(start: int, stop: int) -> list[str]:
     return [f"v{i:08d}" for i in range(start, stop)]
 
 
+def unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    """``n`` random unit vectors ``[n, dim]`` float32, like the encoders' normalised embeddings."""
+    x = rng.standard_normal((n, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def gemm_flop(nq: int, n: int, dim: int) -> int:
+    """Floating-point operations of the ``[nq, dim] x [dim, n]`` product a flat search computes."""
+    return 2 * nq * n * dim
+
+
+def versus_sgemm(search: Callable[[], Any], matrix: np.ndarray, queries: np.ndarray, rounds: int,
+                 others: dict[str, Callable[[], Any]] | None = None) -> dict[str, Any]:
+    """Time ``search`` and numpy's sgemm of the same shapes in alternating rounds (one call each
+    per round, in a new random order each round, after one warm-up each: a call right after a
+    faiss call meets its OpenMP threads still spinning); ``others`` are timed in the same rounds.
+
+    The sgemm of a round is the faster of ``queries @ matrix.T`` and ``matrix @ queries.T`` (into
+    preallocated outputs, so neither pays for page faults). Rates from the median seconds.
+    """
+    nq, n, dim = queries.shape[0], matrix.shape[0], matrix.shape[1]
+    out_qn = np.empty((nq, n), dtype=np.float32)
+    out_nq = np.empty((n, nq), dtype=np.float32)
+    calls: dict[str, Callable[[], Any]] = {
+        "search": search,
+        "sgemm_qn": lambda: np.matmul(queries, matrix.T, out=out_qn),
+        "sgemm_nq": lambda: np.matmul(matrix, queries.T, out=out_nq),
+        **(others or {}),
+    }
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for fn in calls.values():
+        fn()
+    order = np.random.default_rng(0)
+    names = list(calls)
+    for _ in range(rounds):
+        for name in order.permutation(names).tolist():
+            t0 = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - t0)
+    sgemm = [min(a, b) for a, b in zip(times["sgemm_qn"], times["sgemm_nq"])]
+    flop = gemm_flop(nq, n, dim)
+    search_s, sgemm_s = median(times["search"]), median(sgemm)
+    assert search_s is not None and sgemm_s is not None
+    out: dict[str, Any] = {
+        "query_batch": nq,
+        "search_seconds": search_s,
+        "sgemm_seconds": sgemm_s,
+        "search_gflops": flop / search_s / 1e9,
+        "sgemm_gflops": flop / sgemm_s / 1e9,
+        "sgemm_ratio": sgemm_s / search_s,
+        "sgemm_ratio_per_round": [g / s for g, s in zip(sgemm, times["search"])],
+        "sgemm_qn_seconds": median(times["sgemm_qn"]),
+        "sgemm_nq_seconds": median(times["sgemm_nq"]),
+        "rounds": rounds,
+    }
+    for name in others or {}:
+        seconds = median(times[name])
+        assert seconds is not None
+        out[f"{name}_seconds"] = seconds
+        out[f"{name}_gflops"] = flop / seconds / 1e9
+        out[f"{name}_sgemm_ratio"] = sgemm_s / seconds
+    return out
+
+
+def faiss_blas_knn(queries: np.ndarray, matrix: np.ndarray, k: int) -> Any:
+    """``faiss.knn`` (inner product) on faiss's BLAS path with blocks of ``2**23 / nq`` gallery rows:
+    the best faiss setting measured for the flat search. faiss's globals are restored."""
+    import faiss
+
+    cvar = faiss.cvar
+    names = ("distance_compute_blas_threshold", "distance_compute_blas_query_bs",
+             "distance_compute_blas_database_bs")
+    saved = [getattr(cvar, name) for name in names]
+    nq = queries.shape[0]
+    for name, value in zip(names, (1, nq, max(1024, (1 << 23) // nq))):
+        setattr(cvar, name, value)
+    try:
+        return faiss.knn(queries, matrix, k, metric=faiss.METRIC_INNER_PRODUCT)
+    finally:
+        for name, value in zip(names, saved):
+            setattr(cvar, name, value)
+
+
+def blas_threads() -> dict[str, Any]:
+    """Thread counts of the BLAS libraries loaded (numpy's and faiss's), via threadpoolctl."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return {}
+    return {f"{i.get('internal_api')}:{Path(i.get('filepath', '?')).name}": i.get("num_threads")
+            for i in threadpool_info()}
+
+
 def exact_part(args: argparse.Namespace, rng: np.random.Generator) -> dict[str, Any]:
-    from samestyle.index_store import LiveIndex
+    import faiss
+
+    from samestyle.index_store import LiveIndex, exact
 
     index = LiveIndex(args.dim, "flat")
     add_seconds = 0.0
     for start in range(0, args.n, args.add_batch):
         stop = min(args.n, start + args.add_batch)
-        vectors = rng.standard_normal((stop - start, args.dim), dtype=np.float32)
+        vectors = unit_rows(rng, stop - start, args.dim)
         ids = _ids(start, stop)
         t0 = time.perf_counter()
         index.upsert(ids, vectors)
@@ -134,7 +243,7 @@ def exact_part(args: argparse.Namespace, rng: np.random.Generator) -> dict[str, 
 
     sweep = []
     for nq in sorted(set(args.query_batches) | {args.query_batch}):
-        queries = rng.standard_normal((nq, args.dim), dtype=np.float32)
+        queries = unit_rows(rng, nq, args.dim)
         index.search(queries, args.k)  # warm-up
         seconds = median(_timed(lambda: index.search(queries, args.k), args.repeat))
         assert seconds is not None
@@ -142,6 +251,34 @@ def exact_part(args: argparse.Namespace, rng: np.random.Generator) -> dict[str, 
                       "queries_per_second": nq / seconds})
         _log(f"flat: batch {nq}: {seconds * 1000:.1f} ms, {scanned / seconds / 1e9:.2f} GB/s scanned")
     headline = next(r for r in sweep if r["query_batch"] == args.query_batch)
+
+    # The search against the matrix product of its shapes, and against faiss.knn: left at faiss's
+    # own settings (what the flat search called before) and on faiss's BLAS path.
+    matrix = index._vectors[: len(index)]  # the very array the search scans
+    queries = unit_rows(rng, args.query_batch, args.dim)
+    k = args.k + 1  # the agent excludes the query listing itself: one more neighbour
+    exclude = [f"v{i:08d}" for i in rng.integers(0, args.n, size=args.query_batch)]
+    versus = versus_sgemm(
+        lambda: index.search(queries, args.k, exclude=exclude), matrix, queries, args.repeat,
+        {"faiss_default": lambda: faiss.knn(queries, matrix, k, metric=faiss.METRIC_INNER_PRODUCT),
+         "faiss_blas": lambda: faiss_blas_knn(queries, matrix, k)})
+    _log(f"flat vs sgemm, batch {args.query_batch}: search {versus['search_seconds'] * 1000:.1f} ms "
+         f"({versus['search_gflops']:.1f} GFLOP/s), sgemm {versus['sgemm_seconds'] * 1000:.1f} ms "
+         f"({versus['sgemm_gflops']:.1f} GFLOP/s), ratio {versus['sgemm_ratio']:.2f}; faiss defaults "
+         f"{versus['faiss_default_seconds'] * 1000:.1f} ms (ratio {versus['faiss_default_sgemm_ratio']:.2f}), "
+         f"faiss BLAS {versus['faiss_blas_seconds'] * 1000:.1f} ms (ratio {versus['faiss_blas_sgemm_ratio']:.2f})")
+    blocks = []
+    kept = exact.GALLERY_BLOCK_FLOATS
+    try:
+        for rows in args.gallery_blocks:
+            exact.GALLERY_BLOCK_FLOATS = rows * args.query_batch
+            row = versus_sgemm(lambda: index.search(queries, args.k, exclude=exclude), matrix, queries,
+                               args.repeat)
+            blocks.append({"gallery_rows": rows, **{key: row[key] for key in (
+                "search_seconds", "search_gflops", "sgemm_gflops", "sgemm_ratio")}})
+            _log(f"flat: gallery blocks of {rows:,} rows: ratio {row['sgemm_ratio']:.2f}")
+    finally:
+        exact.GALLERY_BLOCK_FLOATS = kept
 
     victims = rng.choice(args.n, size=min(args.delete_n, args.n), replace=False)
     victim_ids = [f"v{i:08d}" for i in victims]
@@ -154,6 +291,9 @@ def exact_part(args: argparse.Namespace, rng: np.random.Generator) -> dict[str, 
         "exact_scan_gbps": headline["scan_gbps"],
         "exact_query_batch_seconds": headline["seconds"],
         "exact_sweep": sweep,
+        "exact_headline": versus,
+        "gallery_block_sweep": blocks,
+        "gallery_block_rows": max(exact.FIRST_BLOCK_ROWS, exact.GALLERY_BLOCK_FLOATS // args.query_batch),
         "add_per_second": args.n / add_seconds,
         "delete_per_second": len(victim_ids) / delete_seconds if victim_ids else None,
         "deleted": len(victim_ids),
@@ -295,13 +435,27 @@ def index_result(memory: dict[str, float], exact: dict[str, Any]) -> dict[str, A
     """The headline bandwidth numbers and their ratio (the read bandwidth with every core)."""
     memory_gbps = memory["read_gbps"]
     r = ratio(exact["exact_scan_gbps"], memory_gbps)
-    return {
+    out: dict[str, Any] = {
         "memory_gbps": memory_gbps,
         "exact_scan_gbps": exact["exact_scan_gbps"],
         "bandwidth_ratio": r,
         "goal_bandwidth_ratio": GOAL_BANDWIDTH_RATIO,
         "exact_goal_met": r is not None and r >= GOAL_BANDWIDTH_RATIO,
     }
+    versus = exact.get("exact_headline")
+    if versus is not None:
+        out.update({
+            "search_gflops": versus["search_gflops"],
+            "sgemm_gflops": versus["sgemm_gflops"],
+            "sgemm_ratio": versus["sgemm_ratio"],
+            "search_seconds_per_batch": versus["search_seconds"],
+            "faiss_default_seconds_per_batch": versus["faiss_default_seconds"],
+            "faiss_default_gflops": versus["faiss_default_gflops"],
+            "faiss_blas_sgemm_ratio": versus["faiss_blas_sgemm_ratio"],
+            "goal_sgemm_ratio": GOAL_SGEMM_RATIO,
+            "sgemm_goal_met": versus["sgemm_ratio"] >= GOAL_SGEMM_RATIO,
+        })
+    return out
 
 
 def _round_tree(value: Any) -> Any:
@@ -328,7 +482,10 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     left.bar_label(bars, fmt="%.1f", fontsize=7)
     left.axhline(GOAL_BANDWIDTH_RATIO * result["memory_gbps"], color="red", lw=0.8, ls=":", label="0.7 x memory")
     left.set_ylabel("GB/s")
-    left.set_title(f"exact flat scan, n={result['n']:,} x {result['dim']}", fontsize=9)
+    title = f"exact flat scan, n={result['n']:,} x {result['dim']}"
+    if result.get("sgemm_ratio") is not None:
+        title += f"\nq={result['query_batch']}: {result['sgemm_ratio']:.2f} of numpy sgemm's GFLOP/s"
+    left.set_title(title, fontsize=9)
     left.tick_params(axis="x", labelsize=7, rotation=20)
     left.legend(fontsize=7)
     approx = result.get("approx")
@@ -346,6 +503,17 @@ def _plot(result: dict[str, Any], path: Path) -> None:
         right.set_xlabel("queries / s, one core")
         right.set_ylabel("recall@10")
         right.set_title(f"approximate, n={approx['n']:,} clustered", fontsize=9)
+        right.legend(fontsize=7)
+    elif result.get("exact_headline"):
+        h = result["exact_headline"]
+        names = ["numpy sgemm", "flat search", "faiss.knn\n(faiss's settings)", "faiss.knn\n(BLAS path)"]
+        rates = [h["sgemm_gflops"], h["search_gflops"], h["faiss_default_gflops"], h["faiss_blas_gflops"]]
+        bars = right.bar(names, rates, color=["#888888", "#3b75af", "#c44e52", "#dd8452"])
+        right.bar_label(bars, fmt="%.1f", fontsize=7)
+        right.axhline(GOAL_SGEMM_RATIO * h["sgemm_gflops"], color="red", lw=0.8, ls=":", label="0.7 x sgemm")
+        right.set_ylabel("GFLOP/s")
+        right.set_title(f"{h['query_batch']} queries x {result['n']:,} x {result['dim']}, same run", fontsize=9)
+        right.tick_params(axis="x", labelsize=7)
         right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
@@ -380,8 +548,9 @@ def main(argv: list[str] | None = None) -> int:
         "query_batch": args.query_batch,
         "add_batch": args.add_batch,
         "approx_n": None if args.skip_approx else args.approx_n,
-        "exact_data": "uniform random Gaussian float32 vectors (the scan speed does not depend on them)",
+        "exact_data": "random unit float32 vectors (the scan speed does not depend on them)",
         "faiss_threads": faiss.omp_get_max_threads(),
+        "blas_threads": blas_threads(),
         "repeat": args.repeat,
         "goal_recall": GOAL_RECALL,
         "goal_qps_per_core": GOAL_QPS_PER_CORE,

@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    Profiler,
     Stack,
     bench_parser,
     embedded_times,
@@ -45,6 +44,7 @@ from bench.common import (
     sample_messages,
     setup_logging,
     streaming_stack,
+    summarize_profile,
     time_encoder,
     wait_indexed,
     worker_environment,
@@ -89,53 +89,6 @@ def pipeline_result(n: int, pipeline_seconds: Sequence[float], encoder_seconds: 
         "goal_ratio": GOAL_RATIO,
         "goal_met": r is not None and r >= GOAL_RATIO,
     }
-
-
-class Profiler:
-    """``py-spy record`` of one process, raw (collapsed) stacks, stopped with SIGINT."""
-
-    def __init__(self, pid: int, path: Path, rate: int = 50) -> None:
-        self.path = path
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid), "--rate", str(rate),
-             "--format", "raw", "--threads", "--output", str(path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-
-
-def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
-    """Samples per thread and the functions that take the most samples, inclusive and self."""
-    threads: collections.Counter[str] = collections.Counter()
-    inclusive: collections.Counter[str] = collections.Counter()
-    leaf: collections.Counter[str] = collections.Counter()
-    total = 0
-    for line in path.read_text(errors="replace").splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = stack.split(";")
-        total += count
-        threads[frames[0]] += count
-        names = [f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1] + ")"
-                 for f in frames[1:]]
-        for name in set(names):
-            inclusive[name] += count
-        if names:
-            leaf[names[-1]] += count
-
-    def share(counter: collections.Counter[str]) -> list[dict[str, Any]]:
-        return [{"name": k, "share": round(v / total, 3)} for k, v in counter.most_common(top)]
-
-    return {"samples": total, "threads": share(threads), "inclusive": share(inclusive), "self": share(leaf)}
 
 
 async def _round(stack: Stack, reader: Any, measured: list[dict[str, Any]], timeout: float,

@@ -201,7 +201,8 @@ def soak_stack(args: argparse.Namespace, run_dir: Path, worker_env: dict[str, st
             state_dir=run_dir / "state", web_port=port, session_timeout_seconds=args.session_timeout,
             heartbeat_interval_seconds=args.session_timeout / 3)
         specs = topic_specs(settings.topic_prefix, settings.partitions)
-        create_topics(broker.bootstrap, specs.values())
+        create_topics(broker.bootstrap,
+                      topic_specs(settings.topic_prefix, settings.partitions, app_id=settings.app_id).values())
         worker = WorkerProcess(settings, run_dir / "worker.log", extra_env=worker_env).start()
         print(f"worker pid {worker.pid}, /metrics on :{port}, logs in {run_dir}", file=sys.stderr)
         try:

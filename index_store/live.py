@@ -4,7 +4,8 @@ Storage is a set of parallel, capacity-doubling "slot" arrays: ``_ids[slot]``, `
 ``_views[slot]`` and, for kind ``"flat"``, ``_vectors[slot]``; ``_slot_of`` maps an id to its slot.
 Slots are dense (``0 .. len-1``): deleting swaps the last slot into the hole, so every operation is
 O(dim) per id and an exact search runs on one contiguous ``[len, dim]`` view of the matrix without
-copying it (``faiss.knn`` over ``_vectors[:len]``).
+copying it (:func:`~samestyle.index_store.exact.top_k_inner_product` over ``_vectors[:len]``: numpy
+GEMMs over blocks of rows and a threshold selection).
 
 Kind ``"hnsw"`` keeps the vectors in a ``faiss.IndexHNSWFlat`` instead (one copy in memory, not
 two); ``_labels[slot]`` is the graph entry of a slot and ``_owner[label]`` the slot of a graph entry,
@@ -24,6 +25,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from samestyle.index_store.exact import Scratch, top_k_inner_product
 from samestyle.index_store.snapshot import SnapshotReader, has_snapshot, write_snapshot
 from samestyle.topics.errors import IndexStoreError
 
@@ -96,16 +98,13 @@ def _check_payload(payload: Any, listing_id: str) -> dict[str, Any]:
         raise IndexStoreError(f"payload of {listing_id!r} is not JSON-serialisable: {e}") from e
 
 
-#: Query batches up to this size are scored with one BLAS product instead of faiss.knn.
-SMALL_QUERY_BATCH = 4
-
-
 class LiveIndex:
     """A mutable inner-product index of listings keyed by string listing id.
 
     ``kind="flat"`` (default) is exact: brute-force inner product over a contiguous float32
-    matrix, correct after any interleaving of upserts and deletes. About 100 ms for 64 queries
-    against 100k x 256 on two cores; use it up to a few million vectors per shard.
+    matrix, correct after any interleaving of upserts and deletes, at about 0.8 of the speed of
+    numpy's matrix product of the same shapes (``index_store/exact.py``); use it up to a few
+    million vectors per shard.
 
     ``kind="hnsw"`` is approximate (``faiss.IndexHNSWFlat``, inner product) for larger
     catalogues: search is sub-linear, but recall is below 1 and depends on ``ef_search``; it
@@ -121,9 +120,10 @@ class LiveIndex:
 
     Thread safety: every public method holds one re-entrant lock, so one call runs at a time
     (FAISS is not safe under concurrent add/remove/search). Batch queries to amortise it.
-    FAISS parallelises with OpenMP and this class leaves its thread count alone: a process that
-    shares cores with other CPU work should set it at its entry point (``OMP_NUM_THREADS`` or
-    ``faiss.omp_set_num_threads``); spinning OpenMP threads on busy cores slow small batches ~10x.
+    The flat search runs on numpy's BLAS, HNSW on FAISS's OpenMP threads; this class leaves both
+    thread counts alone: a process that shares cores with other CPU work should set them at its
+    entry point (``OPENBLAS_NUM_THREADS`` / ``OMP_NUM_THREADS`` or ``faiss.omp_set_num_threads``);
+    spinning OpenMP threads on busy cores slow small batches ~10x.
     """
 
     def __init__(
@@ -165,6 +165,7 @@ class LiveIndex:
         self._views = np.empty((0, n_views, dim), dtype=np.float32)  # [capacity, n_views, dim]
         if kind == "flat":
             self._vectors = np.empty((0, dim), dtype=np.float32)  # [capacity, dim]
+            self._scratch = Scratch()  # score buffers of the exact search, reused under the lock
         else:
             self._hnsw = self._new_graph()
             self._labels = np.empty(0, dtype=np.int64)  # slot -> graph entry
@@ -549,18 +550,7 @@ class LiveIndex:
         extra = any(e is not None and e in self._slot_of for e in exclude)
         want = min(k + extra, self._size)
         matrix = self._vectors[: self._size]  # a contiguous view: read in place, no copy per batch
-        if len(queries) <= SMALL_QUERY_BATCH:
-            # faiss.knn scans with one thread per query; a BLAS matrix-vector product uses every
-            # core and is memory-bound (bench/index_bench.py, exact_sweep at query_batch 1).
-            all_scores = matrix @ queries.T  # [size, nq]
-            hits = []
-            for q in range(len(queries)):
-                column = all_scores[:, q]
-                top = np.argpartition(-column, want - 1)[:want]
-                top = top[np.argsort(-column[top], kind="stable")]
-                hits.append(self._hits(column[top], top, k, exclude[q]))
-            return hits
-        scores, slots = faiss.knn(queries, matrix, want, metric=faiss.METRIC_INNER_PRODUCT)
+        scores, slots = top_k_inner_product(queries, matrix, want, scratch=self._scratch)
         return [self._hits(scores[q], slots[q], k, exclude[q]) for q in range(len(queries))]
 
     def _hits(self, scores: np.ndarray, slots: np.ndarray, k: int, exclude: str | None) -> list[Hit]:

@@ -20,6 +20,8 @@ ENV_PREFIX = "SAMESTYLE_"
 #: Image+text cosine at or above which a same-supplier neighbour is a duplicate, for a model
 #: without a duplicate classifier when ``SAMESTYLE_DUPLICATE_THRESHOLD`` is not set.
 DEFAULT_COSINE_THRESHOLD = 0.82
+#: Shortest API token accepted: a guessable token is no authentication.
+MIN_API_TOKEN_CHARS = 16
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,10 @@ class Settings:
     #: Overrides the partition count of listings / listing-embeddings / similar-products at
     #: topic creation (more partitions = more embedding workers).
     partitions: int | None = None
+    #: A schema folder laid over the packaged ``topics/schemas`` file by file (same layout:
+    #: ``<name>.avsc``, ``history/<name>/v<N>.avsc``): a newer version a producer writes, so that
+    #: this release reads it, before an upgrade ships it (README, "Schema upgrades").
+    schema_dir: Path | None = None
     #: Faust application id = consumer group of the embed and index agents.
     app_id: str = "samestyle"
     #: Names this worker in logs, metrics and its state directory.
@@ -66,12 +72,38 @@ class Settings:
     state_dir: Path = Path("state")
     #: Seconds between index snapshots (0 disables periodic snapshots; one is still taken at stop).
     snapshot_interval_seconds: float = 30.0
+    #: Longest a model switch waits, once this worker's re-embedding is done, for the new index to
+    #: hold every listing of the serving one; then it switches without the listings still missing
+    #: (counted and logged). Listings the listings log cannot supply never hold it up to this.
+    switch_deadline_seconds: float = 1800.0
     #: Longest title + description + attributes text accepted, in characters.
     max_text_chars: int = 100_000
     #: Largest image accepted, in bytes.
     max_image_bytes: int = 20_000_000
-    #: Base directory for relative ``image_uri`` values.
+    #: The only directory local ``image_uri`` values are read from: relative ones are taken from
+    #: it, absolute ones (and ``file://`` URIs) must resolve inside it, symlinks and ``..``
+    #: included. Unset: listings cannot name local images (inline bytes and URLs still work).
     image_base_dir: Path | None = None
+    #: Comma-separated hosts (names or IP addresses) whose ``http(s)://`` images may be fetched
+    #: although they resolve to a loopback, private, link-local or otherwise non-public address
+    #: (an image server on the internal network). Cloud metadata addresses are refused anyway.
+    #: Parsed by the image fetcher (``streams/io/addresses.py``) when the worker starts.
+    image_allowed_hosts: str = ""
+    #: Image fetches in flight at once per worker (the embed agent, a model switch's
+    #: re-embedding and thumbnails share them).
+    image_fetch_concurrency: int = 16
+    #: Longest wait for a TCP (and TLS) connection to an image host, and between two reads of
+    #: its answer.
+    image_fetch_connect_timeout_seconds: float = 3.0
+    image_fetch_read_timeout_seconds: float = 5.0
+    #: Longest one attempt at an image may take, redirects and body included (a server that
+    #: drips bytes just under the read timeout is stopped here).
+    image_fetch_timeout_seconds: float = 10.0
+    #: Further attempts after a 5xx answer, a timeout or a dropped connection (never after a 4xx
+    #: or a refused address).
+    image_fetch_retries: int = 2
+    #: Redirects followed per fetch; each new location is checked like the first.
+    image_fetch_max_redirects: int = 3
     #: Consumer group session timeout and heartbeat (BROKER.md: group joins take ~half of it).
     session_timeout_seconds: float = 6.0
     heartbeat_interval_seconds: float = 2.0
@@ -83,10 +115,15 @@ class Settings:
     torch_threads: int | None = None
     #: The worker's HTTP port (health now, metrics and search later); 0 disables it.
     web_port: int = 6066
+    #: Bearer token of the search API and page (``/metrics`` and ``/health`` stay open). Unset,
+    #: with no ``api_token_file``: the API is open. Never printed (``repr=False``).
+    api_token: str | None = field(default=None, repr=False)
+    #: A file holding the token (first line; a mounted secret), instead of ``api_token``.
+    api_token_file: Path | None = None
     #: Largest message a producer may send (a dead letter carries the original bytes).
     max_message_bytes: int = 8_388_608
     log_level: str = "info"
-    # --- pairs agent (streams/clicks.py, docs/PAIRS.md) ---
+    # --- pairs agents (streams/pairs/, docs/PAIRS.md) ---
     #: A session's clicks belong to one session window until it is idle this long; each window
     #: counts once in a pair's ``sessions`` evidence.
     pairs_session_gap_seconds: float = 1800.0
@@ -107,10 +144,17 @@ class Settings:
     #: True: a pair waits until both listings are indexed so the cosine can be checked; False
     #: (default): the cosine constraint is skipped for a pair with a listing not indexed yet.
     pairs_require_cosine: bool = False
-    #: Send every changelog record in its own batch (producer_max_batch_size=1): tansu reports a
-    #: wrong end offset otherwise and Faust table recovery silently stops short (BROKER.md trap
-    #: 1). App-wide in Faust; turn off on real Apache Kafka.
-    changelog_single_record_batches: bool = True
+    #: Run the click-pairs agents in this worker (``samestyle worker``); off for embed-only workers.
+    pairs_enabled: bool = True
+    #: Pair evidence (and a session's windows) expires after this much idle *event* time: the
+    #: tables hold recent pairs only. 0 keeps them forever.
+    pairs_evidence_ttl_seconds: float = 30 * 24 * 3600.0
+    #: Most click records the pairs agents fold per batch (one table write per key per batch).
+    pairs_batch_max_records: int = 10_000
+    #: Longest the pairs agents go between offset commits while busy (they commit at once when idle).
+    pairs_commit_interval_seconds: float = 1.0
+    #: The trainer's window: the newest mined pairs it keeps (and trains on); older ones are dropped.
+    trainer_max_pairs: int = 100_000
 
     def __post_init__(self) -> None:
         problems = []
@@ -127,6 +171,8 @@ class Settings:
             problems.append("partitions must be >= 1")
         if self.batch_linger_seconds <= 0:
             problems.append("batch_linger_seconds must be > 0")
+        if self.switch_deadline_seconds <= 0:
+            problems.append("switch_deadline_seconds must be > 0")
         if self.heartbeat_interval_seconds >= self.session_timeout_seconds:
             problems.append("heartbeat_interval_seconds must be below session_timeout_seconds")
         if self.pairs_session_gap_seconds <= 0:
@@ -141,12 +187,56 @@ class Settings:
             problems.append("pairs_min_dwell_ms must be >= 0")
         if not -1.0 <= self.pairs_min_cosine <= 1.0:
             problems.append("pairs_min_cosine is a cosine and must lie in [-1, 1]")
+        if self.pairs_evidence_ttl_seconds < 0:
+            problems.append("pairs_evidence_ttl_seconds must be >= 0 (0: never expire)")
+        elif 0 < self.pairs_evidence_ttl_seconds < self.pairs_session_gap_seconds:
+            problems.append("pairs_evidence_ttl_seconds must be at least pairs_session_gap_seconds")
+        if self.pairs_batch_max_records < 1 or self.pairs_commit_interval_seconds <= 0:
+            problems.append("pairs_batch_max_records must be >= 1 and pairs_commit_interval_seconds > 0")
+        if self.trainer_max_pairs < 2:
+            problems.append("trainer_max_pairs must be >= 2")
         if not 0 <= self.consumer_fetch_max_wait_seconds <= 10:
             problems.append("consumer_fetch_max_wait_seconds must lie in [0, 10]")
         if self.torch_threads is not None and self.torch_threads < 1:
             problems.append("torch_threads must be >= 1")
+        if self.image_base_dir is not None and not self.image_base_dir.is_dir():
+            problems.append(f"image_base_dir {str(self.image_base_dir)!r} is not a directory")
+        if self.image_fetch_concurrency < 1:
+            problems.append("image_fetch_concurrency must be >= 1")
+        if min(self.image_fetch_connect_timeout_seconds, self.image_fetch_read_timeout_seconds,
+               self.image_fetch_timeout_seconds) <= 0:
+            problems.append("image fetch timeouts must be > 0")
+        if self.image_fetch_retries < 0 or self.image_fetch_max_redirects < 0:
+            problems.append("image_fetch_retries and image_fetch_max_redirects must be >= 0")
+        if self.api_token is not None and self.api_token_file is not None:
+            problems.append("set api_token or api_token_file, not both")
+        try:
+            self.api_token_value()
+        except ConfigError as exc:
+            problems.append(str(exc))
         if problems:
             raise ConfigError("invalid settings: " + "; ".join(problems))
+
+    def api_token_value(self) -> str | None:
+        """The API's bearer token (``api_token``, or the first line of ``api_token_file``); None
+        when the API is open. Raises ConfigError for an unreadable file or a token too short to
+        resist guessing."""
+        token = self.api_token
+        if self.api_token_file is not None:
+            try:
+                lines = self.api_token_file.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"cannot read SAMESTYLE_API_TOKEN_FILE {str(self.api_token_file)!r}: {exc}") from None
+            token = lines[0] if lines else ""
+        if token is None:
+            return None
+        token = token.strip()
+        if len(token) < MIN_API_TOKEN_CHARS or not token.isascii() or not token.isprintable() or " " in token:
+            raise ConfigError(
+                f"the API token must be at least {MIN_API_TOKEN_CHARS} printable ASCII characters without spaces "
+                f"(got {len(token)} characters); make one with "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
+        return token
 
     @property
     def effective_cosine_threshold(self) -> float:

@@ -1,7 +1,12 @@
 """The one wire format of every samestyle topic: Avro single-object encoding, via fastavro.
 
 A message is the marker 0xC3 0x01, the writer schema's 8-byte CRC-64-AVRO fingerprint
-(little-endian) and the Avro binary body, so a message of the wrong schema fails loudly. Decoded
+(little-endian) and the Avro binary body. ``encode`` writes the schema's current version;
+``decode`` reads a record written with any known version of it (:mod:`samestyle.topics.history`),
+found by its fingerprint, and resolves it to the current version (Avro schema resolution: a field
+the writer lacked gets its default, a field the reader lacks is skipped), so producers and
+consumers can be upgraded one at a time. A message of another schema, or of a version this
+reader does not know, fails loudly. Decoded
 ``timestamp-millis`` fields are ``int`` milliseconds since the Unix epoch (UTC); ``encode`` also takes
 a timezone-aware ``datetime``. ``encode`` raises :class:`~samestyle.topics.errors.BadInputError` for a
 record that does not fit the schema; ``decode`` raises only :class:`~samestyle.topics.errors.DecodeError`.
@@ -9,22 +14,23 @@ record that does not fit the schema; ``decode`` raises only :class:`~samestyle.t
 
 from __future__ import annotations
 
+import copy
 import functools
 import io
-import json
 import math
 import numbers
 import operator
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import fastavro
 import numpy as np
-from fastavro.schema import fingerprint, to_parsing_canonical_form
+from fastavro.read import SchemaResolutionError
 
 from samestyle.topics.errors import BadInputError, ConfigError, DecodeError
+from samestyle.topics.history import SchemaSet, SchemaVersion, rabin_fingerprint
 from samestyle.topics.registry import topic_specs
 
 MARKER = b"\xc3\x01"
@@ -33,23 +39,40 @@ HEADER_SIZE = len(MARKER) + 8
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MILLISECOND = timedelta(milliseconds=1)
 
-def rabin_fingerprint(data: bytes) -> bytes:
-    """CRC-64-AVRO fingerprint of ``data`` (a schema's Parsing Canonical Form), as 8 little-endian bytes."""
-    return bytes.fromhex(fingerprint(data.decode("utf-8"), "CRC-64-AVRO"))
+_schemas: SchemaSet | None = None
+
+
+def schemas() -> SchemaSet:
+    """The schema set codecs are built from: the packaged ``topics/schemas`` unless
+    :func:`use_schemas` (the entry point, from ``SAMESTYLE_SCHEMA_DIR``) chose another."""
+    global _schemas
+    if _schemas is None:
+        _schemas = SchemaSet.load()
+    return _schemas
+
+
+def use_schemas(schema_set: SchemaSet | None) -> None:
+    """Build every codec from now on from ``schema_set`` (None: the packaged folder again).
+
+    Called once by a process's entry point before any codec is used; tests swap sets with it."""
+    global _schemas
+    _schemas = schema_set
+    codec.cache_clear()
+
+
+def use_schema_dir(overlay: Path | None) -> None:
+    """:func:`use_schemas` with the packaged folder overlaid by ``overlay`` (``SAMESTYLE_SCHEMA_DIR``)."""
+    use_schemas(SchemaSet.load(overlay) if overlay is not None else None)
 
 
 def schema_names() -> list[str]:
-    """Stems of every ``.avsc`` file in ``topics/schemas``."""
-    folder = resources.files("samestyle.topics") / "schemas"
-    return sorted(p.name[: -len(".avsc")] for p in folder.iterdir() if p.name.endswith(".avsc"))
+    """Every schema name (the current ``.avsc`` files of the schema folder)."""
+    return schemas().names()
 
 
 def load_schema(schema_name: str) -> dict[str, Any]:
-    """The schema ``topics/schemas/<schema_name>.avsc`` as a JSON object."""
-    if schema_name not in schema_names():
-        raise ConfigError(f"no Avro schema {schema_name!r}; known: {', '.join(schema_names())}")
-    text = (resources.files("samestyle.topics") / "schemas" / f"{schema_name}.avsc").read_text("utf-8")
-    return json.loads(text)
+    """The current version of ``schema_name`` as a JSON object (a copy)."""
+    return copy.deepcopy(schemas().current(schema_name).schema)
 
 
 def _without_logical_types(schema: Any) -> Any:
@@ -178,29 +201,61 @@ def _type_names(union: list[Any]) -> list[str]:
     return [b if isinstance(b, str) else str(b.get("name", b.get("type"))) for b in union]
 
 
+def _parse(schema: Mapping[str, Any], named: dict[str, Any]) -> Any:
+    # Timestamps stay ints in both directions: see the module docstring.
+    return fastavro.parse_schema(_without_logical_types(schema), named)
+
+
 class Codec:
-    """Encodes and decodes the records of one Avro schema in single-object encoding."""
+    """Encodes records with the current version of one Avro schema, in single-object encoding, and
+    decodes records written with any known version of it into the current version."""
 
     schema_name: str
     fingerprint: bytes
+    version: int
 
-    def __init__(self, schema_name: str) -> None:
-        raw = load_schema(schema_name)
+    def __init__(self, schema_name: str, schema_set: SchemaSet | None = None) -> None:
+        schema_set = schema_set if schema_set is not None else schemas()
+        current = schema_set.current(schema_name)
+        raw = current.schema
         self.schema_name = schema_name
         self.schema = raw
+        self.version = current.number
         self.record_name = f"{raw.get('namespace', '')}.{raw['name']}".lstrip(".")
-        canonical = to_parsing_canonical_form(raw)
-        self.fingerprint = rabin_fingerprint(canonical.encode("utf-8"))
+        self.fingerprint = current.fingerprint
         self._header = MARKER + self.fingerprint
-        # Timestamps stay ints in both directions: see the module docstring.
+        self._schema_set = schema_set
         self._named: dict[str, Any] = {}
-        self._parsed = fastavro.parse_schema(_without_logical_types(raw), self._named)
+        self._parsed = _parse(raw, self._named)
+        #: fingerprint -> the other versions of this schema a record may have been written with.
+        self._writers: dict[bytes, SchemaVersion] = {
+            v.fingerprint: v for v in schema_set.versions(schema_name) if v.fingerprint != self.fingerprint}
+        self._parsed_writers: dict[bytes, Any] = {}
         self._timestamps = frozenset(f["name"] for f in raw["fields"] if _is_timestamp(f["type"]))
         # fastavro reads an Avro int as a 64-bit varint; Java rejects one past 32 bits, so do we.
         self._ints = tuple(f["name"] for f in raw["fields"] if f["type"] == "int")
 
     def __repr__(self) -> str:
-        return f"Codec({self.schema_name!r}, fingerprint={self.fingerprint.hex()})"
+        return f"Codec({self.schema_name!r}, v{self.version}, fingerprint={self.fingerprint.hex()})"
+
+    def _writer_schema(self, fingerprint: bytes) -> Any:
+        """The parsed writer schema of ``fingerprint`` (another version of this schema), or DecodeError."""
+        parsed = self._parsed_writers.get(fingerprint)
+        if parsed is not None:
+            return parsed
+        version = self._writers.get(fingerprint)
+        if version is None:
+            other = self._schema_set.version_of(fingerprint)
+            if other is not None:
+                raise DecodeError(f"{self.record_name}: message was written with schema {other.name!r} "
+                                  f"(v{other.number}), expected {self.schema_name!r} ({self.fingerprint.hex()})")
+            known = ", ".join(f"v{v.number} {v.fingerprint.hex()}" for v in self._schema_set.versions(self.schema_name))
+            raise DecodeError(f"{self.record_name}: message was written with an unknown schema (fingerprint "
+                              f"{fingerprint.hex()}): no version of {self.schema_name!r} this reader knows "
+                              f"({known}); a producer on a newer version? Give this reader that version "
+                              "(topics/schemas/history, or SAMESTYLE_SCHEMA_DIR) or upgrade it")
+        parsed = self._parsed_writers[fingerprint] = _parse(version.schema, {})
+        return parsed
 
     def _prepare(self, record: Mapping) -> Mapping:
         """Convert datetimes to millis and reject records that do not fit the schema."""
@@ -241,19 +296,20 @@ class Codec:
             raise DecodeError(f"{self.record_name}: not Avro single-object encoding (marker "
                               f"{data[:2].hex()}, expected {MARKER.hex()})")
         fingerprint = data[2:HEADER_SIZE]
-        if fingerprint != self.fingerprint:
-            other = _schema_by_fingerprint().get(fingerprint)
-            written_by = (f"schema {other!r}" if other is not None
-                          else f"an unknown schema (fingerprint {fingerprint.hex()})")
-            raise DecodeError(f"{self.record_name}: message was written with {written_by}, "
-                              f"expected {self.schema_name!r} ({self.fingerprint.hex()})")
+        writer = None if fingerprint == self.fingerprint else self._writer_schema(fingerprint)
         buf = io.BytesIO(data)
         buf.seek(HEADER_SIZE)
         try:
             # fastavro reads from an in-memory buffer: an absurd length prefix reads short and
             # fails with EOFError instead of allocating, and every array/map item consumes bytes,
             # so random input cannot loop for long. Whatever it raises is wrapped.
-            record = fastavro.schemaless_reader(buf, self._parsed)
+            if writer is None:
+                record = fastavro.schemaless_reader(buf, self._parsed)
+            else:  # another version: resolved into the current one
+                record = fastavro.schemaless_reader(buf, writer, self._parsed)
+        except SchemaResolutionError as err:  # a test enforces compatibility; a foreign version may not be
+            raise DecodeError(f"{self.record_name}: a record of {self._writers[fingerprint].label} cannot be "
+                              f"read as v{self.version}: {err}") from err
         except Exception as err:
             raise DecodeError(f"{self.record_name}: body is truncated or not Avro binary "
                               f"({type(err).__name__}: {err})") from err
@@ -271,7 +327,7 @@ class Codec:
 
 @functools.cache
 def codec(schema_name: str) -> Codec:
-    """The (cached) codec of ``topics/schemas/<schema_name>.avsc``, e.g. ``codec("listing")``."""
+    """The (cached) codec of the current version of ``schema_name``, e.g. ``codec("listing")``."""
     return Codec(schema_name)
 
 
@@ -281,11 +337,6 @@ def codec_for_topic(key: str) -> Codec:
     if key not in specs:
         raise ConfigError(f"unknown topic key {key!r}; known: {', '.join(specs)}")
     return codec(specs[key].schema)
-
-
-@functools.cache
-def _schema_by_fingerprint() -> dict[bytes, str]:
-    return {codec(name).fingerprint: name for name in schema_names()}
 
 
 def vector_to_bytes(v: np.ndarray) -> bytes:
@@ -318,3 +369,7 @@ def bytes_to_vector(b: bytes, dim: int) -> np.ndarray:
     if not np.isfinite(vec).all():
         raise DecodeError("vector has NaN or infinite values")
     return vec
+
+
+__all__ = ["HEADER_SIZE", "MARKER", "Codec", "bytes_to_vector", "codec", "codec_for_topic", "load_schema",
+           "rabin_fingerprint", "schema_names", "schemas", "use_schema_dir", "use_schemas", "vector_to_bytes"]

@@ -53,14 +53,19 @@ class TopicSpec:
 
 # (key, default partitions, schema stem, compacted)
 _DEFAULTS: tuple[tuple[str, int, str, bool], ...] = (
-    (LISTINGS, 4, "listing", False),
+    # Compacted: the latest record of every listing survives, so a model switch can re-embed the
+    # whole catalogue from it however old a listing is. A DELETE is an ordinary record (op DELETE),
+    # not a null-value tombstone: it stays as the listing's last record, so a reader that starts
+    # late or reads from offset 0 still learns the listing is gone.
+    (LISTINGS, 4, "listing", True),
     # Compacted: the latest vectors of every listing stay, so an index replica can rebuild from it.
     (LISTING_EMBEDDINGS, 4, "listing_embedding", True),
     (SIMILAR_PRODUCTS, 4, "similar_products", False),
     (DUPLICATE_ALERTS, 2, "duplicate_alert", False),
     (DEAD_LETTERS, 1, "dead_letter", False),
     (CLICK_EVENTS, 4, "click_event", False),
-    # Internal: clicks re-keyed by unordered pair (same record, session_id = session window id).
+    # Internal: clicks re-keyed by unordered pair (the click-events record; its session window and
+    # origin in headers, streams/pairs/agents.py).
     (CLICK_PAIRS, 4, "click_event", False),
     # Compacted: one record per pair survives a re-send after a crash.
     (POSITIVE_PAIRS, 2, "positive_pair", True),

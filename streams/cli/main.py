@@ -50,11 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--serve", action="store_true",
                       help="keep the worker running and serve the search page (printed URL) until Ctrl-C")
 
-    worker = sub.add_parser("worker", help="run a worker against the configured broker")
+    worker = sub.add_parser("worker", help="run a worker against the configured broker (embed, index and, "
+                                            "unless SAMESTYLE_PAIRS_ENABLED=0, the click-pairs agents)")
     _add_common(worker)
     worker.add_argument("--encoder", help="encoder spec: default, a JSON config or a model directory")
 
-    pairs = sub.add_parser("pairs-worker", help="run a worker with the click-pairs agents too")
+    pairs = sub.add_parser("pairs-worker", help="run a worker with the click-pairs agents, whatever "
+                                                "SAMESTYLE_PAIRS_ENABLED says")
     _add_common(pairs)
     pairs.add_argument("--encoder", help="encoder spec: default, a JSON config or a model directory")
 
@@ -74,6 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     topics = sub.add_parser("create-topics", help="create every topic with the registry's partitions")
     _add_common(topics)
+
+    tail = sub.add_parser("tail", help="print a topic's records decoded, one JSON object per line",
+                          description="Print a topic's records decoded, one JSON object per line (vectors as "
+                                      "dimension and norm, bytes by length). Default: the last 10 records.")
+    _add_common(tail)
+    tail.add_argument("topic", help="a topic of the registry (listings, duplicate-alerts, dead-letters, ...) "
+                                    "or its full, prefixed name")
+    tail.add_argument("--from-beginning", dest="from_beginning", action="store_true",
+                      help="start at the first record (default: the last --limit records)")
+    tail.add_argument("-f", "--follow", action="store_true", help="then keep printing records as they arrive")
+    tail.add_argument("-n", "--limit", type=int,
+                      help="how many: the last N (default 10), or with --from-beginning the first N")
+    tail.add_argument("--key", help="only records with this key (a listing id, for most topics)")
+    tail.add_argument("--timeout", type=float, default=30.0, help="seconds to read up to the end of the log")
     return parser
 
 
@@ -155,11 +171,15 @@ def _configure_logging(verbose: bool) -> None:
 
 def _dispatch(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    if settings.schema_dir is not None:
+        from samestyle.topics.codec import use_schema_dir
+
+        use_schema_dir(settings.schema_dir)  # before any codec is built: every topic reads with it
     if args.command in ("worker", "pairs-worker"):
         from samestyle.streams.worker.process import run_worker
 
         settings.bootstrap_servers  # fails with a clear message when none is configured
-        return run_worker(settings, pairs=args.command == "pairs-worker")
+        return run_worker(settings, pairs=True if args.command == "pairs-worker" else None)
     if args.command == "create-topics":
         from samestyle.streams.dev.broker import create_topics
         from samestyle.topics import topic_specs
@@ -178,6 +198,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         spec = topic_specs(settings.topic_prefix, settings.partitions)[LISTINGS]
         sent = asyncio.run(produce_listings(settings, spec, messages, progress=sys.stderr.isatty()))
         print(f"sent {sent} listings to {spec.name}")
+        return 0
+    if args.command == "tail":
+        from samestyle.streams.io.tail import TailRequest, tail
+
+        request = TailRequest(args.topic, from_beginning=args.from_beginning, follow=args.follow, limit=args.limit,
+                              key=args.key, timeout=args.timeout)
+        settings.bootstrap_servers  # fails with a clear message when none is configured
+
+        def write(line: str) -> None:
+            print(line, flush=True)
+
+        try:
+            asyncio.run(tail(settings, request, write))
+        except BrokenPipeError:  # `samestyle tail ... | head`: the reader has all it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     if args.command == "demo":
         from samestyle.streams.dev.demo import dumps, format_summary, run_demo

@@ -2,12 +2,15 @@
 
 tansu keeps data in memory only and auto-creates any topic a client asks metadata for with 4
 partitions (see BROKER.md), so every topic is created here with the registry's partition count
-before any producer, consumer or worker touches it. The same :func:`create_topics` works against
-a real Apache Kafka cluster.
+and configs before any producer, consumer or worker touches it. The same :func:`create_topics`
+works against a real Apache Kafka cluster. An existing topic keeps its configs; both
+:func:`create_topics` and :func:`check_topics` warn loudly when one the registry compacts is not
+compacted on the broker (a catalogue that expires breaks the model switch).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import importlib.resources
@@ -18,16 +21,25 @@ import stat
 import subprocess
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from samestyle.topics import TopicSpec
+from samestyle.topics import LISTING_EMBEDDINGS, LISTINGS, TopicSpec
 from samestyle.topics.errors import BrokerError
 
 log = logging.getLogger(__name__)
 
 _TOPIC_ALREADY_EXISTS = 36
+_TOPIC_RESOURCE = 2  # DescribeConfigs resource type of a topic
+
+#: What breaks when a topic the registry compacts has another cleanup policy on the broker.
+_WHY_COMPACTED = {
+    LISTINGS: "its records expire after retention.ms, and a model switch re-embeds the catalogue from this "
+              "log: every listing older than the retention is left out of the new model's index",
+    LISTING_EMBEDDINGS: "its records expire after retention.ms, and a worker without a snapshot rebuilds its "
+                        "index from this log: every listing older than the retention is missing from it",
+}
 
 
 def tansu_binary() -> Path:
@@ -186,6 +198,7 @@ def create_topics(bootstrap: str, specs: Iterable[TopicSpec], extra: Iterable[tu
                     f"topic {name} has {have} partitions but the registry wants {wanted[name][0]}; "
                     "it was probably auto-created by a client before create-topics ran: delete it and run again")
     log.info("topics ready: %s", ", ".join(sorted(wanted)))
+    warn_about_cleanup_policies(bootstrap, specs)
 
 
 def check_topics(bootstrap: str, specs: Iterable[TopicSpec]) -> None:
@@ -206,6 +219,76 @@ def check_topics(bootstrap: str, specs: Iterable[TopicSpec]) -> None:
             have = len(topic.get("partitions") or [])
             if name in wanted and have != wanted[name]:
                 raise BrokerError(f"topic {name} has {have} partitions but the registry wants {wanted[name]}")
+    warn_about_cleanup_policies(bootstrap, specs)
+
+
+def cleanup_policy_problems(specs: Iterable[TopicSpec], policies: Mapping[str, str | None]) -> list[str]:
+    """One warning per topic the registry compacts whose ``cleanup.policy`` on the broker (as in
+    ``policies``, by topic name) is not exactly ``compact``; a topic missing from ``policies`` or
+    mapped to None (not reported) is not judged."""
+    problems = []
+    for spec in specs:
+        policy = policies.get(spec.name)
+        if not spec.compacted or policy is None or {p.strip() for p in policy.split(",")} == {"compact"}:
+            continue
+        why = _WHY_COMPACTED.get(spec.key, "its records expire after retention.ms instead of keeping the latest "
+                                 "record per key")
+        problems.append(
+            f"topic {spec.name} has cleanup.policy={policy}, but samestyle needs compact: {why}. Make it "
+            f"compacted (every record must have a key): kafka-configs.sh --bootstrap-server HOST --alter "
+            f"--entity-type topics --entity-name {spec.name} --add-config cleanup.policy=compact")
+    return problems
+
+
+async def describe_cleanup_policies(bootstrap: str, topics: Iterable[str], timeout: float = 15.0) -> dict[str, str | None]:
+    """The ``cleanup.policy`` the broker reports for each existing topic (None: not reported).
+
+    With aiokafka's admin client (DescribeConfigs v2), asking for every config: tansu 0.6 answers that
+    with the configs a topic was created with (none when created without), and drops the connection
+    when config names are asked for, as it does for kafka-python's request.
+    """
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    names = list(topics)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="samestyle-admin",
+                                request_timeout_ms=int(timeout * 1000))
+    await admin.start()
+    try:
+        responses = await asyncio.wait_for(
+            admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name) for name in names]), timeout)
+    finally:
+        await admin.close()
+    policies: dict[str, str | None] = dict.fromkeys(names)
+    for response in responses:
+        for error_code, _message, resource_type, name, entries in response.resources:
+            if error_code == 0 and resource_type == _TOPIC_RESOURCE and name in policies:
+                policies[name] = next((entry[1] for entry in entries if entry[0] == "cleanup.policy"), None)
+    return policies
+
+
+def warn_about_cleanup_policies(bootstrap: str, specs: Iterable[TopicSpec]) -> list[str]:
+    """Log a loud warning for every compacted topic of the registry that the broker does not compact
+    (the topics must exist); returns the warnings. Never fails: a broker that does not answer is
+    logged and not checked."""
+    specs = [s for s in specs if s.compacted]
+    if not specs:
+        return []
+    from aiokafka.errors import KafkaError
+
+    try:
+        policies = asyncio.run(describe_cleanup_policies(bootstrap, [s.name for s in specs]))
+    except (KafkaError, OSError, asyncio.TimeoutError) as exc:  # no DescribeConfigs: start anyway
+        log.warning("cannot read the topics' configs from %s (%s: %s); their cleanup policies are not checked",
+                    bootstrap, type(exc).__name__, exc)
+        return []
+    unreported = sorted(name for name, policy in policies.items() if policy is None)
+    if unreported:
+        log.info("the broker reports no cleanup.policy for %s; not checked", ", ".join(unreported))
+    problems = cleanup_policy_problems(specs, policies)
+    for problem in problems:
+        log.warning("!!! %s", problem)
+    return problems
 
 
 def _topic_results(response: object) -> list[dict]:
@@ -221,4 +304,5 @@ def _topic_results(response: object) -> list[dict]:
     return out
 
 
-__all__ = ["EmbeddedBroker", "create_topics", "check_topics", "tansu_binary", "free_port", "die_with_parent", "wait_for_port"]
+__all__ = ["EmbeddedBroker", "check_topics", "cleanup_policy_problems", "create_topics", "describe_cleanup_policies",
+           "die_with_parent", "free_port", "tansu_binary", "wait_for_port", "warn_about_cleanup_policies"]

@@ -12,10 +12,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from tqdm import tqdm
 
@@ -68,10 +69,14 @@ def run_demo(settings: Settings, listings_csv: Path | None = None, clusters_csv:
     messages = [listing_message(r, image_mode=image_mode) for r in records]
     suppliers = {r.listing_id: r.supplier_id or DEFAULT_SUPPLIER for r in records}
     wanted = {r.listing_id for r in records}
+    order = [r.listing_id for r in records]
     if len(wanted) != len(records):
         raise ConfigError(f"{listings_csv} repeats listing ids: {len(records) - len(wanted)} duplicates")
 
     settings = settings.replace(state_dir=run_dir / "state")
+    if image_mode == "uri" and settings.image_base_dir is None:
+        # The demo's worker reads the catalogue it was handed: the folder that holds its images.
+        settings = settings.replace(image_base_dir=image_folder(records))
     # The demo's own worker gets a free port: a second demo (or a worker on 6066) must not collide.
     settings = settings.replace(web_port=free_port())
     with broker_for(settings, run_dir) as settings:
@@ -83,14 +88,21 @@ def run_demo(settings: Settings, listings_csv: Path | None = None, clusters_csv:
         try:
             outputs = asyncio.run(_produce_and_collect(settings, specs, messages, wanted, worker, timeout, progress))
             if serve is not None:
-                summary = summarize(outputs, wanted, clusters, suppliers, time.monotonic() - started, settings, run_dir)
+                summary = summarize(outputs, wanted, clusters, suppliers, time.monotonic() - started, settings, run_dir,
+                                    order)
                 serve(summary, f"http://127.0.0.1:{settings.web_port}/")
                 _wait_for_interrupt(worker)
                 return summary
         finally:
             worker.stop()
     seconds = time.monotonic() - started
-    return summarize(outputs, wanted, clusters, suppliers, seconds, settings, run_dir)
+    return summarize(outputs, wanted, clusters, suppliers, seconds, settings, run_dir, order)
+
+
+def image_folder(records: list[Any]) -> Path | None:
+    """The deepest folder that holds every image of ``records`` (None without images)."""
+    paths = [str(Path(r.image_path).resolve().parent) for r in records if r.image_path]
+    return Path(os.path.commonpath(paths)) if paths else None
 
 
 def _wait_for_interrupt(worker: WorkerProcess) -> None:
@@ -127,8 +139,37 @@ async def _produce_and_collect(settings: Settings, specs: dict, messages: list[d
         return reader.outputs
 
 
+def similar_quality(similar: Sequence[dict[str, Any]], clusters: dict[str, str], order: Sequence[str],
+                    only: set[str] | None = None) -> dict[str, Any]:
+    """How well the similar-products lists find a listing's own product among the listings before it.
+
+    ``order`` is the produce order: a listing can only find a same-product listing produced before
+    it. ``match_listed``: of the listings with such an earlier listing, the fraction whose list holds
+    one; ``match_first``: of those, the fraction whose first neighbour is one (the stream's R@1).
+    """
+    position = {i: k for k, i in enumerate(order)}
+    first_of: dict[str, int] = {}
+    for i in order:
+        first_of.setdefault(clusters.get(i, f"\0{i}"), position[i])
+    eligible = listed = first = 0
+    for message in similar:
+        i = message["listing_id"]
+        product = clusters.get(i)
+        if product is None or i not in position or (only is not None and i not in only):
+            continue
+        if first_of[product] >= position[i]:
+            continue  # nothing of its product came before it
+        eligible += 1
+        hits = [clusters.get(n["listing_id"]) == product for n in message.get("neighbours", [])]
+        if any(hits):
+            listed += 1
+            first += int(hits[0])
+    return {"listings": eligible, "match_listed": listed / eligible if eligible else None,
+            "match_first": first / listed if listed else None}
+
+
 def summarize(outputs: Outputs, wanted: set[str], clusters: dict[str, str] | None, suppliers: dict[str, str],
-              seconds: float, settings: Settings, run_dir: Path) -> dict[str, Any]:
+              seconds: float, settings: Settings, run_dir: Path, order: Sequence[str] = ()) -> dict[str, Any]:
     indexed = outputs.indexed_ids & wanted
     alert_pairs = {frozenset((a["listing_id"], a["duplicate_of"])) for a in outputs.alerts}
     summary: dict[str, Any] = {
@@ -151,6 +192,8 @@ def summarize(outputs: Outputs, wanted: set[str], clusters: dict[str, str] | Non
         summary["alert_precision"] = scores["precision"]
         summary["alert_recall"] = scores["recall"]
         summary["true_duplicate_pairs"] = len(truth)
+        if order:
+            summary["similar_products_quality"] = similar_quality(outputs.similar, clusters, order)
         held = held_out_clusters(settings.encoder)
         if held:
             # The products the model never trained on: true pairs inside them, and every alert
@@ -162,6 +205,9 @@ def summarize(outputs: Outputs, wanted: set[str], clusters: dict[str, str] | Non
             summary["held_out"] = {"clusters": len(held), "listings": len(held_ids),
                                    "true_duplicate_pairs": len(held_truth), "alerts": len(held_alerts),
                                    "alert_precision": held_scores["precision"], "alert_recall": held_scores["recall"]}
+            if order:
+                summary["held_out"]["similar_products_quality"] = similar_quality(outputs.similar, clusters, order,
+                                                                                  only=held_ids)
     return summary
 
 
@@ -194,6 +240,10 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"  alert precision   {pct(held['alert_precision']):>8}",
             f"  alert recall      {pct(held['alert_recall']):>8}",
         ]
+    quality = (summary.get("held_out") or {}).get("similar_products_quality") or summary.get("similar_products_quality")
+    if quality and quality["listings"]:
+        lines.append(f"similar, first hit  {pct(quality['match_first']):>8}  first neighbour of the same product "
+                     f"({quality['listings']} listings{', held-out products' if summary.get('held_out') else ''})")
     lines += [
         f"model version       {summary['model_version']}",
         f"seconds             {summary['seconds']:>8}",

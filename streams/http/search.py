@@ -24,8 +24,9 @@ from aiohttp import web
 
 from samestyle.models.query import Query, QueryEmbedding, embed_queries
 from samestyle.streams.http.server import RouteRegistrar
+from samestyle.streams.io.images import ImageFetcher, is_remote, read_local_image
 from samestyle.streams.settings import Settings
-from samestyle.topics.errors import BadInputError
+from samestyle.topics.errors import BadInputError, ImageError
 
 if TYPE_CHECKING:  # pragma: no cover
     from samestyle.index_store import LiveIndex
@@ -191,17 +192,16 @@ def _listing(listing_id: str, payload: dict[str, Any]) -> dict[str, Any]:
 THUMBNAIL_SIZE = 160
 
 
-def render_thumbnail(uri: str, settings: Settings) -> bytes:
-    """A JPEG thumbnail of an indexed listing's image.
+def render_thumbnail(raw: bytes, settings: Settings) -> bytes:
+    """A JPEG thumbnail of an indexed listing's image bytes (blocking).
 
-    The file is decoded as an image and re-encoded, never sent as it is: an ``image_uri`` that
-    names something other than an image (``/etc/passwd``) fails to decode instead of leaking.
+    The bytes are decoded as an image and re-encoded, never sent as they are: an ``image_uri`` that
+    names something other than an image fails to decode instead of leaking.
     """
     import io
 
-    from samestyle.models.images import decode_image, load_image_bytes
+    from samestyle.models.images import decode_image
 
-    raw = load_image_bytes(uri, base_dir=settings.image_base_dir, max_bytes=settings.max_image_bytes)
     image = decode_image(raw, max_bytes=settings.max_image_bytes, draft_size=THUMBNAIL_SIZE * 2)
     image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
     out = io.BytesIO()
@@ -294,9 +294,12 @@ class SearchBackend(Protocol):
 
 
 def search_routes(settings: Settings, backend: SearchBackend, health: Callable[[], Mapping[str, Any]], *,
-                  max_image_bytes: int | None = None) -> RouteRegistrar:
+                  max_image_bytes: int | None = None, fetcher: ImageFetcher | None = None) -> RouteRegistrar:
     """The search API and page of one worker. ``max_image_bytes`` (default: the listings' limit,
-    ``settings.max_image_bytes``) caps an uploaded query image."""
+    ``settings.max_image_bytes``) caps an uploaded query image. Thumbnails read a listing's
+    ``image_uri`` through the embed path's guards: a local path only under
+    ``SAMESTYLE_IMAGE_BASE_DIR``, a URL with ``fetcher`` (the worker's, with its SSRF guard and
+    limits; without one, remote thumbnails are refused)."""
     image_limit = max_image_bytes or settings.max_image_bytes
     loop_executor = None  # the default executor, for index searches (LiveIndex serialises them)
 
@@ -368,11 +371,19 @@ def search_routes(settings: Settings, backend: SearchBackend, health: Callable[[
             raise ApiError(404, f"listing {listing_id!r} has no image the server can read")
         loop = asyncio.get_running_loop()
         try:
-            data = await loop.run_in_executor(loop_executor, render_thumbnail, uri, settings)
+            if is_remote(uri):
+                if fetcher is None:
+                    raise ImageError("remote images are not fetched by this server")
+                raw = await fetcher.fetch(uri)
+            else:
+                raw = await loop.run_in_executor(loop_executor, read_local_image, uri, settings.image_base_dir,
+                                                 settings.max_image_bytes)
+            data = await loop.run_in_executor(loop_executor, render_thumbnail, raw, settings)
         except BadInputError as exc:
             raise ApiError(404, f"listing {listing_id!r}: {exc}") from None
+        # private: behind the API token, shared caches must not keep it.
         return web.Response(body=data, content_type="image/jpeg",
-                            headers={"Cache-Control": "max-age=300"})
+                            headers={"Cache-Control": "private, max-age=300"})
 
     async def similar(request: web.Request) -> web.Response:
         return await neighbours(request, duplicates_only=False)
@@ -502,11 +513,18 @@ def openapi_spec(max_image_bytes: int) -> dict[str, Any]:
                               "404": err("Not in the index, or no readable image")}}},
             "/stats": {"get": {"summary": "Index size, consumer lag per consumer, model version",
                                "responses": {"200": {"description": "Counters"}}}},
-            "/health": {"get": {"summary": "Worker health", "responses": {
+            "/health": {"get": {"summary": "Worker health", "security": [], "responses": {
                 "200": {"description": "Healthy"}, "503": {"description": "Not healthy"}}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "Text format"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "security": [],
+                                 "responses": {"200": {"description": "Text format"}}}},
         },
-        "components": {"schemas": {"Listing": listing, "ViewScores": scores, "Result": result, "Error": error}},
+        # Required when the worker runs with SAMESTYLE_API_TOKEN (every route but /health, /metrics).
+        "security": [{"bearer": []}],
+        "components": {"schemas": {"Listing": listing, "ViewScores": scores, "Result": result, "Error": error},
+                       "securitySchemes": {"bearer": {
+                           "type": "http", "scheme": "bearer",
+                           "description": "SAMESTYLE_API_TOKEN, when the worker has one (else the API is open); a "
+                                          "missing or wrong token is a 401 with WWW-Authenticate: Bearer"}}},
     }
 
 

@@ -88,6 +88,22 @@ class LogReader:
                 self._consumer.seek(tp, offset)
                 self._positions[(tp.topic, tp.partition)] = offset
 
+    async def topic_partitions(self) -> dict[str, int]:
+        """Every topic of the cluster with its partition count. Asks for the metadata of *all*
+        topics, which never auto-creates one (asking for a missing topic by name would, on the
+        embedded broker: BROKER.md trap 2)."""
+        names = await self._consumer.topics()
+        return {t: len(self._consumer.partitions_for_topic(t) or ()) for t in names}
+
+    async def listed_bounds(self) -> dict[Partition, tuple[int, int]]:
+        """Per assigned partition: its first offset and the end the broker *lists*. The listed end
+        can lie below the real one (tansu answers the start of the last batch + 1, BROKER.md trap
+        1), so it is only fit where starting early is harmless: to read the last N records, start
+        at the listed end - N, read up to the high-water mark and keep the last N."""
+        begin = await self._consumer.beginning_offsets(self._assigned)
+        end = await self._consumer.end_offsets(self._assigned)
+        return {(tp.topic, tp.partition): (begin[tp], end[tp]) for tp in self._assigned}
+
     def unassign(self) -> None:
         """Read nothing until the next :meth:`assign`."""
         self._assigned = []

@@ -12,6 +12,14 @@ wins. Re-embedding chunks and the embed agent's batches run under one lock, and 
 agent already handled since the switch began is skipped here, so an old version of a listing
 never lands after a newer one. A partition taken away by a rebalance is dropped; its new owner
 re-embeds it from the start (the same records again: idempotent).
+
+What the log cannot supply: once a partition is re-embedded, :meth:`Backfill.unsupplied` names
+the listings of the serving index that belong to it (by Kafka's default partitioner on the
+listing id, the co-partitioning the registry requires) but that its log did not hold (expired
+under a ``delete`` policy), or whose re-embedding failed. The switch writes them out of the
+catalogue (:class:`~samestyle.streams.switch.coordinator.ModelSwitch`). A partition holding a
+record whose key is not its listing id, or that the default partitioner puts elsewhere, cannot
+be judged this way: it is reported, and the switch's deadline settles it.
 """
 
 from __future__ import annotations
@@ -19,19 +27,36 @@ from __future__ import annotations
 import logging
 from typing import Iterable, Sequence
 
-from samestyle.streams.io.reader import LogReader, reader_for
+from aiokafka.partitioner import murmur2
+
+from samestyle.streams.io.reader import LogReader, LogRecord, reader_for
 from samestyle.streams.settings import Settings
-from samestyle.streams.worker.pipeline import Incoming
+from samestyle.streams.worker.metrics import LEFT_OUT_REASONS
+from samestyle.streams.worker.pipeline import Failure, Incoming
+from samestyle.topics import LISTINGS, codec_for_topic
+from samestyle.topics.errors import DecodeError
 
 log = logging.getLogger(__name__)
 
+#: Why a listing of the serving index is left out of the new model's index (the metric's labels).
+NOT_IN_LOG, REEMBED_FAILED, AT_DEADLINE = LEFT_OUT_REASONS
+
+
+def default_partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner (murmur2, as the Java client, aiokafka and Faust's
+    producer use it) gives a keyed record."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
 
 class Backfill:
-    """The re-embedding plan of one worker for one target model version."""
+    """The re-embedding plan of one worker for one target model version (``reader``: the log reader
+    to use instead of one of its own, e.g. a test's)."""
 
-    def __init__(self, settings: Settings, topic: str) -> None:
+    def __init__(self, settings: Settings, topic: str, partitions: int, reader: LogReader | None = None) -> None:
         self.settings = settings
         self.topic = topic
+        #: The partition count of ``topic`` (for the default partitioner).
+        self.partitions = partitions
         self.version: str | None = None
         #: partition -> end offset (exclusive) the re-embedding of that partition stops at: the
         #: high-water mark of the first fetch after planning (None until then). Not
@@ -42,7 +67,15 @@ class Backfill:
         self.done: set[int] = set()
         #: partition -> keys the embed agent embedded (with both models) since the switch began.
         self.live_seen: dict[int, set[bytes]] = {}
-        self._reader: LogReader | None = None
+        #: partition -> listing ids its log held up to its end (what the log can supply).
+        self.supplied: dict[int, set[str]] = {}
+        #: partition -> listing ids whose re-embedding failed (bad input under the new model).
+        self.failed: dict[int, set[str]] = {}
+        #: partition -> why its log cannot tell which listings it lacks (see the module docstring).
+        self.misplaced: dict[int, str] = {}
+        #: Re-embedded partitions whose unsupplied listings were already reported.
+        self.settled: set[int] = set()
+        self._reader: LogReader | None = reader
 
     @property
     def active(self) -> bool:
@@ -76,6 +109,9 @@ class Backfill:
             self.positions.pop(p, None)
             self.live_seen.pop(p, None)
             self.done.discard(p)
+            for by_partition in (self.supplied, self.failed, self.misplaced):
+                by_partition.pop(p, None)
+            self.settled.discard(p)
         for p in new:
             self.ends[p] = None
             self.positions[p] = 0
@@ -108,6 +144,7 @@ class Backfill:
                 if end is not None and record.offset >= end:
                     break
                 chunk.append(Incoming(record.key, record.value, record.topic, p, record.offset))
+                self._note_supplied(record)
                 self.positions[p] = record.offset + 1
             if end is not None and self.positions[p] >= end:
                 self.done.add(p)
@@ -116,6 +153,65 @@ class Backfill:
         if self.pending() != pending:
             await self._assign_pending()
         return chunk
+
+    def _note_supplied(self, record: LogRecord) -> None:
+        p = record.partition
+        supplied = self.supplied.setdefault(p, set())
+        if record.value is None:
+            return
+        try:
+            listing_id = codec_for_topic(LISTINGS).decode(record.value)["listing_id"]
+        except DecodeError:
+            return  # not a listing: the embed agent dead-letters it, and it names no listing
+        supplied.add(listing_id)
+        if p in self.misplaced:
+            return
+        if record.key != listing_id.encode():
+            self.misplaced[p] = f"offset {record.offset} is keyed {record.key!r}, not by its listing id {listing_id!r}"
+        elif default_partition(record.key, self.partitions) != p:
+            self.misplaced[p] = (f"offset {record.offset} (listing {listing_id!r}) belongs to partition "
+                                 f"{default_partition(record.key, self.partitions)} by the default partitioner")
+
+    def note_embedded(self, chunk: Sequence[Incoming], failures: Sequence[Failure]) -> None:
+        """``chunk`` was re-embedded and ``failures`` of it failed: a listing whose latest record
+        failed is one the new model cannot index (an earlier failure is repaired by a later record)."""
+        failed = {(f.incoming.partition, f.incoming.offset) for f in failures}
+        for msg in chunk:
+            if msg.key is None:
+                continue
+            ids = self.failed.setdefault(msg.partition, set())
+            listing_id = msg.key.decode("utf-8", "replace")
+            if (msg.partition, msg.offset) in failed:
+                ids.add(listing_id)
+            else:
+                ids.discard(listing_id)
+
+    def unsupplied(self, lacking: Iterable[str]) -> dict[str, list[str]]:
+        """Of ``lacking`` (listings of the serving index the target's index lacks), those that this
+        worker's re-embedded partitions should supply and cannot, by reason (:data:`NOT_IN_LOG`,
+        :data:`REEMBED_FAILED`). Call under the embed lock once :meth:`pending` is empty; each
+        partition is judged once (its listings that arrive later are embedded live)."""
+        partitions = self.done - self.settled
+        self.settled |= partitions
+        for p in sorted(partitions & set(self.misplaced)):
+            log.error("model switch to %s: listings partition %d cannot tell which listings it lacks: %s. "
+                      "listings must be keyed by listing id with Kafka's default partitioner; the switch "
+                      "completes at its deadline (SAMESTYLE_SWITCH_DEADLINE_SECONDS)", self.version, p,
+                      self.misplaced[p])
+        judged = partitions - set(self.misplaced)
+        out: dict[str, list[str]] = {NOT_IN_LOG: [], REEMBED_FAILED: []}
+        if not judged:
+            return {}
+        for listing_id in lacking:
+            key = listing_id.encode()
+            p = default_partition(key, self.partitions)
+            if p not in judged or key in self.live_seen.get(p, ()):
+                continue  # another worker's, or embedded live since the switch began
+            if listing_id in self.failed.get(p, ()):
+                out[REEMBED_FAILED].append(listing_id)
+            elif listing_id not in self.supplied.get(p, ()):
+                out[NOT_IN_LOG].append(listing_id)
+        return {reason: sorted(ids) for reason, ids in out.items() if ids}
 
     def unseen(self, chunk: Sequence[Incoming]) -> list[Incoming]:
         """``chunk`` less the listings the embed agent handled since the switch began (call under
@@ -128,6 +224,10 @@ class Backfill:
         self.positions.clear()
         self.done.clear()
         self.live_seen.clear()
+        self.supplied.clear()
+        self.failed.clear()
+        self.misplaced.clear()
+        self.settled.clear()
         if self._reader is not None:
             self._reader.unassign()
 
@@ -137,4 +237,4 @@ class Backfill:
             self._reader = None
 
 
-__all__ = ["Backfill"]
+__all__ = ["AT_DEADLINE", "NOT_IN_LOG", "REEMBED_FAILED", "Backfill", "default_partition"]

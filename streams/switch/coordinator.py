@@ -15,6 +15,15 @@ States (``ModelSwitch.state``, also on ``/health`` as ``switch_state``)::
   listings with both models (:meth:`ModelSwitch.embedding_encoders`).
 * AWAITING_INDEX: its own partitions are done; the replica switches as soon as the target's index
   holds every listing (other workers may still be re-embedding theirs).
+
+A switch never waits forever. When this worker's partitions are re-embedded, the listings of the
+serving index that those partitions' log cannot supply (their records expired) or that the new
+model could not embed are counted (``samestyle_model_switch_left_out_total``), logged, and
+written out of the catalogue: a re-embedding DELETE on ``listing-embeddings`` removes them from
+every index, emits nothing, and leaves the log saying what the new index holds. A listing comes
+back with its next update. Whatever the new index still lacks ``deadline_seconds`` after this
+worker reached AWAITING_INDEX (a peer that stopped re-embedding, a partition whose keys do not
+follow the default partitioner) is left out the same way by switching anyway, on this worker.
 """
 
 from __future__ import annotations
@@ -23,15 +32,16 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from samestyle.models.encoder import Encoder
-from samestyle.streams.switch.backfill import Backfill
+from samestyle.streams.switch.backfill import AT_DEADLINE, NOT_IN_LOG, REEMBED_FAILED, Backfill, default_partition
 from samestyle.streams.switch.registry import ModelRegistry
 from samestyle.streams.worker.metrics import Metrics
-from samestyle.streams.worker.pipeline import EmbedStep, Incoming, Outgoing
+from samestyle.streams.worker.pipeline import EmbedStep, Incoming, Outgoing, now_ms
 from samestyle.streams.worker.replica import IndexReplica
+from samestyle.topics import LISTINGS, codec_for_topic
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +51,18 @@ IDLE_CHECK_SECONDS = 0.5
 AWAITING_INDEX_POLL_SECONDS = 0.2
 #: How often the count of listings still missing from the target's index is refreshed.
 MISSING_GAUGE_SECONDS = 2.0
+#: Listing ids named in a log line about listings left out (the metric has the count).
+LOGGED_IDS = 20
+
+_LEFT_OUT_BECAUSE = {
+    NOT_IN_LOG: "are not in the listings log any more (expired: is the topic compacted?)",
+    REEMBED_FAILED: "could not be embedded by the new model (see the re-embedding warnings)",
+}
+
+
+def _some(ids: Sequence[str]) -> str:
+    shown = ", ".join(ids[:LOGGED_IDS])
+    return shown + (f" and {len(ids) - LOGGED_IDS} more" if len(ids) > LOGGED_IDS else "")
 
 
 class SwitchState(enum.Enum):
@@ -55,13 +77,16 @@ class ModelSwitch:
     """Drives one worker from the served model to the target model without a gap.
 
     ``run_model(fn, *args)`` runs model work on the worker's model thread; ``send`` delivers
-    ``listing-embeddings`` records; ``assigned`` names the ``listings`` partitions this worker owns.
+    ``listing-embeddings`` records; ``assigned`` names the ``listings`` partitions this worker owns;
+    ``deadline_seconds`` bounds the wait in AWAITING_INDEX (see the module docstring).
     """
 
     def __init__(self, registry: ModelRegistry, replica: IndexReplica, backfill: Backfill, step: Callable[[], EmbedStep],
                  metrics: Metrics, run_model: Callable[..., Awaitable[Any]],
                  send: Callable[[Sequence[Outgoing]], Awaitable[None]],
-                 assigned: Callable[[], Iterable[int]], batch_size: int) -> None:
+                 assigned: Callable[[], Iterable[int]], batch_size: int,
+                 fetch_images: Callable[[Sequence[Incoming]], Awaitable[Mapping[str, Any]]] | None = None, *,
+                 deadline_seconds: float) -> None:
         self.registry = registry
         self.replica = replica
         self.backfill = backfill
@@ -71,6 +96,13 @@ class ModelSwitch:
         self._send = send
         self._assigned = assigned
         self.batch_size = batch_size
+        self.deadline_seconds = deadline_seconds
+        #: When this worker last entered AWAITING_INDEX (monotonic seconds).
+        self._awaiting_since = 0.0
+        #: The target the deadline already forced (once per switch).
+        self._forced: str | None = None
+        #: Fetches the image URLs of a chunk before it is re-embedded (None: no remote images).
+        self._fetch_images = fetch_images
         #: Held while a batch is embedded and sent, by the embed agent and by the re-embedding,
         #: so their records reach listing-embeddings in the order they were decided.
         self.embed_lock = asyncio.Lock()
@@ -160,7 +192,11 @@ class ModelSwitch:
                     continue  # the promoted model did not load: the target fell back
                 await self.backfill.plan(target, self._assigned())
                 if await self._reembed_next(encoder, target) == 0 and not self.backfill.pending():
+                    await self._leave_out_unsupplied(encoder, target)
+                    if self.state is not SwitchState.AWAITING_INDEX:
+                        self._awaiting_since = time.monotonic()
                     self._enter(SwitchState.AWAITING_INDEX, target)
+                    self._check_deadline(target)
                     await asyncio.sleep(AWAITING_INDEX_POLL_SECONDS)
                 if time.monotonic() - last_missing > MISSING_GAUGE_SECONDS and self.replica.index is not None:
                     last_missing = time.monotonic()
@@ -172,6 +208,7 @@ class ModelSwitch:
         if self.backfill.active:
             log.info("model switch to %s complete on this worker", self.backfill.version)
             self.backfill.reset()
+            self._forced = None
             self.registry.keep_only([self.serving_version, self.target_version()])
         self._enter(SwitchState.SERVING)
         self.metrics.model_switch_missing.set(0)
@@ -186,17 +223,62 @@ class ModelSwitch:
         if not chunk:
             return 0
         self._enter(SwitchState.REEMBEDDING, target)
+        # Fetched before the lock, so the embed agent is not held up by slow image hosts.
+        images = await self._fetch_images(chunk) if self._fetch_images is not None else None
         async with self.embed_lock:
             if self.target_version() != target:
                 return 0
             chunk = self.backfill.unseen(chunk)
-            outgoing, _ = await self.run_model(self._embed_for_switch, chunk, encoder)
+            outgoing, failures = await self.run_model(self._embed_for_switch, chunk, encoder, images)
             await self._send(outgoing)
+            self.backfill.note_embedded(chunk, failures)
             self.metrics.reembedded.inc(len(outgoing))
+        for f in failures:
+            log.warning("model switch to %s: re-embedding %s[%d]@%d failed: %s: %s", target, f.incoming.topic,
+                        f.incoming.partition, f.incoming.offset, type(f.error).__name__, f.error)
         return len(chunk)
 
-    def _embed_for_switch(self, chunk: Sequence[Incoming], encoder: Encoder) -> Any:
-        return self._step()(chunk, [encoder], reembed=True)
+    async def _leave_out_unsupplied(self, encoder: Encoder, target: str) -> None:
+        """Once this worker's partitions are re-embedded: write the listings of the serving index
+        they cannot supply out of the catalogue (re-embedding DELETEs: every replica drops them
+        from every index, nothing is emitted), count and log them."""
+        if not self.backfill.done - self.backfill.settled:
+            return
+        async with self.embed_lock:  # no live batch of these listings in between
+            if self.target_version() != target:
+                return
+            left_out = self.backfill.unsupplied(self.replica.indexes.lacking(target))
+            if not left_out:
+                return
+            listings, at = codec_for_topic(LISTINGS), now_ms()
+            deletes = [Incoming(listing_id.encode(), listings.encode({"listing_id": listing_id, "op": "DELETE",
+                                                                      "event_time": at}),
+                                self.backfill.topic, default_partition(listing_id.encode(), self.backfill.partitions), -1)
+                       for ids in left_out.values() for listing_id in ids]
+            outgoing, failures = await self.run_model(self._embed_for_switch, deletes, encoder)
+            assert not failures, failures  # a DELETE with a listing id always passes
+            await self._send(outgoing)
+        for reason, ids in left_out.items():
+            self.metrics.model_switch_left_out.labels(reason).inc(len(ids))
+            log.warning("model switch to %s: %d listing(s) of the serving index %s; they leave the catalogue "
+                        "until their next update: %s", target, len(ids), _LEFT_OUT_BECAUSE[reason], _some(ids))
+
+    def _check_deadline(self, target: str) -> None:
+        """Past the deadline in AWAITING_INDEX: switch anyway, leaving out what the new index lacks."""
+        if self._forced == target or time.monotonic() - self._awaiting_since < self.deadline_seconds:
+            return
+        self._forced = target
+        lacking = self.replica.indexes.lacking(target)
+        if lacking:
+            self.metrics.model_switch_left_out.labels(AT_DEADLINE).inc(len(lacking))
+            log.warning("model switch to %s: after %.0f s the new index still lacks %d listing(s) of the serving "
+                        "index; switching without them (SAMESTYLE_SWITCH_DEADLINE_SECONDS): %s", target,
+                        self.deadline_seconds, len(lacking), _some(sorted(lacking)))
+        self.replica.force_switch(target)
+
+    def _embed_for_switch(self, chunk: Sequence[Incoming], encoder: Encoder,
+                          images: Mapping[str, Any] | None = None) -> Any:
+        return self._step()(chunk, [encoder], images, reembed=True)
 
 
 __all__ = ["ModelSwitch", "SwitchState"]

@@ -90,15 +90,19 @@ class ModelIndexes:
                     [u.listing_id for u in upserts], views[:, -1], payloads=[u.payload for u in upserts],
                     views=views)
 
-    def missing(self, target: str) -> int:
-        """How many listings of the active index the ``target`` index still lacks."""
+    def lacking(self, target: str) -> list[str]:
+        """The listings of the active index the ``target`` index does not hold (yet)."""
         active = self.active_index
         if active is None or target == self.active:
-            return 0
+            return []
         index = self.indexes.get(target)
         if index is None:
-            return len(active)
-        return sum(1 for listing_id in active.ids() if listing_id not in index)
+            return active.ids()
+        return [listing_id for listing_id in active.ids() if listing_id not in index]
+
+    def missing(self, target: str) -> int:
+        """How many listings of the active index the ``target`` index still lacks."""
+        return len(self.lacking(target))
 
     def try_switch(self, target: str, force: bool = False) -> bool:
         """Make ``target`` active if its index is complete (or ``force``); drop the other indexes.

@@ -3,8 +3,9 @@
     samestyle trainer --listings L.csv (--valid-pairs V.csv | --valid-clusters C.csv)
                       [--work-dir DIR] [--models-dir DIR] [--min-new-pairs N] [--once]
 
-Each cycle trains a candidate on every pair mined so far (the valid set decides promotion only) and
-produces PROMOTED (strictly better) or REJECTED to ``model-updates``, at least once.
+Each cycle trains a candidate on the newest mined pairs (a window of ``--max-pairs``, default
+``SAMESTYLE_TRAINER_MAX_PAIRS``; the valid set decides promotion only) and produces PROMOTED
+(strictly better) or REJECTED to ``model-updates``, at least once.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import itertools
 import json
 import logging
 import os
@@ -28,6 +30,7 @@ import numpy as np
 from samestyle.streams.io.reader import LogReader, every_partition
 from samestyle.streams.settings import Settings
 from samestyle.topics import MODEL_UPDATES, POSITIVE_PAIRS, TopicSpec, codec_for_topic, topic_specs
+from samestyle.topics.codec import use_schema_dir
 from samestyle.topics.errors import ConfigError
 
 log = logging.getLogger("samestyle.trainer")
@@ -51,45 +54,62 @@ def pair_of(record: Mapping[str, Any]) -> Pair:
 
 @dataclass
 class TrainerState:
-    """What survives a restart: next offset per partition, every mined pair, the last candidate."""
+    """What survives a restart: next offset per partition, the window of mined pairs, the last candidate."""
 
     offsets: dict[int, int] = field(default_factory=dict)
-    #: Every distinct mined pair, in the order first seen (the order of the pairs CSV).
+    #: The newest distinct mined pairs, in the order first seen (the order of the pairs CSV): at
+    #: most ``max_pairs``, the oldest go first.
     pairs: dict[Pair, None] = field(default_factory=dict)
-    #: How many pairs the last candidate was trained on (0: none yet).
+    #: Distinct pairs seen when the last candidate was trained (0: none yet), on ``pairs_seen``'s scale.
     pairs_at_last_candidate: int = 0
     candidates: int = 0
+    #: Distinct pairs added since the state began: keeps growing when the window is full (a pair
+    #: that left the window and comes back counts again).
+    pairs_seen: int = 0
+    #: The window's size (None: every pair). Configuration, not state: not saved.
+    max_pairs: int | None = field(default=None, compare=False)
 
     def add(self, records: Iterable[Mapping[str, Any]]) -> int:
-        """Add mined pairs, each unordered pair once; returns how many were new."""
-        before = len(self.pairs)
+        """Add mined pairs, each unordered pair once (while in the window); returns how many were new."""
+        new = 0
         for record in records:
-            self.pairs.setdefault(pair_of(record), None)
-        return len(self.pairs) - before
+            pair = pair_of(record)
+            if pair not in self.pairs:
+                self.pairs[pair] = None
+                new += 1
+        self.pairs_seen += new
+        if self.max_pairs is not None and len(self.pairs) > self.max_pairs:
+            for pair in list(itertools.islice(self.pairs, len(self.pairs) - self.max_pairs)):
+                del self.pairs[pair]
+        return new
 
     @property
     def new_pairs(self) -> int:
-        return len(self.pairs) - self.pairs_at_last_candidate
+        return self.pairs_seen - self.pairs_at_last_candidate
 
     def to_json(self) -> dict[str, Any]:
         return {"offsets": {str(p): o for p, o in sorted(self.offsets.items())},
                 "pairs": [list(p) for p in self.pairs],
                 "pairs_at_last_candidate": self.pairs_at_last_candidate,
-                "candidates": self.candidates}
+                "candidates": self.candidates,
+                "pairs_seen": self.pairs_seen}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "TrainerState":
-        return cls(offsets={int(p): int(o) for p, o in data.get("offsets", {}).items()},
-                   pairs={(str(a), str(b)): None for a, b in data.get("pairs", [])},
-                   pairs_at_last_candidate=int(data.get("pairs_at_last_candidate", 0)),
-                   candidates=int(data.get("candidates", 0)))
+    def from_json(cls, data: Mapping[str, Any], max_pairs: int | None = None) -> "TrainerState":
+        pairs = {(str(a), str(b)): None for a, b in data.get("pairs", [])}
+        state = cls(offsets={int(p): int(o) for p, o in data.get("offsets", {}).items()},
+                    pairs=pairs, pairs_at_last_candidate=int(data.get("pairs_at_last_candidate", 0)),
+                    candidates=int(data.get("candidates", 0)),
+                    pairs_seen=int(data.get("pairs_seen", len(pairs))), max_pairs=max_pairs)
+        state.add(())  # a smaller window than the file's: trimmed now
+        return state
 
     @classmethod
-    def load(cls, path: Path) -> "TrainerState":
+    def load(cls, path: Path, max_pairs: int | None = None) -> "TrainerState":
         if not path.is_file():
-            return cls()
+            return cls(max_pairs=max_pairs)
         try:
-            return cls.from_json(json.loads(path.read_text()))
+            return cls.from_json(json.loads(path.read_text()), max_pairs)
         except (ValueError, TypeError, KeyError) as exc:
             raise ConfigError(f"{path} is not a trainer state file ({exc}); move it away to start over") from None
 
@@ -326,7 +346,7 @@ class Trainer:
         self.catalogue = {r.listing_id for r in read_listings(args.listings)}
         self.validation = Validation(args)
         self.state_path = args.work_dir / STATE_FILE
-        self.state = TrainerState.load(self.state_path)
+        self.state = TrainerState.load(self.state_path, max_pairs=args.max_pairs)
 
     async def run(self) -> dict[str, Any] | None:
         """Consume, and train when due; ``--once``: one catch-up, at most one candidate.
@@ -346,8 +366,8 @@ class Trainer:
                 read, new = await reader.catch_up(state, args.read_timeout)
                 if read:
                     state.save(self.state_path)
-                    log.info("%d records read, %d new pairs; %d distinct pairs, %d since the last candidate",
-                             read, new, len(state.pairs), state.new_pairs)
+                    log.info("%d records read, %d new pairs; %d pairs in the window (%d seen), %d since the "
+                             "last candidate", read, new, len(state.pairs), state.pairs_seen, state.new_pairs)
                 if should_train(state, args.min_new_pairs):
                     last = await asyncio.to_thread(self.cycle)
                     if args.once:
@@ -377,7 +397,7 @@ class Trainer:
                                previous_score, used, reason)
         asyncio.run(produce_update(self.settings, self.specs[MODEL_UPDATES], record))
         log.info("%s %s (%d pairs): %s", decision, version, used, reason)
-        state.pairs_at_last_candidate = len(state.pairs)
+        state.pairs_at_last_candidate = state.pairs_seen
         state.candidates += 1
         state.save(self.state_path)
         return record
@@ -397,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="state (offsets + mined pairs) and the pairs CSVs (default runs/trainer)")
     p.add_argument("--models-dir", type=Path, default=Path("runs/models"),
                    help="candidates go to DIR/<version> (default runs/models); workers must see the same path")
+    p.add_argument("--max-pairs", type=int,
+                   help="train on the newest N distinct mined pairs; older ones leave the state "
+                        "(default SAMESTYLE_TRAINER_MAX_PAIRS, 100000)")
     p.add_argument("--min-new-pairs", type=int, default=100,
                    help="train a candidate when this many new pairs arrived since the last one (default 100)")
     p.add_argument("--once", action="store_true", help="read what is there, train at most one candidate, exit")
@@ -426,6 +449,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.min_new_pairs < 1:
         raise ConfigError("--min-new-pairs must be >= 1")
     settings = Settings.from_env(bootstrap=args.bootstrap, topic_prefix=args.topic_prefix)
+    if args.max_pairs is None:
+        args.max_pairs = settings.trainer_max_pairs
+    elif args.max_pairs < 2:
+        raise ConfigError("--max-pairs must be >= 2 (a candidate trains on pairs)")
+    if settings.schema_dir is not None:
+        use_schema_dir(settings.schema_dir)
     args.allow_random_weights = args.allow_random_weights or settings.allow_random_weights
     args.progress = sys.stderr.isatty()
     for path in (args.listings, args.valid_pairs, args.valid_clusters, args.valid_listings):
@@ -450,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(None))
     else:
         print(f"no candidate: {trainer.state.new_pairs} new pairs since the last one "
-              f"(--min-new-pairs {args.min_new_pairs}); {len(trainer.state.pairs)} pairs in all")
+              f"(--min-new-pairs {args.min_new_pairs}); {len(trainer.state.pairs)} pairs in the window")
     return 0
 
 

@@ -22,8 +22,10 @@ import mode
 
 from samestyle.index_store import LiveIndex
 from samestyle.models.encoder import DuplicateScorer, Encoder
+from samestyle.streams.http.auth import token_auth
 from samestyle.streams.http.search import search_body_limit, search_routes
 from samestyle.streams.http.server import WebServer, core_routes
+from samestyle.streams.io.images import FetchPolicy, ImageFetcher
 from samestyle.streams.settings import Settings
 from samestyle.streams.switch.backfill import Backfill
 from samestyle.streams.switch.coordinator import ModelSwitch
@@ -41,6 +43,7 @@ from samestyle.streams.worker.pipeline import (
     SearchStep,
     decode_embedding,
     now_ms,
+    remote_image_uris,
 )
 from samestyle.streams.worker.replica import IndexReplica
 from samestyle.streams.worker.sinks import Sinks
@@ -70,6 +73,22 @@ class ModelThread:
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+
+class ImageFetcherService(mode.Service):
+    """Owns the worker's :class:`ImageFetcher` (one per worker: its concurrency bound is the
+    worker's) and closes its HTTP session when the worker stops."""
+
+    def __init__(self, fetcher: ImageFetcher, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.fetcher = fetcher
+
+    async def fetch_for(self, batch: Sequence[Incoming]) -> dict[str, Any]:
+        """The images the ``http(s)://`` URIs of ``batch`` name (bytes, or the ImageError why not)."""
+        return await self.fetcher.fetch_many(remote_image_uris(batch))
+
+    async def on_stop(self) -> None:
+        await self.fetcher.close()
 
 
 class WorkerSearch:
@@ -185,7 +204,8 @@ class Scorers:
 
 def create_app(settings: Settings, *, encoder: Encoder | None = None, pairs: bool = False) -> faust.App:
     """Build the worker application. ``encoder`` overrides ``settings.encoder`` (tests); ``pairs``
-    adds the click-pairs agents and their tables."""
+    adds the click-pairs agents (streams/pairs/agents.py; ``samestyle worker`` passes
+    ``settings.pairs_enabled``)."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.app_id,
@@ -217,6 +237,7 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, pairs: boo
     group = GroupObserver(app, metrics)
     metrics.lag_sources.append(group.lags)
     model_thread = ModelThread()
+    images = ImageFetcherService(ImageFetcher(FetchPolicy.of(settings)))
     watcher = ModelWatcher(settings, specs[MODEL_UPDATES].name)
     registry = ModelRegistry(settings, watcher, encoder, on_load_failure=metrics.model_load_failures.inc)
     replica = build_replica(settings, metrics, registry)
@@ -227,26 +248,33 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, pairs: boo
             embed_step.append(EmbedStep(registry.configured_encoder(), settings))
         return embed_step[0]
 
-    switch = ModelSwitch(registry, replica, Backfill(settings, specs[LISTINGS].name), step, metrics,
-                         model_thread.run, lambda out: sinks.send_all(LISTING_EMBEDDINGS, out),
-                         lambda: group.assigned(specs[LISTINGS].name), settings.batch_size)
+    switch = ModelSwitch(registry, replica, Backfill(settings, specs[LISTINGS].name, specs[LISTINGS].partitions),
+                         step, metrics, model_thread.run, lambda out: sinks.send_all(LISTING_EMBEDDINGS, out),
+                         lambda: group.assigned(specs[LISTINGS].name), settings.batch_size,
+                         fetch_images=images.fetch_for, deadline_seconds=settings.switch_deadline_seconds)
 
     def health() -> dict[str, Any]:
         return worker_health(app, settings, replica, switch)
 
     app.service(watcher)
+    app.service(images)
     app.service(replica)
     app.service(BrokerProbe(metrics, settings.bootstrap_servers))
     if settings.web_port:
         search = WorkerSearch(replica, registry, model_thread, metrics)
-        app.service(WebServer(settings, [core_routes(metrics.registry, health),
-                                         search_routes(settings, search, health)],
+        app.service(WebServer(settings, [token_auth(settings.api_token_value()),
+                                         core_routes(metrics.registry, health),
+                                         search_routes(settings, search, health, fetcher=images.fetcher)],
                               client_max_size=search_body_limit(settings.max_image_bytes)))
+    metrics.trainer_decisions = lambda: {"PROMOTED": len(watcher.chain.promotions), "REJECTED": watcher.chain.rejected}
     if pairs:
-        from samestyle.streams.pairs.agents import register_pairs_agent
+        from samestyle.streams.pairs.agents import PairsAgents
 
-        register_pairs_agent(app, settings, topics, sinks, index=lambda: replica.index,
-                             model_version=lambda: replica.active_version)
+        pairs_agents = PairsAgents(settings, metrics, index=lambda: replica.index,
+                                   model_version=lambda: replica.active_version, ready=replica.wait_ready,
+                                   crash=app.crash)
+        metrics.lag_sources.append(pairs_agents.lags)
+        app.service(pairs_agents)
 
     @app.timer(1.0, name="restart_truncated_partitions")
     async def restart_truncated_partitions() -> None:
@@ -269,6 +297,8 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, pairs: boo
     async def embed(stream: faust.StreamT) -> None:
         async for events in stream.take_events(settings.batch_size, within=settings.batch_linger_seconds):
             batch = [Incoming.of_event(e) for e in events]
+            # Image URLs are fetched on the event loop, concurrently, before the model thread runs.
+            fetched = await images.fetch_for(batch)
             await switch.prepare()
             await replica.wait_ready()
             async with switch.embed_lock:
@@ -276,7 +306,7 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, pairs: boo
                 encoders = await model_thread.run(switch.embedding_encoders)
                 if len(encoders) > 1:
                     switch.note_live(batch)
-                outgoing, failures = await model_thread.run(step(), batch, encoders)
+                outgoing, failures = await model_thread.run(step(), batch, encoders, fetched)
                 metrics.observe_embed_batch(len(batch), time.perf_counter() - started, len(outgoing), len(failures))
                 await sinks.send_all(LISTING_EMBEDDINGS, outgoing)
             await sinks.dead_letter(failures)
@@ -324,4 +354,4 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, pairs: boo
     return app
 
 
-__all__ = ["ModelThread", "Scorers", "WorkerSearch", "build_replica", "create_app", "snapshot_dir", "worker_health"]
+__all__ = ["ImageFetcherService", "ModelThread", "Scorers", "WorkerSearch", "build_replica", "create_app", "snapshot_dir", "worker_health"]

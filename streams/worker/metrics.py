@@ -30,9 +30,20 @@ log = logging.getLogger(__name__)
 
 PREFIX = "samestyle_"
 AGENTS = ("embed", "index")
+#: The click-pairs agents' stages (label ``agent`` of the message counters; see streams/pairs/agents.py).
+PAIRS_AGENTS = ("pairs-sessionize", "pairs-evidence")
+#: What holds a pair in the evidence table: the first constraint it fails, or ``emitted``.
+PAIRS_HELD_BY = ("co_clicks", "sessions", "category", "cosine", "emitted")
+#: The trainer's decisions on ``model-updates``.
+DECISIONS = ("PROMOTED", "REJECTED")
 #: The dead-letter kinds known in advance (topics.errors' BadInputError subclasses by stage).
 DEAD_LETTER_KINDS = tuple((stage, error) for stage in AGENTS
                           for error in ("DecodeError", "InvalidListingError", "ImageError"))
+
+#: Why a model switch left a listing of the serving index out of the new model's index: its
+#: record is not in the listings log, the new model could not embed it, or the switch's deadline
+#: passed without it (label ``reason`` of ``samestyle_model_switch_left_out_total``).
+LEFT_OUT_REASONS = ("not_in_log", "reembed_failed", "deadline")
 
 #: Listings per forward pass; the default batch size is 32.
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -95,13 +106,16 @@ class _DynamicCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         families = self._families()
-        lag, highwater, position, rebalances = families
+        lag, highwater, position, rebalances, decisions = families
         for row in self.metrics.lag_rows():
             labels = [row.consumer, row.topic, str(row.partition)]
             lag.add_metric(labels, row.lag)
             highwater.add_metric(labels, row.highwater)
             position.add_metric(labels, row.position)
         rebalances.add_metric([], self.metrics.rebalance_count())
+        counts = self.metrics.trainer_decisions()
+        for decision in DECISIONS:
+            decisions.add_metric([decision], counts.get(decision, 0))
         return iter(families)
 
     @staticmethod
@@ -116,6 +130,9 @@ class _DynamicCollector(Collector):
             GaugeMetricFamily(PREFIX + "consumer_position_offset",
                               "Next offset committed (group) or applied (replica)", labels=labels),
             CounterMetricFamily(PREFIX + "rebalances", "Consumer group rebalances seen by this worker"),
+            CounterMetricFamily(PREFIX + "trainer_decisions",
+                                "The trainer's decisions on model-updates, as this worker read them",
+                                labels=["decision"]),
         ]
 
 
@@ -162,6 +179,10 @@ class Metrics:
             PREFIX + "model_switch_missing",
             "Listings of the serving index the promoted model's index still lacks (0 when no switch is under way)",
             registry=r)
+        self.model_switch_left_out = Counter(
+            PREFIX + "model_switch_left_out",
+            "Listings of the serving index a model switch left out of the new model's index, by reason",
+            ["reason"], registry=r)
         self.model_load_failures = Counter(
             PREFIX + "model_load_failures", "Promoted models whose directory did not load (skipped)", registry=r)
         self.reembedded = Counter(
@@ -171,17 +192,38 @@ class Metrics:
         self.broker_down_seconds = Counter(
             PREFIX + "broker_down_seconds", "Seconds during which no bootstrap server accepted a connection",
             registry=r)
+        self.pairs_emitted = Counter(
+            PREFIX + "pairs_emitted", "Positive pairs the pairs agents sent to positive-pairs", registry=r)
+        self.pairs_expired = Counter(
+            PREFIX + "pairs_expired", "Table keys dropped after the pairs TTL of idle event time", ["table"],
+            registry=r)
+        self.pairs_table_keys = Gauge(
+            PREFIX + "pairs_table_keys", "Keys in this worker's partitions of a pairs table (sessions, evidence)",
+            ["table"], registry=r)
+        self.pairs_held = Gauge(
+            PREFIX + "pairs_held", "Pairs in this worker's evidence table by what holds them: the first constraint "
+            "they fail, or emitted", ["held_by"], registry=r)
+        self.pairs_held_kinds = PAIRS_HELD_BY
         # Zero samples from the start, so rate() and alerts see a series before the first event.
-        for agent in AGENTS:
+        for agent in (*AGENTS, *PAIRS_AGENTS):
             self.messages_processed.labels(agent)
             self.messages_failed.labels(agent)
+        for table in ("sessions", "evidence"):
+            self.pairs_expired.labels(table)
+            self.pairs_table_keys.labels(table)
+        for held_by in PAIRS_HELD_BY:
+            self.pairs_held.labels(held_by)
         for consumer in ("group", "replica"):
             self.log_resets.labels(consumer)
+        for reason in LEFT_OUT_REASONS:
+            self.model_switch_left_out.labels(reason)
         for stage, error_type in DEAD_LETTER_KINDS:
             self.dead_letters.labels(stage, error_type)
         self.broker_up.set(1)
         self.lag_sources: list[LagSource] = []
         self.rebalance_count: Callable[[], int] = lambda: 0
+        #: Decisions read from model-updates by kind (the worker's model watcher sets it).
+        self.trainer_decisions: Callable[[], Mapping[str, int]] = dict
         r.register(_DynamicCollector(self))
         if process:
             # process_resident_memory_bytes etc.: the soak run plots RSS from them.

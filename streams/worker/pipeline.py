@@ -15,13 +15,14 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from samestyle.index_store import LiveIndex
-from samestyle.models import Embeddings, Encoder, ListingInput, load_image_bytes
+from samestyle.models import Embeddings, Encoder, ListingInput
 from samestyle.models.encoder import DuplicateScorer, PairCandidate
+from samestyle.streams.io.images import is_remote, listing_image
 from samestyle.streams.settings import Settings
 from samestyle.topics import (
     DEAD_LETTERS,
@@ -33,7 +34,7 @@ from samestyle.topics import (
     codec_for_topic,
     vector_to_bytes,
 )
-from samestyle.topics.errors import BadInputError, InvalidListingError
+from samestyle.topics.errors import BadInputError, DecodeError, ImageError, InvalidListingError
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +121,14 @@ def validate_listing(record: dict[str, Any], settings: Settings) -> None:
             f"the limit is {settings.max_image_bytes:,} (SAMESTYLE_MAX_IMAGE_BYTES)")
 
 
-def listing_input(record: dict[str, Any], settings: Settings) -> ListingInput:
+def listing_input(record: dict[str, Any], settings: Settings,
+                  images: Mapping[str, bytes | ImageError] | None = None) -> ListingInput:
+    """The encoder's input for a listing record. Its image: inline bytes, else ``image_uri``
+    read from under ``SAMESTYLE_IMAGE_BASE_DIR`` or, for a URL, taken from ``images`` (what
+    :func:`remote_image_uris` named, fetched by the agent before the step runs)."""
     image = record.get("image_bytes")
     if image is None and record.get("image_uri"):
-        image = load_image_bytes(record["image_uri"], base_dir=settings.image_base_dir,
-                                 max_bytes=settings.max_image_bytes)
+        image = listing_image(record["image_uri"], settings.image_base_dir, settings.max_image_bytes, images)
     return ListingInput(
         listing_id=record["listing_id"],
         title=record.get("title") or "",
@@ -133,6 +137,24 @@ def listing_input(record: dict[str, Any], settings: Settings) -> ListingInput:
         image=image,
         category=record.get("category"),
     )
+
+
+def remote_image_uris(batch: Sequence[Incoming]) -> list[str]:
+    """The ``http(s)://`` image URIs the upserts of ``batch`` need fetched (messages that do not
+    decode are skipped here: the step dead-letters them)."""
+    codec = codec_for_topic(LISTINGS)
+    uris = []
+    for msg in batch:
+        if msg.value is None:
+            continue
+        try:
+            record = codec.decode(msg.value)
+        except DecodeError:
+            continue
+        uri = record.get("image_uri")
+        if record.get("op") != "DELETE" and record.get("image_bytes") is None and uri and is_remote(uri):
+            uris.append(uri)
+    return list(dict.fromkeys(uris))
 
 
 class EmbedStep:
@@ -146,9 +168,12 @@ class EmbedStep:
         self._listings = codec_for_topic(LISTINGS)
         self._embeddings = codec_for_topic(LISTING_EMBEDDINGS)
 
-    def __call__(self, batch: Sequence[Incoming], encoders: Sequence[Encoder] | None = None, *,
+    def __call__(self, batch: Sequence[Incoming], encoders: Sequence[Encoder] | None = None,
+                 images: Mapping[str, bytes | ImageError] | None = None, *,
                  reembed: bool = False) -> tuple[list[Outgoing], list[Failure]]:
-        """Embed ``batch`` with ``encoders`` (default: the step's encoder).
+        """Embed ``batch`` with ``encoders`` (default: the step's encoder). ``images``: the fetched
+        images of the batch's URLs (:func:`remote_image_uris`); a listing whose URL is missing there
+        or failed is a Failure with the reason.
 
         With two encoders (a model switch under way) each record carries the first one's vectors
         and, in ``next_model``, the second one's. ``reembed`` marks records of the catalogue
@@ -170,7 +195,7 @@ class EmbedStep:
                 if record.get("op") == "DELETE":
                     slots[i] = self._delete_record(record, encoders[0], reembed)
                     continue
-                listing = listing_input(record, self.settings)
+                listing = listing_input(record, self.settings, images)
                 to_embed.append((i, record, listing, [encoder.prepare(listing) for encoder in encoders]))
             except BadInputError as exc:
                 failures.append(Failure(msg, self.stage, exc))
@@ -347,7 +372,8 @@ class Decision:
 
 @dataclass
 class _Candidate:
-    """A same-supplier neighbour of a searched listing, waiting for the duplicate decision."""
+    """A neighbour of a searched listing: a similar product, and a duplicate candidate when it
+    is of the same supplier."""
 
     update: EmbeddingUpdate
     other_id: str
@@ -365,6 +391,10 @@ class SearchStep:
     pair is a duplicate when the probability reaches its threshold. A model without a scorer
     keeps the cosine rule (image+text cosine >= ``settings.effective_cosine_threshold``). An
     explicit ``settings.duplicate_threshold`` replaces the model's threshold, in its terms.
+
+    With a scorer, the similar-products list is the dense top-k re-ranked by the same
+    probabilities (every neighbour is scored, in the same call); each neighbour's ``score`` stays
+    its image+text cosine. Without one, it is in cosine order.
     """
 
     stage = "index"
@@ -396,60 +426,61 @@ class SearchStep:
         queries = np.stack([u.vector for u in upserts])  # [q, dim]
         results = self.index.search(queries, self.settings.top_k, exclude=[u.listing_id for u in upserts])
         emitted_at = now_ms()
-        similar: list[Outgoing] = []
-        candidates: list[_Candidate] = []
+        per_update: list[list[_Candidate]] = []
         for update, hits in zip(upserts, results):
-            neighbours = []
             found: list[tuple[str, float, dict[str, Any]]] = []
             for hit in hits:
                 payload = self.index.payload(hit.listing_id)
                 if payload is None:  # deleted between search and here
                     continue
-                neighbours.append({"listing_id": hit.listing_id, "supplier_id": payload["supplier_id"],
-                                   "score": float(hit.score)})
                 found.append((hit.listing_id, float(hit.score), payload))
-            candidates += self._candidates(update, found)
-            key = update.listing_id.encode()
-            similar.append(Outgoing(key, self._similar.encode({
+            per_update.append(self._candidates(update, found))
+        everyone = [c for cs in per_update for c in cs]
+        if decision.scorer is not None and everyone:
+            # One call scores every neighbour of the batch: the same-supplier ones for the
+            # duplicate decision, all of them to order the similar-products list.
+            probabilities = np.asarray(decision.scorer.probabilities([c.pair for c in everyone]),
+                                       dtype=np.float64).reshape(-1)
+            if probabilities.shape[0] != len(everyone):
+                raise ValueError(f"duplicate scorer returned {probabilities.shape[0]} probabilities "
+                                 f"for {len(everyone)} candidates")
+            for c, p in zip(everyone, probabilities):
+                c.probability = float(p)
+        similar: list[Outgoing] = []
+        for update, cs in zip(upserts, per_update):
+            if decision.scorer is not None:
+                # The matcher's order (the dense top-k re-ranked); NaN sorts last, ties by cosine.
+                cs = sorted(cs, key=lambda c: (-(c.probability if c.probability == c.probability else -1.0),
+                                               -c.score))
+            similar.append(Outgoing(update.listing_id.encode(), self._similar.encode({
                 "listing_id": update.listing_id,
                 "supplier_id": update.supplier_id,
-                "neighbours": neighbours,
+                "neighbours": [{"listing_id": c.other_id, "supplier_id": c.payload["supplier_id"],
+                                "score": c.score} for c in cs],
                 "model_version": update.model_version,
                 "event_time": update.event_time,
                 "emitted_at": emitted_at,
             })))
-        alerts = [self._alert(c, decision, emitted_at) for c in self._decide(candidates, decision)]
+        same_supplier = [c for c in everyone if c.payload["supplier_id"] == c.update.supplier_id]
+        alerts = [self._alert(c, decision, emitted_at) for c in self._decide(same_supplier, decision)]
         return similar, alerts
 
     @staticmethod
     def _candidates(update: EmbeddingUpdate,
                     found: list[tuple[str, float, dict[str, Any]]]) -> list[_Candidate]:
-        """The same-supplier neighbours of ``update`` (``found``: its neighbours, nearest first)."""
+        """Every neighbour of ``update`` as a candidate pair (``found``: nearest first)."""
         out = []
-        text = None
+        text = match_text_of(update.payload) if found else None
         for rank, (other_id, score, payload) in enumerate(found):
-            if payload["supplier_id"] != update.supplier_id:
-                continue
-            if text is None:
-                text = match_text_of(update.payload)
             others = [s for k, (_, s, _) in enumerate(found) if k != rank]
-            pair = PairCandidate(text_a=text, text_b=match_text_of(payload), cosine=score, rank=rank,
+            pair = PairCandidate(text_a=text or "", text_b=match_text_of(payload), cosine=score, rank=rank,
                                  best_other=max(others) if others else -1.0)
             out.append(_Candidate(update, other_id, score, payload, pair))
         return out
 
     def _decide(self, candidates: list[_Candidate], decision: Decision) -> list[_Candidate]:
-        """The candidates that are duplicates and not alerted here before, in search order."""
-        if not candidates:
-            return []
-        if decision.scorer is not None:
-            probabilities = np.asarray(decision.scorer.probabilities([c.pair for c in candidates]),
-                                       dtype=np.float64).reshape(-1)
-            if probabilities.shape[0] != len(candidates):
-                raise ValueError(f"duplicate scorer returned {probabilities.shape[0]} probabilities "
-                                 f"for {len(candidates)} candidates")
-            for c, p in zip(candidates, probabilities):
-                c.probability = float(p)
+        """The candidates (scored already when a scorer decides) that are duplicates and not
+        alerted here before, in search order."""
         duplicates = []
         for c in candidates:
             value = c.probability if decision.scorer is not None else c.score

@@ -17,16 +17,19 @@ from samestyle.topics.errors import BrokerError
 log = logging.getLogger(__name__)
 
 
-def run_worker(settings: Settings, *, pairs: bool = False) -> int:
+def run_worker(settings: Settings, *, pairs: bool | None = None) -> int:
     """Run the Faust worker until SIGTERM/SIGINT; returns the exit code (non-zero after a crash).
-    ``pairs`` adds the click-pairs agents (their tables' changelog topics must exist too)."""
+    ``pairs`` (default ``settings.pairs_enabled``) adds the click-pairs agents (their tables'
+    changelog topics must exist too)."""
+    if pairs is None:
+        pairs = settings.pairs_enabled
     import faust  # imported here so `samestyle --help` stays fast
 
     from samestyle.streams.dev.broker import check_topics
     from samestyle.streams.worker.app import create_app
     from samestyle.topics import topic_specs
 
-    # Only the pairs agents keep Faust tables: their changelog topics are required with them.
+    # Only the pairs agents keep tables: their changelog topics are required with them.
     specs = topic_specs(settings.topic_prefix, settings.partitions, app_id=settings.app_id if pairs else None)
     check_topics(",".join(settings.bootstrap_servers), specs.values())
     if settings.torch_threads:

@@ -59,6 +59,8 @@ class IndexReplica(Service):
         self._dirty = False
         self._reader: LogReader | None = None
         self._last_snapshot = time.monotonic()
+        #: A target version to switch to even though its index is incomplete (a switch's deadline).
+        self._forced: str | None = None
 
     async def on_start(self) -> None:
         self._reader = await reader_for(self.settings, "replica", fetch_max_wait_ms=50).start()
@@ -103,7 +105,7 @@ class IndexReplica(Service):
                          len(self.indexes.active_index or ()))
             self.ready.set()
         if target is not None and target != self.indexes.active:
-            if self.indexes.try_switch(target):
+            if self.indexes.try_switch(target, force=self._forced == target):
                 self._dirty = True
                 if self.metrics is not None:
                     self.metrics.model_switches.inc()
@@ -142,6 +144,11 @@ class IndexReplica(Service):
                 self.applied[p] = 0
                 if self.metrics is not None:
                     self.metrics.log_resets.labels("replica").inc()
+
+    def force_switch(self, target: str) -> None:
+        """Switch to ``target`` at the next check even if its index lacks listings of the active one
+        (applied by the apply loop, the indexes' one writer)."""
+        self._forced = target
 
     def is_caught_up_to(self, partition: int, offset: int) -> bool:
         return self.applied.get(partition, 0) > offset

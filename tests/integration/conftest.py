@@ -94,7 +94,8 @@ def stack(broker: EmbeddedBroker, tmp_path: Path) -> Iterator[Stack]:
         web_port=0,
     )
     specs = topic_specs(settings.topic_prefix)
-    create_topics(broker.bootstrap, specs.values())
+    # app_id: the pairs agents' changelogs too (every worker runs them, SAMESTYLE_PAIRS_ENABLED).
+    create_topics(broker.bootstrap, topic_specs(settings.topic_prefix, app_id=settings.app_id).values())
     s = Stack(settings, specs, tmp_path)
     try:
         yield s

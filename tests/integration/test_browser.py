@@ -113,3 +113,38 @@ def test_page_shows_api_errors(browser: Any, served: Served, tmp_path: Path) -> 
     browser.find_element(By.ID, "q-submit").click()
     WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "error").is_displayed())
     assert "cannot use this query" in browser.find_element(By.ID, "error").text
+
+
+TOKEN = "browser-token-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def served_with_token(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    yield from serve_sample(broker, tmp_path_factory.mktemp("browser-token"), n_products=4, api_token=TOKEN)
+
+
+def test_page_behind_a_token_signs_in_then_searches(browser: Any, served_with_token: Served) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    served = served_with_token
+    wait = WebDriverWait(browser, 30)
+    browser.delete_all_cookies()
+    browser.get(served.base + "/")
+    assert browser.find_elements(By.ID, "search-form") == []  # the sign-in form, not the page
+    browser.find_element(By.ID, "token").send_keys("not-the-token-at-all")
+    browser.find_element(By.ID, "sign-in").click()
+    wait.until(lambda d: "not the API token" in d.find_element(By.TAG_NAME, "body").text)
+
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.ID, "sign-in").click()
+    # Signed in: the page and its API calls (counters, search) carry the session cookie.
+    wait.until(ec.text_to_be_present_in_element((By.ID, "stat-index"), str(len(served.messages))))
+    title = served.messages[0]["title"]
+    browser.find_element(By.ID, "q-text").send_keys(title)
+    browser.find_element(By.ID, "q-submit").click()
+    wait.until(lambda d: d.find_element(By.ID, "results").get_attribute("data-context") == "search:text")
+    cards = browser.find_elements(By.CSS_SELECTOR, "#results .card")
+    assert cards and cards[0].find_element(By.CLASS_NAME, "title").text == title
+    browser.delete_all_cookies()

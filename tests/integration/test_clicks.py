@@ -7,6 +7,7 @@ its topics *and* the tables' changelogs (topic_specs(app_id=...)) before a worke
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from samestyle.models.data import ListingRecord
 from samestyle.streams.dev.broker import create_topics, die_with_parent
 from samestyle.streams.dev.pairs_report import read_topics
 from samestyle.streams.io.producer import listing_message, send_records
+from samestyle.streams.pairs.agents import partition_for
 from samestyle.streams.worker.process import WorkerProcess
 from samestyle.topics import CLICK_EVENTS, CLICK_PAIRS, TopicSpec, codec_for_topic, topic_specs
 from tests.integration.conftest import Stack
@@ -89,12 +91,20 @@ def pair_set(pairs: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return sorted((p["listing_id_a"], p["listing_id_b"]) for p in pairs)
 
 
+def sessions_on_one_partition(n: int, partitions: int) -> list[str]:
+    """``n`` session ids keyed to one click-events partition: only clicks of one partition keep
+    their order through both stages (the agents fold each partition's batch on its own)."""
+    ids = (f"s{k}" for k in itertools.count())
+    return list(itertools.islice((i for i in ids if partition_for(i.encode(), partitions) == 0), n))
+
+
 def test_clicks_in_expected_pairs_out_once(stack: Stack) -> None:
     start(stack)
     clicks = []
     # (a, b): 3 clicks in 3 sessions, both directions -> positive, exactly once even with a 4th click.
+    ordered = sessions_on_one_partition(4, stack.specs[CLICK_EVENTS].partitions)
     for s, (t, c) in enumerate([("a", "b"), ("b", "a"), ("a", "b"), ("b", "a")]):
-        clicks.append(click(f"s{s}", t, c, T0 + s * 1000, dwell=2_000 + s))
+        clicks.append(click(ordered[s], t, c, T0 + s * 1000, dwell=2_000 + s))
     # (c, d): 3 clicks but one session -> rejected (min sessions).
     clicks += [click("s9", "c", "d", T0 + k * 1000) for k in range(3)]
     # (e, f): 3 sessions but one click is a bounce -> only 2 co-clicks, rejected.

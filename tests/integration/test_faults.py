@@ -258,7 +258,8 @@ def test_broker_outage_workers_reconnect_and_carry_on(tmp_path: Path) -> None:
                         encoder="tiny", allow_random_weights=True, state_dir=tmp_path / "state",
                         snapshot_interval_seconds=1.0, web_port=0)
     specs = topic_specs(settings.topic_prefix)
-    create_topics(broker.bootstrap, specs.values())
+    all_specs = topic_specs(settings.topic_prefix, app_id=settings.app_id)  # with the pairs changelogs
+    create_topics(broker.bootstrap, all_specs.values())
     stack = Stack(settings, specs, tmp_path)
     try:
         worker, web = start_web_worker(stack, "w1")
@@ -279,7 +280,7 @@ def test_broker_outage_workers_reconnect_and_carry_on(tmp_path: Path) -> None:
         assert cpu < 0.5 * (time.monotonic() - t0), f"{cpu:.1f} CPU seconds during a {outage:.0f} s outage"
 
         broker = EmbeddedBroker(port=port, log_path=tmp_path / "tansu.log").start()
-        create_topics(broker.bootstrap, specs.values())
+        create_topics(broker.bootstrap, all_specs.values())
         wait_until(lambda: total(scrape(web), "samestyle_broker_up") == 1, 15, "broker_up back to 1", worker)
         # The new broker's logs are shorter than what the worker consumed: it must notice and read
         # them from 0. (A new log that outgrew the old offsets before the worker's first fetch

@@ -61,16 +61,18 @@ class Served:
         return [m for m in self.messages if m["image_bytes"]][k]["image_bytes"]
 
 
-def serve_sample(broker: EmbeddedBroker, tmp: Path, n_products: int = 10) -> Iterator[Served]:
-    """Start a worker on a free web port, index a generated sample, yield it (stopped after)."""
+def serve_sample(broker: EmbeddedBroker, tmp: Path, n_products: int = 10, **overrides: Any) -> Iterator[Served]:
+    """Start a worker on a free web port, index a generated sample, yield it (stopped after).
+    ``overrides`` change the worker's settings (an API token, ...)."""
     run = uuid.uuid4().hex[:8]
     port = free_port()
+    (tmp / "images").mkdir()
     settings = Settings(bootstrap=broker.bootstrap, topic_prefix=f"t{run}-", app_id=f"samestyle-test-{run}",
                         encoder="tiny", allow_random_weights=True, state_dir=tmp / "state",
                         snapshot_interval_seconds=5.0, batch_linger_seconds=0.05, web_port=port,
-                        max_image_bytes=IMAGE_LIMIT)
+                        max_image_bytes=IMAGE_LIMIT, image_base_dir=tmp / "images", **overrides)
     specs = topic_specs(settings.topic_prefix)
-    create_topics(broker.bootstrap, specs.values())
+    create_topics(broker.bootstrap, topic_specs(settings.topic_prefix, app_id=settings.app_id).values())
     stack = Stack(settings, specs, tmp)
     listings_csv, _ = generate_sample(tmp / "sample", n_products=n_products, seed=3)
     messages = [listing_message(r, image_mode="bytes") for r in read_listings(listings_csv)]
@@ -222,7 +224,8 @@ def test_thumbnails_are_re_encoded_images_never_raw_files(served: Served, tmp_pa
 
     from PIL import Image
 
-    picture = tmp_path / "lamp.png"
+    assert served.stack.settings.image_base_dir is not None
+    picture = served.stack.settings.image_base_dir / "lamp.png"
     picture.write_bytes(served.image(0))
     with_uri = dict(served.messages[0], listing_id="thumb-uri", image_bytes=None, image_uri=str(picture))
     served.stack.produce([with_uri])
@@ -238,7 +241,15 @@ def test_thumbnails_are_re_encoded_images_never_raw_files(served: Served, tmp_pa
     # A listing sent with inline bytes has no file to read: no thumbnail, a clear 404.
     status, body = served.request("GET", f"/listings/{served.messages[0]['listing_id']}/thumbnail")
     assert status == 404 and "no image" in body["error"]
-    # The file behind an indexed image_uri changes into a secret: it is not served.
+    # The file behind an indexed image_uri becomes a link out of the base directory: not followed.
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(served.image(1))
+    picture.unlink()
+    picture.symlink_to(secret)
+    status, body = served.request("GET", "/listings/thumb-uri/thumbnail")
+    assert status == 404 and "outside SAMESTYLE_IMAGE_BASE_DIR" in body["error"]
+    # ... or changes into a secret: it is not served.
+    picture.unlink()
     picture.write_text("password=hunter2")
     status, body = served.request("GET", "/listings/thumb-uri/thumbnail")
     assert status == 404 and "hunter2" not in json.dumps(body)

@@ -173,12 +173,14 @@ def test_readme_names_only_commands_that_exist() -> None:
 def test_readme_names_only_routes_that_exist(tmp_path: Path) -> None:
     from aiohttp import web
 
+    from samestyle.streams.http.auth import token_auth
     from samestyle.streams.http.search import search_routes
     from samestyle.streams.http.server import core_routes
     from samestyle.streams.settings import Settings
     from samestyle.streams.worker.metrics import Metrics
 
     app = web.Application()
+    token_auth("a-token-for-the-sign-in-routes")(app)
     core_routes(Metrics(process=False).registry, lambda: {"ok": True})(app)
     search_routes(Settings(state_dir=tmp_path), backend=None, health=lambda: {})(app)  # type: ignore[arg-type]
     routes = {(r.method, re.sub(r"\{[^}]+\}", "{}", r.resource.canonical)) for r in app.router.routes()

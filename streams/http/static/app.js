@@ -27,6 +27,8 @@ function showError(message) {
 
 async function api(path, options) {
   const response = await fetch(path, options);
+  // Signed out (the API token changed, or the session cookie was dropped): show the sign-in form.
+  if (response.status === 401) { window.location.assign("/"); throw new Error("signed out"); }
   let body = null;
   try { body = await response.json(); } catch (e) { /* not JSON: keep null */ }
   if (!response.ok) throw new Error(body && body.error ? body.error : `HTTP ${response.status}`);

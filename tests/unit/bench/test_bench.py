@@ -82,6 +82,31 @@ def test_index_bandwidth_ratio() -> None:
     assert r["bandwidth_ratio"] == pytest.approx(0.6) and r["exact_goal_met"] is False
 
 
+def test_index_search_against_sgemm() -> None:
+    assert index_bench.gemm_flop(32, 200_000, 256) == 2 * 32 * 200_000 * 256
+    rng = np.random.default_rng(0)
+    matrix, queries = index_bench.unit_rows(rng, 500, 16), index_bench.unit_rows(rng, 4, 16)
+    assert np.allclose(np.linalg.norm(matrix, axis=1), 1, atol=1e-5)
+    calls = {"search": 0, "other": 0}
+
+    def count(name: str) -> None:
+        calls[name] += 1
+
+    r = index_bench.versus_sgemm(lambda: count("search"), matrix, queries, 3, {"other": lambda: count("other")})
+    assert calls == {"search": 4, "other": 4}  # one warm-up each, then one call per round
+    assert r["rounds"] == 3 and len(r["sgemm_ratio_per_round"]) == 3
+    assert r["sgemm_ratio"] == pytest.approx(r["sgemm_seconds"] / r["search_seconds"])
+    assert r["search_gflops"] == pytest.approx(2 * 4 * 500 * 16 / r["search_seconds"] / 1e9)
+    assert r["other_sgemm_ratio"] == pytest.approx(r["sgemm_seconds"] / r["other_seconds"])
+    headline = {"search_gflops": 30.0, "sgemm_gflops": 40.0, "sgemm_ratio": 0.75, "search_seconds": 0.1,
+                "faiss_default_seconds": 0.5, "faiss_default_gflops": 6.0, "faiss_blas_sgemm_ratio": 0.7}
+    out = index_bench.index_result({"read_gbps": 10.0}, {"exact_scan_gbps": 1.0, "exact_headline": headline})
+    assert out["sgemm_ratio"] == 0.75 and out["sgemm_goal_met"] is True
+    out = index_bench.index_result({"read_gbps": 10.0},
+                                   {"exact_scan_gbps": 1.0, "exact_headline": {**headline, "sgemm_ratio": 0.69}})
+    assert out["sgemm_goal_met"] is False
+
+
 def test_recall_at_k() -> None:
     truth = np.array([[1, 2, 3], [4, 5, 6]])
     assert index_bench.recall_at_k([[3, 2, 1], [4, 5, 6]], truth, 3) == 1.0
@@ -122,12 +147,17 @@ def test_index_json_on_a_tiny_run(capsys: pytest.CaptureFixture[str]) -> None:
     r = run_json(capsys, index_bench.main, [
         "--n", "3000", "--dim", "16", "--json", "--approx-n", "2000", "--approx-queries", "50",
         "--memory-mb", "16", "--repeat", "1", "--query-batches", "1,4", "--query-batch", "4",
-        "--ef-sweep", "16,64", "--ef-search", "64", "--delete-n", "100", "--ivf"])
+        "--ef-sweep", "16,64", "--ef-search", "64", "--delete-n", "100", "--ivf", "--gallery-blocks", "256,4096"])
     for key in ("memory_gbps", "exact_scan_gbps", "bandwidth_ratio", "recall_at_10", "qps_per_core",
                 "add_per_second", "delete_per_second", "n", "dim", "approx_n", "machine"):
         assert key in r, key
     assert r["n"] == 3000 and r["dim"] == 16 and r["approx_n"] == 2000
     assert r["bandwidth_ratio"] == pytest.approx(r["exact_scan_gbps"] / r["memory_gbps"], rel=2e-3)
+    for key in ("search_gflops", "sgemm_gflops", "sgemm_ratio", "search_seconds_per_batch",
+                "faiss_default_seconds_per_batch", "faiss_blas_sgemm_ratio"):
+        assert r[key] > 0, key
+    assert r["sgemm_ratio"] == pytest.approx(r["search_gflops"] / r["sgemm_gflops"], rel=2e-3)
+    assert [row["gallery_rows"] for row in r["gallery_block_sweep"]] == [256, 4096]
     assert 0.0 <= r["recall_at_10"] <= 1.0 and r["qps_per_core"] > 0
     assert [row["ef_search"] for row in r["approx"]["ef_sweep"]] == [16, 64]
     assert r["approx"]["ivf"]["sweep"]

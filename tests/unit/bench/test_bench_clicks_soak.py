@@ -19,12 +19,31 @@ from tests.unit.bench.benchutil import run_json
 
 def test_clicks_arguments() -> None:
     args = clicks_bench.build_parser().parse_args([])
-    assert (args.events, args.rounds, args.modes, args.json, args.encoder) == (10_000, 2, ["on", "off"], False, "tiny")
-    args = clicks_bench.build_parser().parse_args(["--json", "--events", "500", "--modes", "on"])
-    assert (args.events, args.modes, args.json) == (500, ["on"], True)
-    for bad in ("", "maybe", "on,on"):
-        with pytest.raises(SystemExit):
-            clicks_bench.build_parser().parse_args(["--modes", bad])
+    assert (args.events, args.rounds, args.json, args.encoder, args.profile) == (10_000, 2, False, "tiny", None)
+    args = clicks_bench.build_parser().parse_args(["--json", "--events", "500", "--profile", "p.txt"])
+    assert (args.events, args.json, args.profile) == (500, True, Path("p.txt"))
+    with pytest.raises(SystemExit):
+        clicks_bench.build_parser().parse_args(["--modes", "on"])  # gone: no producer sends one record per batch
+
+
+PAIRS_METRICS = """\
+# TYPE samestyle_consumer_highwater_offset gauge
+samestyle_consumer_highwater_offset{consumer="pairs",partition="0",topic="ce"} 60.0
+samestyle_consumer_highwater_offset{consumer="pairs",partition="1",topic="ce"} 40.0
+samestyle_consumer_highwater_offset{consumer="pairs",partition="0",topic="cp"} 30.0
+samestyle_consumer_highwater_offset{consumer="group",partition="0",topic="listings"} 9.0
+samestyle_consumer_highwater_offset{consumer="replica",partition="0",topic="emb"} 5.0
+# TYPE samestyle_consumer_position_offset gauge
+samestyle_consumer_position_offset{consumer="pairs",partition="0",topic="ce"} 60.0
+samestyle_consumer_position_offset{consumer="pairs",partition="1",topic="ce"} 40.0
+samestyle_consumer_position_offset{consumer="pairs",partition="0",topic="cp"} 29.0
+samestyle_consumer_position_offset{consumer="replica",partition="0",topic="emb"} 2.0
+# TYPE samestyle_pairs_table_keys gauge
+samestyle_pairs_table_keys{table="sessions"} 12.0
+samestyle_pairs_table_keys{table="evidence"} 3.0
+# TYPE process_resident_memory_bytes gauge
+process_resident_memory_bytes 1.048576e+08
+"""
 
 
 METRICS = """\
@@ -45,8 +64,9 @@ samestyle_consumer_lag_messages{consumer="replica",partition="0",topic="emb"} 3.
 
 
 def test_clicks_progress_from_metrics() -> None:
-    offsets = clicks_bench.offsets_from_metrics(METRICS)
-    assert offsets["highwater"][("ce", 1)] == 40.0 and ("emb", 0) not in offsets["highwater"]  # group only
+    offsets = clicks_bench.offsets_from_metrics(PAIRS_METRICS)
+    assert offsets["highwater"][("ce", 1)] == 40.0 and ("emb", 0) not in offsets["highwater"]  # pairs only
+    assert ("listings", 0) not in offsets["highwater"]
     assert clicks_bench.consumption_started(offsets, "ce", 2)
     assert not clicks_bench.consumption_started(offsets, "ce", 3)
     assert not clicks_bench.caught_up(offsets, {"ce": 2, "cp": 1}, 100, "ce")  # cp 29 < 30
@@ -56,32 +76,55 @@ def test_clicks_progress_from_metrics() -> None:
 
 
 def test_clicks_result_ratio() -> None:
-    result = clicks_bench.clicks_result(1000, [0.01, 0.01], {"on": [2.0, 2.0], "off": [1.0]})
+    result = clicks_bench.clicks_result(1000, [0.01, 0.01], [2.0, 2.0])
     assert result["raw_consume_events_per_second"] == pytest.approx(100_000)
     assert result["pairs_agent_events_per_second"] == pytest.approx(500)
     assert result["ratio"] == pytest.approx(0.005) and result["goal_met"] is False
-    assert result["ratio_single_record_batches_off"] == pytest.approx(0.01)
-    assert "ratio_single_record_batches_off" not in clicks_bench.clicks_result(10, [1.0], {"on": [1.0]})
+    assert result["pairs_agent_runs_events_per_second"] == [500.0, 500.0]
+
+
+def test_clicks_state_from_metrics() -> None:
+    values = clicks_bench.metric_values(PAIRS_METRICS, clicks_bench.STATE_METRICS)
+    assert values == {"samestyle_pairs_table_keys{table=sessions}": 12.0,
+                      "samestyle_pairs_table_keys{table=evidence}": 3.0,
+                      "process_resident_memory_bytes": 104857600.0}
+
+
+def test_clicks_processed_from_metrics() -> None:
+    text = ('# TYPE samestyle_messages_processed counter\n'
+            'samestyle_messages_processed_total{agent="pairs-sessionize"} 12.0\n'
+            'samestyle_messages_processed_total{agent="embed"} 3.0\n')
+    assert clicks_bench.clicks_processed(text) == 12.0
+    assert clicks_bench.clicks_processed(PAIRS_METRICS) == 0.0  # not processing yet: the clock has not started
+
+
+def test_simulated_clicks_are_a_stream_and_the_same_each_time(tmp_path: Path) -> None:
+    first = clicks_bench.simulated_clicks(50, 8, tmp_path)
+    assert iter(first) is first  # generated as taken: --events 10000000 holds none of them
+    clicks = list(first)
+    assert len(clicks) == 50 and clicks == list(clicks_bench.simulated_clicks(50, 8, tmp_path))
 
 
 def test_clicks_json_shape(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
                            tmp_path: Path) -> None:
     """Real broker, clicks produced and read raw; the pairs worker replaced by a canned run."""
 
-    def fake_pairs_run(block: Any, events: int, args: argparse.Namespace) -> dict[str, Any]:
-        return {"mode": block.mode, "seconds": events / 400.0, "join_seconds": 3.0, "scrapes": 10,
+    def fake_pairs_run(block: Any, events: int, args: argparse.Namespace,
+                       profile: Path | None = None) -> dict[str, Any]:
+        return {"seconds": events / 400.0, "join_seconds": 3.0, "scrapes": 10,
                 "seconds_by_record_timestamps": events / 410.0, "forwarded_to_click_pairs": events // 2,
                 "positive_pairs": 1, "sessions_changelog_records": events // 2,
-                "evidence_changelog_records": events // 2}
+                "evidence_changelog_records": events // 2, "table_keys_max": 7.0, "worker_rss_mb_max": 100.0}
 
     monkeypatch.setattr(clicks_bench, "pairs_run", fake_pairs_run)
     plot = tmp_path / "clicks.png"
     result = run_json(capsys, clicks_bench.main, ["--json", "--events", "200", "--rounds", "1", "--products", "8",
                                                   "--raw-repeats", "2", "--plot", str(plot)])
     for key in ("pairs_agent_events_per_second", "raw_consume_events_per_second", "ratio", "events", "machine",
-                "pairs_agent_events_per_second_single_record_batches_off", "runs", "goal_met"):
+                "pairs_agent_events_per_second_by_record_timestamps", "runs", "goal_met"):
         assert key in result, key
-    assert result["events"] == 200 and len(result["raw_runs_events_per_second"]) == 3  # raw, on, raw, off, raw
+    assert result["events"] == 200 and len(result["raw_runs_events_per_second"]) == 2  # raw, pairs, raw
+    assert result["runs"][0]["table_keys_max"] == 7.0
     # The raw side was measured on the real broker; the ratio and the goal combine it with the
     # pairs run's rate, as the bench reports them.
     raw = result["raw_consume_events_per_second"]

@@ -92,7 +92,7 @@ def test_flat_matches_brute_force() -> None:
     check_against_brute(index.search(queries, 10), dict(zip(ids_of(3000), x)), queries, 10)
 
 
-@pytest.mark.parametrize("nq", [1, 2, 4, 5, 9])  # both sides of SMALL_QUERY_BATCH (BLAS vs faiss.knn)
+@pytest.mark.parametrize("nq", [1, 2, 4, 5, 9])
 @pytest.mark.parametrize("k", [1, 7, 600])
 def test_flat_small_and_large_query_batches_match_brute_force(nq: int, k: int) -> None:
     rng = np.random.default_rng(nq * 1000 + k)

@@ -16,9 +16,21 @@ from samestyle.streams.pairs.mining import (
     PairRules,
     add_click,
     category_path,
+    evidence_batch,
     evidence_step,
+    mark_sent,
+    new_evidence,
     pair_key,
     session_window,
+    sessionize_batch,
+)
+from samestyle.streams.pairs.store import (
+    TableStore,
+    decode_value,
+    encode_value,
+    evidence_kind,
+    evidence_time,
+    session_time,
 )
 from samestyle.streams.settings import Settings
 from samestyle.streams.worker.transport import seek_before_resuming_streams
@@ -91,30 +103,135 @@ def test_session_windows_split_on_idle_gaps_and_replays_keep_their_window() -> N
 
 
 def test_add_click_counts_each_click_once() -> None:
-    ev, counted = add_click(None, click("s1#0", "a", "b", T0))
-    ev, counted2 = add_click(ev, click("s1#0", "b", "a", T0 + 1, dwell=7_000))
-    ev, replay = add_click(ev, click("s1#0", "a", "b", T0))
-    assert (counted, counted2, replay) == (True, True, False)
-    assert (ev["co_clicks"], ev["sessions"], ev["dwell_ms"]) == (2, ["s1#0"], 12_000)
+    ev, counted = add_click(None, click("s1#0", "a", "b", T0), ("0", 10))
+    ev, counted2 = add_click(ev, click("s1#0", "b", "a", T0 + 1, dwell=7_000), ("1", 3))
+    ev, replay = add_click(ev, click("s1#0", "a", "b", T0), ("0", 10))  # a copy: same origin
+    ev, older = add_click(ev, click("s1#0", "a", "b", T0), ("0", 4))  # re-forwarded, already counted
+    assert (counted, counted2, replay, older) == (True, True, False, False)
+    assert (ev["co_clicks"], ev["sessions"], ev["dwell_ms"], ev["last_time"]) == (2, ["s1#0"], 12_000, T0 + 1)
+    assert ev["origins"] == {"0": 10, "1": 3}  # one offset per source, however many clicks
 
 
 def test_evidence_step_emits_once_and_resends_only_an_unconfirmed_send() -> None:
     state = None
     clicks = [click(f"s{i}#0", "a", "b", T0 + i) for i in range(4)]
     out = []
-    for c in clicks[:3]:
-        state, counted, record = evidence_step(state, c, RULES, lambda _: None, None, now=T0)
+    for i, c in enumerate(clicks[:3]):
+        state, counted, record = evidence_step(state, c, ("0", i), RULES, lambda _: None, None, now=T0)
         out.append(record)
     assert out[:2] == [None, None] and out[2]["co_clicks"] == 3
+    assert state["emitted_by"] == ["0", 2] and state["held_by"] is None
     # A replay of the emitting click before the send was confirmed: the same record again.
-    _, counted, again = evidence_step(state, clicks[2], RULES, lambda _: None, None, now=T0 + 99)
+    _, counted, again = evidence_step(state, clicks[2], ("0", 2), RULES, lambda _: None, None, now=T0 + 99)
     assert not counted and again == out[2]
     # Confirmed: neither the replay nor a new click emits again, but counts stay exact.
     state = {**state, "sent": True}
-    assert evidence_step(state, clicks[2], RULES, lambda _: None, None)[2] is None
-    state, counted, record = evidence_step(state, clicks[3], RULES, lambda _: None, None)
+    assert evidence_step(state, clicks[2], ("0", 2), RULES, lambda _: None, None)[2] is None
+    state, counted, record = evidence_step(state, clicks[3], ("0", 3), RULES, lambda _: None, None)
     assert counted and record is None and state["co_clicks"] == 4
+    assert state["sessions"] == ["s0#0", "s1#0", "s2#0"]  # frozen once emitted: the state stops growing
     codec_for_topic("positive-pairs").encode(out[2])  # fits the schema
+
+
+def test_held_by_names_the_constraint_and_counts_come_first() -> None:
+    lookups = []
+
+    def lookup(listing: str) -> None:
+        lookups.append(listing)
+
+    state, _, _ = evidence_step(None, click("s0#0", "a", "b", T0), ("0", 0), RULES, lookup, None)
+    assert state["held_by"] == "co_clicks" and lookups == []  # no index lookup before the counts pass
+    for i in (1, 2):
+        state, _, _ = evidence_step(state, click("s0#0", "a", "b", T0 + i), ("0", i), RULES, lookup, None)
+    assert state["held_by"] == "sessions" and lookups == []
+    state, _, record = evidence_step(state, click("s1#0", "a", "b", T0 + 3), ("0", 3), RULES, lookup, None)
+    assert record is not None and lookups == ["a", "b"]
+
+
+def test_batches_fold_to_one_state_per_key_and_send_each_pair_once() -> None:
+    """A batch gives the states and records one click at a time would, with one write per key."""
+    clicks = [click(f"u{i % 3}", "a", "b" if i % 2 else "c", T0 + 1_000 * i) for i in range(12)]
+    sessions: dict = {}
+    forwarded = sessionize_batch(sessions, clicks, RULES)
+    assert [i for i, _ in forwarded] == list(range(12)) and len(sessions) == 3
+    store = TableStore(None, evidence_time)
+    pairs = [(("0", i), f) for i, f in forwarded]
+    sent = evidence_batch(store, pairs + pairs[-2:], RULES, lambda _: None, None, now=T0)  # copies at the end
+    changes = dict(store.changes())
+    assert set(changes) == {pair_key("a", "b"), pair_key("a", "c")}  # one write per pair for the batch
+    assert sorted(k for k, _ in sent) == sorted(changes)  # each positive once, copies not again
+    one_by_one = PairMiner(RULES)
+    for c in clicks:
+        one_by_one.feed(c)
+    assert sorted((r["listing_id_b"], r["co_clicks"], r["sessions"]) for _, r in sent) == sorted(
+        (r["listing_id_b"], r["co_clicks"], r["sessions"]) for r in one_by_one.emitted)
+    mark_sent(store, [k for k, _ in sent])
+    assert all(store[k]["sent"] for k, _ in sent) and {k for k, _ in store.changes()} == set(changes)
+
+
+# --- table store: changes and expiry -----------------------------------------------------------
+
+
+DAY = 86_400_000
+
+
+def test_table_store_records_changes_once_per_batch() -> None:
+    store = TableStore(None, session_time)
+    store["s1"] = [T0, T0]
+    store["s1"] = [T0 + 5, T0]
+    store["s2"] = [T0 + 1, T0 + 1]
+    assert store.changes() == [("s1", [T0 + 5, T0]), ("s2", [T0 + 1, T0 + 1])]
+    assert store.changes() == []
+    store.load("s3", [T0, T0])  # from the changelog: not written back
+    store.load("s1", None)  # a tombstone
+    assert store.changes() == [] and set(store) == {"s2", "s3"}
+    del store["s2"]
+    assert store.changes() == [("s2", None)]
+
+
+def test_pairs_idle_longer_than_the_ttl_expire_by_event_time() -> None:
+    store = TableStore(30 * DAY, evidence_time, evidence_kind)
+    for i, key in enumerate(("old", "mid", "new")):
+        store[key] = {**new_evidence(), "last_time": T0 + 10 * DAY * i, "held_by": "co_clicks"}
+    store.changes()
+    assert store.expire() == 0  # the newest is 20 days after the oldest
+    store["newest"] = {**new_evidence(), "last_time": T0 + 35 * DAY, "emitted": {"x": 1}}
+    assert store.expire() == 1  # "old" is 35 days behind the watermark, "mid" only 25
+    assert "old" not in store and "mid" in store
+    assert dict(store.changes()) == {"newest": store["newest"], "old": None}  # a tombstone for the changelog
+    assert store.kinds["co_clicks"] == 2 and store.kinds["emitted"] == 1
+    store["mid"] = {**store["mid"], "last_time": T0 + 34 * DAY}  # clicked again: young, and last in line
+    store["newest"] = {**store["newest"], "last_time": T0 + 60 * DAY}
+    assert store.expire() == 1 and set(store) == {"mid", "newest"}  # "new" went, "mid" is 26 days behind
+    assert TableStore(None, evidence_time).expire() == 0
+
+
+def test_expired_pair_starts_counting_again() -> None:
+    """A pair that expired is new evidence when it is clicked again (and may be mined again)."""
+    miner_store = TableStore(30 * DAY, evidence_time)
+    first = [(("0", i), click(f"s{i}#0", "a", "b", T0 + i)) for i in range(3)]
+    assert len(evidence_batch(miner_store, first, RULES, lambda _: None, None, now=T0)) == 1
+    other = [(("0", 10), click("z#0", "c", "d", T0 + 31 * DAY))]
+    evidence_batch(miner_store, other, RULES, lambda _: None, None)
+    assert miner_store.expire() == 1 and pair_key("a", "b") not in miner_store
+    again = [(("0", 20 + i), click(f"t{i}#0", "a", "b", T0 + 31 * DAY + i)) for i in range(2)]
+    assert evidence_batch(miner_store, again, RULES, lambda _: None, None) == []  # 2 clicks: not yet
+    assert miner_store[pair_key("a", "b")]["co_clicks"] == 2
+
+
+def test_changelog_values_round_trip() -> None:
+    value = {**new_evidence(), "sessions": ["s#0"], "origins": {"0": 3}, "emitted_by": ["0", 3]}
+    assert decode_value(encode_value(value)) == value
+    assert encode_value(None) is None and decode_value(None) is None
+
+
+def test_pairs_settings_validation() -> None:
+    assert Settings().pairs_evidence_ttl_seconds == 30 * 86_400 and Settings().pairs_enabled
+    Settings(pairs_evidence_ttl_seconds=0)  # 0: never expire
+    for bad in ({"pairs_evidence_ttl_seconds": -1}, {"pairs_evidence_ttl_seconds": 60},  # < the session gap
+                {"pairs_batch_max_records": 0}, {"trainer_max_pairs": 1}):
+        with pytest.raises(ConfigError):
+            Settings(**bad)
 
 
 def test_cosine_and_category_come_from_the_index_lookup() -> None:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[3]
-SAMESTYLE_SERVICES = ("topics", "worker-1", "worker-2")
+SAMESTYLE_SERVICES = ("topics", "worker-1", "worker-2", "trainer")
 MONITORING_SERVICES = ("prometheus", "grafana")
 DEPLOY = ROOT / "deploy"
 
@@ -83,6 +83,22 @@ def test_topics_job_waits_for_a_healthy_broker(services: dict[str, Any]) -> None
     assert topics.get("restart", "no") == "no"  # one-shot: must not loop after success
 
 
+def test_the_topics_job_creates_the_catalogue_compacted(services: dict[str, Any]) -> None:
+    from samestyle.topics import LISTING_EMBEDDINGS, LISTINGS, topic_specs
+
+    # The job runs create-topics, which creates every topic with the registry's configs: listings
+    # compacted, so a model switch re-embeds every listing however old (a week's retention would
+    # drop the ones older than that).
+    assert services["topics"]["command"] == ["create-topics"]
+    assert "SAMESTYLE_PARTITIONS" not in _env(services["topics"])  # the workers use the registry's counts
+    specs = topic_specs()
+    assert specs[LISTINGS].config()["cleanup.policy"] == "compact"
+    assert specs[LISTING_EMBEDDINGS].config()["cleanup.policy"] == "compact"
+    kafka = _env(services["kafka"])
+    assert kafka.get("KAFKA_LOG_CLEANER_ENABLE", "true") == "true"  # compaction needs the log cleaner
+    assert "KAFKA_LOG_CLEANUP_POLICY" not in kafka  # no broker-wide override of the topics' policy
+
+
 def test_workers_wait_for_topics_and_keep_their_own_state(
     compose: dict[str, Any], services: dict[str, Any]
 ) -> None:
@@ -103,6 +119,45 @@ def test_workers_wait_for_topics_and_keep_their_own_state(
         host_ports.append(host)
     assert host_ports == ["6066", "6067"]
     assert services["worker-1"]["volumes"] != services["worker-2"]["volumes"]
+
+
+def _flag(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+def test_workers_mine_pairs_and_the_trainer_shares_their_model_volume(
+    compose: dict[str, Any], services: dict[str, Any]
+) -> None:
+    """The deployed stack learns: every worker runs the click-pairs agents, the trainer retrains
+    from their pairs and writes candidates where the workers load promoted models from."""
+    from samestyle.streams.settings import Settings
+
+    for name in ("worker-1", "worker-2"):
+        assert Settings.from_env({"SAMESTYLE_" + k.removeprefix("SAMESTYLE_"): v
+                                  for k, v in _env(services[name]).items()}).pairs_enabled, name
+    trainer = services["trainer"]
+    command = trainer["command"]
+    assert command[0] == "trainer" and "--once" not in command  # a service: it keeps following the pairs
+    assert trainer["depends_on"]["topics"]["condition"] == "service_completed_successfully"
+    assert trainer.get("restart") == "unless-stopped"
+    mounts = _mounts(trainer)
+    models_dir = _flag(command, "--models-dir")
+    models_volume = mounts[models_dir]
+    assert models_volume in compose["volumes"]  # a named volume the workers share
+    assert not trainer["volumes"][[v.split(":")[1] for v in trainer["volumes"]].index(models_dir)].endswith(":ro")
+    for name in ("worker-1", "worker-2"):
+        # The same path in every container: a promoted record's model_dir is the trainer's path.
+        assert _mounts(services[name]).get(models_dir) == models_volume, name
+    work_dir = _flag(command, "--work-dir")
+    assert mounts[work_dir] in compose["volumes"]  # the trainer's state survives a restart
+    for flag in ("--listings", "--valid-clusters"):
+        path = _flag(command, flag)
+        assert any(path.startswith(target.rstrip("/") + "/") for target in mounts), (flag, path)
+    assert Settings.from_env(_env(trainer)).trainer_max_pairs == int(_env(trainer)["SAMESTYLE_TRAINER_MAX_PAIRS"])
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    for path in (models_dir, work_dir):  # created in the image, owned by its user: volumes inherit that
+        assert re.search(rf"mkdir -p [^\n]*{path}\b", dockerfile) and re.search(rf"chown samestyle [^\n]*{path}\b",
+                                                                                    dockerfile), path
 
 
 def test_every_service_names_the_bootstrap_server(services: dict[str, Any]) -> None:
@@ -199,7 +254,10 @@ def test_dashboard_covers_what_operators_watch() -> None:
     queries = " ".join(_queries())
     for metric in ("samestyle_consumer_lag_messages", "samestyle_messages_processed_total",
                    "samestyle_listing_to_searchable_seconds_bucket", "samestyle_listing_to_emitted_seconds_bucket",
-                   "samestyle_duplicate_alerts_emitted_total", "samestyle_dead_letters_total"):
+                   "samestyle_duplicate_alerts_emitted_total", "samestyle_dead_letters_total",
+                   # the learning loop: pairs mined, held by each constraint, table sizes, trainer decisions
+                   "samestyle_pairs_emitted_total", "samestyle_pairs_held", "samestyle_pairs_table_keys",
+                   "samestyle_trainer_decisions_total"):
         assert metric in queries, metric
     assert "partition" in queries  # lag per partition, not only in total
     assert "histogram_quantile" in queries

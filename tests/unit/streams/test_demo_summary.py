@@ -33,3 +33,20 @@ def test_no_manifest_no_held_out_section(tmp_path: Path) -> None:
     outputs = Outputs(similar=[{"listing_id": "a", "model_version": "m"}])
     summary = summarize(outputs, {"a"}, {"a": "c"}, {"a": "s"}, 1.0, Settings(encoder="tiny", state_dir=tmp_path), tmp_path)
     assert "held_out" not in summary
+
+
+def test_similar_products_quality_counts_only_listings_with_an_earlier_match() -> None:
+    from samestyle.streams.dev.demo import similar_quality
+
+    clusters = {"a1": "c1", "a2": "c1", "b1": "c2", "b2": "c2", "e1": "c3"}
+    order = ["a1", "b1", "e1", "a2", "b2"]
+    similar = [
+        {"listing_id": "a1", "neighbours": []},                                          # first of c1: not counted
+        {"listing_id": "a2", "neighbours": [{"listing_id": "a1"}, {"listing_id": "b1"}]},  # first is a match
+        {"listing_id": "b2", "neighbours": [{"listing_id": "a1"}, {"listing_id": "b1"}]},  # listed, not first
+        {"listing_id": "e1", "neighbours": [{"listing_id": "a1"}]},                        # nothing of c3 before it
+    ]
+    quality = similar_quality(similar, clusters, order)
+    assert quality == {"listings": 2, "match_listed": 1.0, "match_first": 0.5}
+    assert similar_quality(similar, clusters, order, only={"b1", "b2"}) == {
+        "listings": 1, "match_listed": 1.0, "match_first": 0.0}

@@ -1,22 +1,32 @@
 """The pure parts of a model switch: per-version indexes, the switch rule, the decision chain,
-the records embedded by two models, and which index an update is searched in."""
+the records embedded by two models, which index an update is searched in, and a switch against a
+listings log that cannot supply every listing (the coordinator with fake log, replica and registry)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
 
 from samestyle.models import create_encoder
+from samestyle.models.encoder import Encoder
+from samestyle.streams.io.reader import LogRecord
 from samestyle.streams.settings import Settings
-from samestyle.streams.switch.backfill import Backfill
+from samestyle.streams.switch.backfill import Backfill, default_partition
+from samestyle.streams.switch.coordinator import ModelSwitch, SwitchState
 from samestyle.streams.switch.indexes import ModelIndexes, load_active_snapshot
 from samestyle.streams.switch.watcher import ModelChain, ModelWatcher
 from samestyle.streams.worker.app import searchable
-from samestyle.streams.worker.pipeline import EmbeddingUpdate, EmbedStep, Incoming, decode_embedding
+from samestyle.streams.worker.metrics import LEFT_OUT_REASONS, Metrics
+from samestyle.streams.worker.pipeline import EmbeddingUpdate, EmbedStep, Failure, Incoming, Outgoing, decode_embedding
 from samestyle.topics import LISTINGS, MODEL_UPDATES, codec_for_topic
+from samestyle.topics.errors import InvalidListingError
 
 
 def _views(seed: int, dim: int) -> np.ndarray:
@@ -149,7 +159,7 @@ def test_searchable_prefers_the_serving_index_then_the_newest() -> None:
 
 
 def test_backfill_skips_listings_the_embed_agent_already_handled() -> None:
-    backfill = Backfill(Settings(), "listings")
+    backfill = Backfill(Settings(), "listings", 2)
     chunk = [Incoming(b"a", b"", "listings", 0, 0), Incoming(b"b", b"", "listings", 0, 1),
              Incoming(b"a", b"", "listings", 1, 0)]
     backfill.note_live(chunk[:1])  # not switching: nothing recorded
@@ -157,3 +167,215 @@ def test_backfill_skips_listings_the_embed_agent_already_handled() -> None:
     backfill.version = "v2"
     backfill.note_live(chunk[:1])
     assert backfill.unseen(chunk) == chunk[1:]  # partition 0's "a" only
+
+
+# --- a switch against a listings log that cannot supply every listing -------------------------
+
+
+class FakeLog:
+    """The listings topic as a LogReader sees it: assigned partitions read from their positions."""
+
+    def __init__(self, topic: str, partitions: dict[int, list[tuple[bytes, bytes]]]) -> None:
+        self.topic = topic
+        self.records = {p: [LogRecord(topic, p, offset, key, value, 0) for offset, (key, value) in enumerate(rows)]
+                        for p, rows in partitions.items()}
+        self.positions: dict[int, int] = {}
+
+    async def assign(self, positions: dict[tuple[str, int], int | None]) -> None:
+        self.positions = {p: offset or 0 for (_, p), offset in positions.items()}
+
+    def unassign(self) -> None:
+        self.positions = {}
+
+    async def fetch(self, timeout: float = 0.2, max_records: int = 10_000) -> list[LogRecord]:
+        out: list[LogRecord] = []
+        for p, position in self.positions.items():
+            rows = self.records[p][position:position + max_records - len(out)]
+            out += rows
+            self.positions[p] = position + len(rows)
+        return out
+
+    def highwater(self, partition: tuple[str, int]) -> int:
+        return len(self.records[partition[1]])
+
+    async def stop(self) -> None:
+        pass
+
+
+class FakeReplica:
+    """The replica's part in a switch: apply what is sent, switch when the target is complete."""
+
+    def __init__(self, indexes: ModelIndexes, target: str) -> None:
+        self.indexes, self.target = indexes, target
+        self.forced = False
+
+    @property
+    def index(self) -> object:
+        return self.indexes.active_index
+
+    @property
+    def active_version(self) -> str | None:
+        return self.indexes.active
+
+    async def wait_ready(self) -> None:
+        pass
+
+    def apply(self, out: list[Outgoing]) -> None:
+        self.indexes.apply([decode_embedding(o.value) for o in out])
+        self.indexes.try_switch(self.target, force=self.forced)
+
+    def force_switch(self, target: str) -> None:
+        self.forced = True
+        self.indexes.try_switch(target, force=True)
+
+
+class FakeRegistry:
+    def __init__(self, serving: Encoder, target: Encoder) -> None:
+        self.encoders = {serving.version: serving, target.version: target}
+        self.serving, self.target = serving, target
+        self.watcher = SimpleNamespace(ready=asyncio.Event(), changed=asyncio.Event())
+        self.watcher.ready.set()
+
+    def configured_encoder(self) -> Encoder:
+        return self.serving
+
+    def target_encoder(self) -> Encoder:
+        return self.target
+
+    def target_version(self) -> str:
+        return self.target.version
+
+    def encoder_for(self, version: str) -> Encoder:
+        return self.encoders[version]
+
+    def keep_only(self, versions: list[str]) -> None:
+        pass
+
+
+def _listing(listing_id: str, **extra: object) -> dict[str, object]:
+    return {"listing_id": listing_id, "supplier_id": "s1", "title": f"listing {listing_id}", "event_time": 1, **extra}
+
+
+def _in_partition(partition: int, count: int, partitions: int = 2) -> list[str]:
+    """``count`` listing ids that Kafka's default partitioner puts in ``partition``."""
+    ids = (f"listing-{i}" for i in range(1000))
+    return [i for i in ids if default_partition(i.encode(), partitions) == partition][:count]
+
+
+def _switch_setup(log_rows: dict[int, list[dict[str, object]]], serving_ids: list[str], *, deadline: float = 60.0,
+                  keys: dict[str, bytes] | None = None) -> tuple[ModelSwitch, FakeReplica, list[Outgoing]]:
+    """A worker serving ``serving_ids`` under v1, owning both listings partitions, whose log holds
+    ``log_rows``; the target model is another tiny encoder."""
+    settings = Settings()
+    first = create_encoder("tiny", allow_random_weights=True)
+    second = create_encoder("tiny", allow_random_weights=True)
+    second.version = "tiny-next"  # type: ignore[misc]
+    listings = codec_for_topic(LISTINGS)
+    step = EmbedStep(first, settings)
+    indexes = ModelIndexes("flat", 3, active=first.version)
+    old, _ = step([Incoming(i.encode(), listings.encode(_listing(i)), "listings", 0, 0) for i in serving_ids], [first])
+    indexes.apply([decode_embedding(o.value) for o in old])
+    keys = keys or {}
+    log = FakeLog("listings", {p: [(keys.get(str(r["listing_id"]), str(r["listing_id"]).encode()), listings.encode(r))
+                                   for r in rows] for p, rows in log_rows.items()})
+    replica = FakeReplica(indexes, second.version)
+    sent: list[Outgoing] = []
+
+    async def send(out: list[Outgoing]) -> None:
+        sent.extend(out)
+        replica.apply(list(out))
+
+    async def run_model(fn: Any, *args: Any) -> Any:
+        return fn(*args)
+
+    switch = ModelSwitch(FakeRegistry(first, second), replica,  # type: ignore[arg-type]
+                         Backfill(settings, "listings", 2, reader=log),  # type: ignore[arg-type]
+                         lambda: step, Metrics(process=False), run_model, send, lambda: [0, 1], 4,
+                         deadline_seconds=deadline)
+    return switch, replica, sent
+
+
+async def _run_until_switched(switch: ModelSwitch, replica: FakeReplica, timeout: float = 20.0) -> None:
+    done = lambda: replica.indexes.active == replica.target and switch.state is SwitchState.SERVING
+    task = asyncio.ensure_future(switch.run(done))
+    try:
+        await asyncio.wait_for(asyncio.shield(task), timeout)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _left_out(switch: ModelSwitch) -> dict[str, float]:
+    registry = switch.metrics.registry
+    return {reason: registry.get_sample_value("samestyle_model_switch_left_out_total", {"reason": reason})
+            for reason in LEFT_OUT_REASONS}
+
+
+def test_a_switch_leaves_out_what_the_log_cannot_supply_and_completes() -> None:
+    p0, p1 = _in_partition(0, 3), _in_partition(1, 3)
+    kept = [p0[0], p1[0]]
+    expired = [p0[1], p1[1]]  # in the serving index, their records gone from the log
+    broken = p0[2]  # its latest record carries an image the new model cannot decode
+    deleted = p1[2]  # deleted: its DELETE is the log's last record of it
+    log_rows = {0: [_listing(kept[0]), _listing(broken, image_bytes=b"\x89PNG not an image")],
+                1: [_listing(kept[1]), _listing(deleted), _listing(deleted, op="DELETE")]}
+    switch, replica, sent = _switch_setup(log_rows, [*kept, *expired, broken])
+
+    asyncio.run(_run_until_switched(switch, replica))
+
+    assert replica.indexes.active == "tiny-next" and not replica.forced  # completed by the rule, not the deadline
+    assert sorted(replica.indexes.active_index.ids()) == sorted(kept)
+    assert _left_out(switch) == {"not_in_log": 2.0, "reembed_failed": 1.0, "deadline": 0.0}
+    records = [decode_embedding(o.value) for o in sent]
+    assert all(r.reembed for r in records)  # the index agent emits nothing for any of them
+    left_out = {r.listing_id for r in records if r.op == "DELETE"}
+    assert left_out == {*expired, broken, deleted}  # the log's own DELETE passes through too
+    # Written out of the catalogue: a replica that replays listing-embeddings agrees with this one.
+    fresh = ModelIndexes("flat", 3)
+    fresh.apply([decode_embedding(o.value) for o in sent])
+    assert sorted(fresh.indexes["tiny-next"].ids()) == sorted(kept)
+
+
+def test_a_partition_keyed_otherwise_is_settled_by_the_deadline() -> None:
+    p0, p1 = _in_partition(0, 2), _in_partition(1, 2)
+    # Partition 0 holds a record keyed by something other than its listing id: this worker cannot
+    # tell which listings that partition lacks, so it writes none out and waits for the deadline.
+    log_rows = {0: [_listing(p0[0])], 1: [_listing(p1[0])]}
+    switch, replica, sent = _switch_setup(log_rows, [*p0, *p1], deadline=0.5, keys={p0[0]: b"sku-1"})
+    started = time.monotonic()
+
+    asyncio.run(_run_until_switched(switch, replica))
+
+    assert replica.forced and time.monotonic() - started >= 0.5
+    assert sorted(replica.indexes.active_index.ids()) == sorted([p0[0], p1[0]])
+    assert _left_out(switch) == {"not_in_log": 1.0, "reembed_failed": 0.0, "deadline": 1.0}
+    assert {decode_embedding(o.value).listing_id for o in sent if decode_embedding(o.value).op == "DELETE"} == {p1[1]}
+
+
+def test_unsupplied_skips_listings_embedded_live_and_other_workers_partitions() -> None:
+    backfill = Backfill(Settings(), "listings", 2)
+    backfill.version = "v2"
+    mine, theirs = _in_partition(0, 3), _in_partition(1, 1)
+    backfill.ends, backfill.done = {0: 1}, {0}
+    backfill.supplied = {0: {mine[0]}}
+    backfill.note_live([Incoming(mine[1].encode(), b"", "listings", 0, 5)])
+    assert backfill.unsupplied([*mine, *theirs]) == {"not_in_log": [mine[2]]}
+    assert backfill.unsupplied(mine) == {}  # a partition is judged once
+
+
+def test_a_later_record_repairs_an_earlier_reembedding_failure() -> None:
+    backfill = Backfill(Settings(), "listings", 2)
+    [listing_id] = _in_partition(0, 1)
+    first, later = (Incoming(listing_id.encode(), b"", "listings", 0, offset) for offset in (0, 1))
+    backfill.note_embedded([first], [Failure(first, "embed", InvalidListingError("bad"))])
+    assert backfill.failed[0] == {listing_id}
+    backfill.note_embedded([later], [])
+    assert backfill.failed[0] == set()
+
+
+def test_lacking_names_what_the_target_index_lacks() -> None:
+    indexes = ModelIndexes("flat", 3, active="v1")
+    indexes.apply([upsert(x, {"v1": _views(i, 8)}) for i, x in enumerate("abc")] + [upsert("b", {"v2": _views(9, 4)})])
+    assert sorted(indexes.lacking("v2")) == ["a", "c"] and indexes.missing("v2") == 2
+    assert indexes.lacking("v1") == [] and sorted(indexes.lacking("v3")) == ["a", "b", "c"]

@@ -306,9 +306,28 @@ def test_with_a_scorer_the_models_classifier_decides_not_the_cosine() -> None:
     assert alert["score"] == pytest.approx(0.6, abs=1e-5)  # the image+text cosine is still carried
     assert alert["scores"]["image_text"] == pytest.approx(0.6, abs=1e-5)
     assert "probability 0.900 >= 0.500" in alert["reason"] and "same supplier" in alert["reason"]
-    # Both same-supplier neighbours were scored, in one call.
+    # Both neighbours were scored, in one call.
     assert len(scorer.calls) == 1 and {c.text_b for c in scorer.calls[0]} == {
         "Red ceramic mug 350 ml", "Blue ceramic mug 350 ml"}
+
+
+def test_with_a_scorer_similar_products_are_in_the_matchers_order() -> None:
+    index, query = mug_index()
+    # Another supplier's copy: a similar product to recommend, never a duplicate alert.
+    apply_updates(index, [update("elsewhere", at_cosine(0.3, 3), supplier="s2", event_time=2,
+                                 text="Red ceramic mug 350 ml")])
+    scorer = TextScorer(threshold=0.5)
+    similar, alerts = SearchStep(index, Settings(), scorer)([query])
+    record = codec_for_topic(SIMILAR_PRODUCTS).decode(similar[0].value)
+    # Dense order is lookalike (0.99), copy (0.6), elsewhere (0.3); the matcher puts the two
+    # same-text listings first (ties by cosine), and each score stays the cosine.
+    assert [n["listing_id"] for n in record["neighbours"]] == ["copy", "elsewhere", "lookalike"]
+    assert [round(n["score"], 3) for n in record["neighbours"]] == [0.6, 0.3, 0.99]
+    assert set(decoded_alerts(alerts)) == {"copy"}
+    assert len(scorer.calls) == 1 and len(scorer.calls[0]) == 3  # every neighbour, one call
+    # Without a scorer: cosine order.
+    plain = codec_for_topic(SIMILAR_PRODUCTS).decode(SearchStep(index, Settings())([query])[0][0].value)
+    assert [n["listing_id"] for n in plain["neighbours"]] == ["lookalike", "copy", "elsewhere"]
 
 
 def test_the_scorer_is_given_per_call_with_the_index_it_belongs_to() -> None:
@@ -357,7 +376,9 @@ def test_the_scorer_sees_rank_and_best_other_among_the_querys_neighbours() -> No
     step([query])
     [call] = scorer.calls
     got = {c.text_b: c for c in call}
-    assert set(got) == {"b", "c"} and {c.text_a for c in call} == {"q"}  # same-supplier neighbours only
+    # every neighbour (the other supplier's too: it orders the similar-products list)
+    assert set(got) == {"a", "b", "c"} and {c.text_a for c in call} == {"q"}
+    assert (got["a"].rank, got["a"].best_other) == (0, pytest.approx(0.9, abs=1e-5))
     assert (got["b"].rank, got["b"].cosine, got["b"].best_other) == (1, pytest.approx(0.9, abs=1e-5),
                                                                      pytest.approx(0.95, abs=1e-5))
     assert (got["c"].rank, got["c"].cosine, got["c"].best_other) == (2, pytest.approx(0.5, abs=1e-5),
@@ -365,8 +386,9 @@ def test_the_scorer_sees_rank_and_best_other_among_the_querys_neighbours() -> No
     # The nearest neighbour's best other is the second nearest.
     scorer.calls.clear()
     step([update("query-s2", at_cosine(1.0, 4), supplier="s2", text="q2")])
-    [[nearest]] = scorer.calls
-    assert (nearest.text_b, nearest.rank, nearest.best_other) == ("a", 0, pytest.approx(0.9, abs=1e-5))
+    [call] = scorer.calls
+    nearest = next(c for c in call if c.text_b == "a")
+    assert (nearest.rank, nearest.best_other) == (0, pytest.approx(0.9, abs=1e-5))
     # A lone neighbour has no other: -1.0.
     scorer.calls.clear()
     SearchStep(index, Settings(top_k=1), scorer)([update("query-s2", at_cosine(1.0, 4), supplier="s2", text="q2")])
@@ -375,7 +397,7 @@ def test_the_scorer_sees_rank_and_best_other_among_the_querys_neighbours() -> No
     # A whole batch is one probabilities() call.
     scorer.calls.clear()
     step([query, update("query-s2", at_cosine(1.0, 4), supplier="s2", text="q2")])
-    assert len(scorer.calls) == 1 and len(scorer.calls[0]) == 3
+    assert len(scorer.calls) == 1 and len(scorer.calls[0]) == 6  # both queries' three neighbours
 
 
 def test_match_text_travels_from_the_embed_step_into_the_index(encoder, monkeypatch) -> None:

@@ -64,6 +64,23 @@ def test_state_round_trip_is_atomic_and_keeps_pairs_with_offsets(tmp_path: Path)
     assert again.add([mined("y", "x")]) == 0
 
 
+def test_the_window_keeps_the_newest_pairs_and_counts_every_new_one(tmp_path: Path) -> None:
+    state = TrainerState(max_pairs=3)
+    assert state.add([mined(f"a{k}", f"b{k}") for k in range(5)]) == 5
+    assert list(state.pairs) == [("a2", "b2"), ("a3", "b3"), ("a4", "b4")]  # the oldest left
+    assert state.pairs_seen == 5 and state.new_pairs == 5
+    assert state.add([mined("b4", "a4")]) == 0  # still in the window: a re-send, nothing new
+    state.pairs_at_last_candidate = state.pairs_seen
+    assert state.add([mined("a0", "b0")]) == 1  # left the window, mined again: new
+    assert list(state.pairs) == [("a3", "b3"), ("a4", "b4"), ("a0", "b0")] and state.new_pairs == 1
+    path = tmp_path / "state.json"
+    state.save(path)
+    assert TrainerState.load(path, max_pairs=3) == state
+    smaller = TrainerState.load(path, max_pairs=2)  # a smaller window trims at load
+    assert list(smaller.pairs) == [("a4", "b4"), ("a0", "b0")] and smaller.new_pairs == 1
+    assert len(json.loads(path.read_text())["pairs"]) == 3  # the file holds the window only
+
+
 def test_broken_state_file_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     path.write_text("{not json")

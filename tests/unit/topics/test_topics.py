@@ -185,9 +185,11 @@ def test_registry_defaults() -> None:
         "duplicate-alerts": 2, "dead-letters": 1, "click-events": 4, "click-pairs": 4,
         "positive-pairs": 2, "model-updates": 1}
     assert all(isinstance(s, TopicSpec) and s.key == k and s.name == k for k, s in specs.items())
-    assert [k for k, s in specs.items() if s.compacted] == [LISTING_EMBEDDINGS, POSITIVE_PAIRS]
-    assert specs[LISTING_EMBEDDINGS].config() == {"cleanup.policy": "compact"}
-    assert specs[LISTINGS].config() == {"cleanup.policy": "delete"}
+    # The catalogue outlives retention: the latest record of every listing stays (a model switch
+    # re-embeds from it); so do the latest vectors and the mined pairs.
+    assert [k for k, s in specs.items() if s.compacted] == [LISTINGS, LISTING_EMBEDDINGS, POSITIVE_PAIRS]
+    assert specs[LISTINGS].config() == specs[LISTING_EMBEDDINGS].config() == {"cleanup.policy": "compact"}
+    assert specs[SIMILAR_PRODUCTS].config() == {"cleanup.policy": "delete"}
 
 
 def test_registry_prefix_applies_to_every_name() -> None:
