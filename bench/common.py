@@ -70,6 +70,17 @@ def rounded(value: float | None, digits: int = 4) -> float | None:
     return float(round(value, digits - 1 - math.floor(math.log10(abs(value)))))
 
 
+def rounded_tree(value: Any) -> Any:
+    """Every float in nested dicts and lists :func:`rounded` (a result object before printing)."""
+    if isinstance(value, float):
+        return rounded(value)
+    if isinstance(value, dict):
+        return {k: rounded_tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded_tree(v) for v in value]
+    return value
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:

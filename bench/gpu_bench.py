@@ -51,7 +51,7 @@ from bench.common import (
     machine_info,
     median,
     positive_int_list,
-    rounded,
+    rounded_tree,
     sample_messages,
     setup_logging,
 )
@@ -318,16 +318,6 @@ def pipeline_part(args: argparse.Namespace, device: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------- output
 
 
-def _round_tree(value: Any) -> Any:
-    if isinstance(value, float):
-        return rounded(value)
-    if isinstance(value, dict):
-        return {k: _round_tree(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_round_tree(v) for v in value]
-    return value
-
-
 def _plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -378,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.pipeline:
         result["pipeline"] = pipeline_part(args, device)
     result["machine"] = machine_info()
-    return finish(_round_tree(result), args, _plot)
+    return finish(rounded_tree(result), args, _plot)
 
 
 if __name__ == "__main__":

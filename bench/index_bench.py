@@ -38,7 +38,16 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import bench_parser, finish, machine_info, median, positive_int_list, ratio, rounded, setup_logging
+from bench.common import (
+    bench_parser,
+    finish,
+    machine_info,
+    median,
+    positive_int_list,
+    ratio,
+    rounded_tree,
+    setup_logging,
+)
 
 GOAL_BANDWIDTH_RATIO = 0.7
 GOAL_SGEMM_RATIO = 0.7
@@ -458,16 +467,6 @@ def index_result(memory: dict[str, float], exact: dict[str, Any]) -> dict[str, A
     return out
 
 
-def _round_tree(value: Any) -> Any:
-    if isinstance(value, float):
-        return rounded(value)
-    if isinstance(value, dict):
-        return {k: _round_tree(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_round_tree(v) for v in value]
-    return value
-
-
 def _plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -556,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         "goal_qps_per_core": GOAL_QPS_PER_CORE,
         "machine": machine_info(),
     })
-    result = _round_tree(result)
+    result = rounded_tree(result)
     return finish(result, args, _plot)
 
 

@@ -3,8 +3,6 @@ before (faiss's SIMD path), and against numpy brute force on adversarial orderin
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import faiss
 import numpy as np
 import pytest
@@ -13,15 +11,6 @@ from samestyle.index_store import LiveIndex, exact
 from samestyle.index_store.exact import Scratch, top_k_inner_product
 
 TOL = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread() -> Iterator[None]:
-    # As in test_index_store.py: OpenMP threads spinning on a shared small machine slow faiss ~10x.
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
 
 
 def unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:

@@ -7,10 +7,9 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,16 +20,6 @@ from samestyle.index_store import Hit, LiveIndex
 from samestyle.topics.errors import IndexStoreError
 
 TOL = 1e-4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread() -> Iterator[None]:
-    # OpenMP threads spin-wait: on a small machine shared with other test processes, FAISS's
-    # parallel regions on tiny batches run ~10x slower than one thread. Restored afterwards.
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
 
 
 def rand(rng: np.random.Generator, *shape: int) -> np.ndarray:
