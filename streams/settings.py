@@ -120,6 +120,9 @@ class Settings:
     api_token: str | None = field(default=None, repr=False)
     #: A file holding the token (first line; a mounted secret), instead of ``api_token``.
     api_token_file: Path | None = None
+    #: Newest duplicate alerts (and moderation decisions) each worker keeps in memory for the
+    #: moderation page; older ones drop out of its feed.
+    moderation_alerts_buffer: int = 1000
     #: Largest message a producer may send (a dead letter carries the original bytes).
     max_message_bytes: int = 8_388_608
     log_level: str = "info"
@@ -208,6 +211,8 @@ class Settings:
             problems.append("image fetch timeouts must be > 0")
         if self.image_fetch_retries < 0 or self.image_fetch_max_redirects < 0:
             problems.append("image_fetch_retries and image_fetch_max_redirects must be >= 0")
+        if self.moderation_alerts_buffer < 1:
+            problems.append("moderation_alerts_buffer must be >= 1")
         if self.api_token is not None and self.api_token_file is not None:
             problems.append("set api_token or api_token_file, not both")
         try:

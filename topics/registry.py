@@ -22,6 +22,7 @@ CLICK_EVENTS = "click-events"
 CLICK_PAIRS = "click-pairs"
 POSITIVE_PAIRS = "positive-pairs"
 MODEL_UPDATES = "model-updates"
+MODERATION_DECISIONS = "moderation-decisions"
 
 #: Faust tables of the pairs agent and the topic that feeds each (its changelog is
 #: co-partitioned with that topic).
@@ -72,6 +73,9 @@ _DEFAULTS: tuple[tuple[str, int, str, bool], ...] = (
     # One partition: the order of decisions is the order workers apply them. Not compacted: the
     # whole history (promoted and rejected) stays, and a worker reads it from the start.
     (MODEL_UPDATES, 1, "model_update", False),
+    # Keyed by the alert's listing id, like duplicate-alerts. Not compacted: every decision stays
+    # (the audit trail; a later decision on a pair supersedes an earlier one).
+    (MODERATION_DECISIONS, 2, "moderation_decision", False),
 )
 
 

@@ -175,7 +175,8 @@ async def parse_search(request: web.Request, image_limit: int) -> tuple[Query, i
 # ------------------------------------------------------------------------------------ responses
 
 
-def _listing(listing_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+def listing_json(listing_id: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+    """An indexed listing as the API shows it (title, supplier, thumbnail URL, ...) from its index payload."""
     return {
         "listing_id": listing_id,
         "title": payload.get("title"),
@@ -229,7 +230,7 @@ def search_index(index: "LiveIndex", q: QueryEmbedding, k: int) -> list[dict[str
             "text": _cos(q.text, views[1]),
             "image_text": _cos(q.image_text, views[2]),
         }
-        results.append({**_listing(hit.listing_id, payload), "score": round(float(hit.score), 6),
+        results.append({**listing_json(hit.listing_id, payload), "score": round(float(hit.score), 6),
                         "scores": scores})
     return results
 
@@ -262,11 +263,11 @@ def similar_to(index: "LiveIndex", listing_id: str, k: int, threshold: float,
             "text": round(float(views[1] @ other_views[1]), 6),
             "image_text": round(float(views[2] @ other_views[2]), 6),
         }
-        results.append({**_listing(hit.listing_id, other_payload), "score": round(score, 6), "scores": scores,
+        results.append({**listing_json(hit.listing_id, other_payload), "score": round(score, 6), "scores": scores,
                         "duplicate": duplicate})
         if len(results) >= k:
             break
-    return _listing(listing_id, payload), results
+    return listing_json(listing_id, payload), results
 
 
 # ------------------------------------------------------------------------------------- routes
@@ -346,7 +347,7 @@ def search_routes(settings: Settings, backend: SearchBackend, health: Callable[[
         payload = index_or_503().payload(listing_id)
         if payload is None:
             raise ApiError(404, f"no listing {listing_id!r} in the index")
-        return web.json_response({**_listing(listing_id, payload), "model_version": model_version()})
+        return web.json_response({**listing_json(listing_id, payload), "model_version": model_version()})
 
     async def neighbours(request: web.Request, duplicates_only: bool) -> web.Response:
         listing_id = request.match_info["listing_id"]
@@ -511,6 +512,26 @@ def openapi_spec(max_image_bytes: int) -> dict[str, Any]:
                 "parameters": [id_param],
                 "responses": {"200": {"description": "JPEG", "content": {"image/jpeg": {}}},
                               "404": err("Not in the index, or no readable image")}}},
+            "/moderation/alerts": {"get": {
+                "summary": "The newest duplicate alerts held by this worker, newest first, with both listings "
+                           "and the latest moderation decision on each pair",
+                "parameters": [
+                    {"name": "supplier", "in": "query", "schema": {"type": "string"}},
+                    {"name": "min_score", "in": "query", "schema": {"type": "number", "minimum": -1, "maximum": 1}},
+                    {"name": "min_probability", "in": "query",
+                     "schema": {"type": "number", "minimum": 0, "maximum": 1}},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500,
+                                                                "default": 100}}],
+                "responses": {"200": {"description": "Alerts"}, "400": err("A bad filter")}}},
+            "/moderation/decisions": {"post": {
+                "summary": "Confirm or reject an alert: written to moderation-decisions",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["listing_id", "duplicate_of", "decision", "moderator_id"],
+                    "properties": {"listing_id": {"type": "string"}, "duplicate_of": {"type": "string"},
+                                   "decision": {"type": "string", "enum": ["confirmed", "rejected"]},
+                                   "moderator_id": {"type": "string", "maxLength": 128}}}}}},
+                "responses": {"201": {"description": "The decision as written"},
+                              "400": err("Bad fields, or the pair is not a held alert")}}},
             "/stats": {"get": {"summary": "Index size, consumer lag per consumer, model version",
                                "responses": {"200": {"description": "Counters"}}}},
             "/health": {"get": {"summary": "Worker health", "security": [], "responses": {
@@ -528,4 +549,5 @@ def openapi_spec(max_image_bytes: int) -> dict[str, Any]:
     }
 
 
-__all__ = ["search_routes", "openapi_spec", "search_index", "similar_to", "parse_search", "ApiError", "STATIC_DIR"]
+__all__ = ["search_routes", "openapi_spec", "search_index", "similar_to", "parse_search", "listing_json", "json_errors",
+           "ApiError", "STATIC_DIR"]

@@ -23,6 +23,7 @@ import mode
 from samestyle.index_store import LiveIndex
 from samestyle.models.encoder import DuplicateScorer, Encoder
 from samestyle.streams.http.auth import token_auth
+from samestyle.streams.http.moderation import AlertBuffer, moderation_routes
 from samestyle.streams.http.search import search_body_limit, search_routes
 from samestyle.streams.http.server import WebServer, core_routes
 from samestyle.streams.io.images import FetchPolicy, ImageFetcher
@@ -32,6 +33,7 @@ from samestyle.streams.switch.coordinator import ModelSwitch
 from samestyle.streams.switch.indexes import ModelIndexes
 from samestyle.streams.switch.registry import ModelRegistry
 from samestyle.streams.switch.watcher import ModelWatcher
+from samestyle.streams.worker.alerts import AlertFeed
 from samestyle.streams.worker.group import GroupObserver
 from samestyle.streams.worker.metrics import BrokerProbe, Metrics
 from samestyle.streams.worker.pipeline import (
@@ -40,6 +42,7 @@ from samestyle.streams.worker.pipeline import (
     EmbedStep,
     Failure,
     Incoming,
+    Outgoing,
     SearchStep,
     decode_embedding,
     now_ms,
@@ -53,6 +56,7 @@ from samestyle.topics import (
     LISTING_EMBEDDINGS,
     LISTINGS,
     MODEL_UPDATES,
+    MODERATION_DECISIONS,
     SIMILAR_PRODUCTS,
     topic_specs,
 )
@@ -262,9 +266,20 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, pairs: boo
     app.service(BrokerProbe(metrics, settings.bootstrap_servers))
     if settings.web_port:
         search = WorkerSearch(replica, registry, model_thread, metrics)
+        alerts = AlertBuffer(settings.moderation_alerts_buffer)
+        app.service(AlertFeed(settings, specs, alerts))
+
+        def payload_of(listing_id: str) -> dict[str, Any] | None:
+            index = replica.index
+            return None if index is None else index.payload(listing_id)
+
+        async def send_decision(key: bytes, value: bytes) -> None:
+            await sinks.send_all(MODERATION_DECISIONS, [Outgoing(key, value)])
+
         app.service(WebServer(settings, [token_auth(settings.api_token_value()),
                                          core_routes(metrics.registry, health),
-                                         search_routes(settings, search, health, fetcher=images.fetcher)],
+                                         search_routes(settings, search, health, fetcher=images.fetcher),
+                                         moderation_routes(alerts, payload_of, send_decision)],
                               client_max_size=search_body_limit(settings.max_image_bytes)))
     metrics.trainer_decisions = lambda: {"PROMOTED": len(watcher.chain.promotions), "REJECTED": watcher.chain.rejected}
     if pairs:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from samestyle.streams.dev.broker import EmbeddedBroker
+from tests.integration.conftest import text_listing
 from tests.integration.test_search_api import Served, serve_sample
 
 pytestmark = pytest.mark.integration
@@ -148,3 +151,93 @@ def test_page_behind_a_token_signs_in_then_searches(browser: Any, served_with_to
     cards = browser.find_elements(By.CSS_SELECTOR, "#results .card")
     assert cards and cards[0].find_element(By.CLASS_NAME, "title").text == title
     browser.delete_all_cookies()
+
+
+def read_decisions(served: Served, wanted: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> dict[str, Any]:
+    """The first ``moderation-decisions`` record, decoded with the topic's codec, that ``wanted`` accepts."""
+    from samestyle.streams.io.reader import LogReader, every_partition
+    from samestyle.topics import MODERATION_DECISIONS, codec_for_topic
+
+    spec = served.stack.specs[MODERATION_DECISIONS]
+    codec = codec_for_topic(MODERATION_DECISIONS)
+
+    async def run() -> dict[str, Any]:
+        async with LogReader(served.stack.settings.bootstrap_servers, client_id="test-decisions") as reader:
+            await reader.assign(every_partition(spec.name, spec.partitions))
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                for record in await reader.fetch(0.5):
+                    decision = codec.decode(record.value)
+                    if wanted(decision):
+                        assert record.key == decision["listing_id"].encode()
+                        return decision
+            pytest.fail(f"no matching record on {spec.name} in {timeout:.0f} s")
+
+    return asyncio.run(run())
+
+
+def test_moderation_page_shows_an_alert_and_writes_the_confirmation(browser: Any, served: Served) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    # A listing and an exact copy by the same (fresh) supplier, images under the image base dir so
+    # both sides get thumbnails: image+text cosine 1, an alert under any threshold.
+    settings = served.stack.settings
+    assert settings.image_base_dir is not None
+    image = settings.image_base_dir / "moderation.png"
+    image.write_bytes(served.image(2))
+    supplier = "moderated-supplier"
+    now = int(time.time() * 1000)
+    original = text_listing("mod-original", "walnut serving board", supplier, image_uri=str(image), event_time=now)
+    copy = {**original, "listing_id": "mod-copy", "event_time": now + 1}
+    served.stack.produce([original])
+    served.stack.collect(lambda o: "mod-original" in o.indexed_ids)
+    served.stack.produce([copy])
+    outputs = served.stack.collect(lambda o: any(a["listing_id"] == "mod-copy" for a in o.alerts))
+    [alert] = [a for a in outputs.alerts if a["listing_id"] == "mod-copy"]
+    assert alert["duplicate_of"] == "mod-original"
+
+    wait = WebDriverWait(browser, 30)
+    browser.get(served.base + "/#moderation")
+    browser.execute_script("localStorage.clear()")
+    browser.refresh()
+    assert browser.find_element(By.ID, "view-search").get_attribute("hidden") is not None
+    browser.find_element(By.ID, "mod-supplier").send_keys(supplier)
+    card = wait.until(lambda d: next(iter(d.find_elements(
+        By.CSS_SELECTOR, "#alerts .alert[data-listing-id='mod-copy'][data-duplicate-of='mod-original']")), None))
+    assert browser.find_element(By.ID, "alerts").get_attribute("data-count") == "1"  # the supplier filter
+    titles = [t.text for t in card.find_elements(By.CLASS_NAME, "title")]
+    assert titles == ["walnut serving board", "walnut serving board"]
+    # Both thumbnails come from the thumbnail route and decode in the browser.
+    wait.until(lambda d: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img)
+                             for img in card.find_elements(By.CSS_SELECTOR, "img.thumb")))
+    assert len(card.find_elements(By.CSS_SELECTOR, "img.thumb")) == 2
+    info = card.find_element(By.CLASS_NAME, "verdict-box").text
+    assert alert["model_version"] in info and "IT 1.000" in info and "probability" in info
+
+    # Without a moderator id the page refuses to decide.
+    card.find_element(By.CLASS_NAME, "confirm").click()
+    wait.until(lambda d: d.find_element(By.ID, "error").is_displayed())
+    assert "moderator id" in browser.find_element(By.ID, "error").text
+
+    browser.find_element(By.ID, "mod-moderator").send_keys("moderator-ana")
+    card.find_element(By.CLASS_NAME, "confirm").click()
+    wait.until(lambda d: d.find_element(
+        By.CSS_SELECTOR, "#alerts .alert[data-listing-id='mod-copy']").get_attribute("data-decision") == "confirmed")
+
+    decision = read_decisions(served, lambda d: d["listing_id"] == "mod-copy")
+    assert decision["duplicate_of"] == "mod-original"
+    assert decision["decision"] == "confirmed" and decision["moderator_id"] == "moderator-ana"
+    assert decision["model_version"] == alert["model_version"]
+    assert decision["probability"] == alert["probability"]
+    assert now <= decision["decided_at"] <= int(time.time() * 1000)
+
+    # A reload remembers the moderator (localStorage) and shows the decision the worker read back.
+    browser.refresh()
+    assert browser.find_element(By.ID, "mod-moderator").get_attribute("value") == "moderator-ana"
+    browser.find_element(By.ID, "mod-supplier").send_keys(supplier)
+    wait.until(lambda d: "confirmed by moderator-ana" in d.find_element(By.ID, "alerts").text)
+    # The probability filter: an alert of the cosine rule has none, so it is hidden.
+    if alert["probability"] is None:
+        browser.find_element(By.ID, "mod-min-probability").send_keys("0.5")
+        wait.until(lambda d: d.find_element(By.ID, "alerts").get_attribute("data-count") == "0")

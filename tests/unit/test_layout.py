@@ -174,6 +174,7 @@ def test_readme_names_only_routes_that_exist(tmp_path: Path) -> None:
     from aiohttp import web
 
     from samestyle.streams.http.auth import token_auth
+    from samestyle.streams.http.moderation import AlertBuffer, moderation_routes
     from samestyle.streams.http.search import search_routes
     from samestyle.streams.http.server import core_routes
     from samestyle.streams.settings import Settings
@@ -183,6 +184,7 @@ def test_readme_names_only_routes_that_exist(tmp_path: Path) -> None:
     token_auth("a-token-for-the-sign-in-routes")(app)
     core_routes(Metrics(process=False).registry, lambda: {"ok": True})(app)
     search_routes(Settings(state_dir=tmp_path), backend=None, health=lambda: {})(app)  # type: ignore[arg-type]
+    moderation_routes(AlertBuffer(1), lambda listing_id: None, send=None)(app)  # type: ignore[arg-type]
     routes = {(r.method, re.sub(r"\{[^}]+\}", "{}", r.resource.canonical)) for r in app.router.routes()
               if r.resource is not None}
     readme = (ROOT / "README.md").read_text()

@@ -173,5 +173,122 @@ drop.addEventListener("drop", (e) => {
   drop.classList.remove("over");
   if (e.dataTransfer.files.length) setImage(e.dataTransfer.files[0]);
 });
+// ------------------------------------------------------------------ moderation view
+
+const MODERATOR_KEY = "samestyle.moderator";
+let lastAlerts = "";
+
+function thumbOf(listing, fallbackId) {
+  if (listing && listing.thumbnail) {
+    return el("img", { className: "thumb", src: listing.thumbnail, alt: listing.title || fallbackId, loading: "lazy" });
+  }
+  const label = ((listing && listing.category) || "").split(">").pop().trim() || fallbackId;
+  const tile = el("div", { className: "thumb", textContent: label.slice(0, 2).toUpperCase(), title: label });
+  tile.style.background = palette(label);
+  return tile;
+}
+
+function side(role, listing, listingId) {
+  return el("div", { className: "side " + role },
+    thumbOf(listing, listingId),
+    el("div", { className: "body" },
+      el("div", { className: "role", textContent: role === "copy" ? "listing (newer)" : "duplicate of (older)" }),
+      el("div", { className: "title", textContent: (listing && listing.title) || listingId }),
+      el("div", { className: "meta", textContent: listingId + (listing ? "" : " · no longer indexed") })));
+}
+
+function verdictText(d) {
+  return `${d.decision} by ${d.moderator_id} · ${new Date(d.decided_at).toLocaleString()}`;
+}
+
+function alertCard(a) {
+  const views = el("div", { className: "views" });
+  for (const [name, short] of [["image", "I"], ["text", "T"], ["image_text", "IT"]]) {
+    const value = a.scores[name];
+    if (value !== null && value !== undefined) views.append(el("span", { title: `${name} cosine`, textContent: `${short} ${fmt(value)}` }));
+  }
+  const verdict = el("div", { className: "verdict" });
+  const buttons = el("div", { className: "buttons" },
+    el("button", { type: "button", className: "confirm", textContent: "Confirm", onclick: () => decide(a, "confirmed", node) }),
+    el("button", { type: "button", className: "reject", textContent: "Reject", onclick: () => decide(a, "rejected", node) }));
+  const info = el("div", { className: "verdict-box" },
+    el("div", { className: "score", textContent: `score ${fmt(a.score)} · probability ${fmt(a.probability)}` }),
+    views,
+    el("div", { className: "meta", textContent: `${a.supplier_id} · ${a.model_version} · ${a.decided_by || "?"} ≥ ${fmt(a.threshold)}` }),
+    el("div", { className: "meta", textContent: new Date(a.emitted_at).toLocaleString() }),
+    buttons, verdict);
+  const node = el("article", { className: "alert" }, side("copy", a.listing, a.listing_id),
+    side("original", a.original, a.duplicate_of), info);
+  node.dataset.listingId = a.listing_id;
+  node.dataset.duplicateOf = a.duplicate_of;
+  if (a.decision) markDecided(node, a.decision);
+  return node;
+}
+
+function markDecided(node, d) {
+  node.classList.remove("confirmed", "rejected");
+  node.classList.add(d.decision);
+  node.dataset.decision = d.decision;
+  node.querySelector(".verdict").textContent = verdictText(d);
+}
+
+async function decide(alert, decision, node) {
+  showError("");
+  const moderator = $("mod-moderator").value.trim();
+  if (!moderator) { showError("Enter your moderator id first."); $("mod-moderator").focus(); return; }
+  localStorage.setItem(MODERATOR_KEY, moderator);
+  for (const b of node.querySelectorAll("button")) b.disabled = true;
+  try {
+    const r = await api("/moderation/decisions", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ listing_id: alert.listing_id, duplicate_of: alert.duplicate_of, decision, moderator_id: moderator }) });
+    markDecided(node, r.decision);
+  } catch (e) {
+    showError(e.message);
+  } finally {
+    for (const b of node.querySelectorAll("button")) b.disabled = false;
+  }
+}
+
+async function refreshAlerts() {
+  if ($("view-moderation").hidden) return;
+  const params = new URLSearchParams();
+  const supplier = $("mod-supplier").value.trim();
+  if (supplier) params.set("supplier", supplier);
+  if ($("mod-min-score").value !== "") params.set("min_score", $("mod-min-score").value);
+  if ($("mod-min-probability").value !== "") params.set("min_probability", $("mod-min-probability").value);
+  try {
+    const r = await api("/moderation/alerts?" + params.toString());
+    const key = JSON.stringify(r);
+    if (key === lastAlerts) return;  // unchanged: keep the DOM (and any button under the pointer)
+    lastAlerts = key;
+    $("mod-status").textContent = `${r.alerts.length} alerts shown · ${r.buffered} of the newest ${r.capacity} held`
+      + (r.ready ? "" : " · loading…");
+    $("alerts").replaceChildren(...r.alerts.map(alertCard));
+    $("alerts").dataset.count = String(r.alerts.length);
+  } catch (e) {
+    showError(e.message);
+  }
+}
+
+function showView() {
+  const moderation = window.location.hash === "#moderation";
+  $("view-search").hidden = moderation;
+  $("view-moderation").hidden = !moderation;
+  $("nav-search").classList.toggle("active", !moderation);
+  $("nav-moderation").classList.toggle("active", moderation);
+  showError("");
+  if (moderation) { lastAlerts = ""; refreshAlerts(); }
+}
+
+$("mod-moderator").value = localStorage.getItem(MODERATOR_KEY) || "";
+$("mod-moderator").addEventListener("change", () => localStorage.setItem(MODERATOR_KEY, $("mod-moderator").value.trim()));
+for (const id of ["mod-supplier", "mod-min-score", "mod-min-probability"]) {
+  $(id).addEventListener("input", () => { lastAlerts = ""; refreshAlerts(); });
+}
+$("moderation-form").addEventListener("submit", (e) => e.preventDefault());
+window.addEventListener("hashchange", showView);
+showView();
+
 refreshStats();
 setInterval(refreshStats, 2000);
+setInterval(refreshAlerts, 2000);

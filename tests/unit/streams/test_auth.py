@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from samestyle.streams.http import auth
 from samestyle.streams.http.auth import SESSION_COOKIE, session_value, token_auth, token_matches
+from samestyle.streams.http.moderation import AlertBuffer, moderation_routes
 from samestyle.streams.http.search import search_routes
 from samestyle.streams.http.server import core_routes
 from samestyle.streams.settings import Settings
@@ -46,7 +47,8 @@ def build_app(tmp_path: Path, token: str | None) -> web.Application:
 
     app = web.Application()
     for register in (token_auth(settings.api_token_value()), core_routes(Metrics(process=False).registry, health),
-                     search_routes(settings, NoIndex(), health)):  # type: ignore[arg-type]
+                     search_routes(settings, NoIndex(), health),  # type: ignore[arg-type]
+                     moderation_routes(AlertBuffer(10), lambda listing_id: None, send=None)):  # type: ignore[arg-type]
         register(app)
     return app
 
@@ -89,6 +91,7 @@ def test_health_and_metrics_stay_open(tmp_path: Path) -> None:
 @pytest.mark.parametrize("method, path", [
     ("POST", "/search"), ("GET", "/listings/x"), ("GET", "/listings/x/similar"), ("GET", "/listings/x/duplicates"),
     ("GET", "/listings/x/thumbnail"), ("GET", "/stats"), ("GET", "/openapi.json"), ("GET", "/static/app.js"),
+    ("GET", "/moderation/alerts"), ("POST", "/moderation/decisions"),
     ("GET", "/no-such-route"),  # no 404: unauthenticated clients learn nothing about the routes
 ])
 def test_every_other_route_needs_the_token(tmp_path: Path, method: str, path: str) -> None:

@@ -36,6 +36,7 @@ RELEASED = {
     ("listing_embedding", 3): "54dc615ed304c28c",  # + reembed, next_model
     ("listing_embedding", 4): "b6a68b15d00b4baa",  # + match_text
     ("model_update", 1): "e97b21bacff2c6e8",
+    ("moderation_decision", 1): "8a051d291f8d5d3e",
     ("positive_pair", 1): "92ff14dae254b491",
     ("similar_products", 1): "2b4323302772b8ed",
 }

@@ -30,6 +30,7 @@ from samestyle.topics import (
     LISTING_EMBEDDINGS,
     LISTINGS,
     MODEL_UPDATES,
+    MODERATION_DECISIONS,
     POSITIVE_PAIRS,
     SIMILAR_PRODUCTS,
     Codec,
@@ -54,7 +55,7 @@ from samestyle.topics.errors import BadInputError, ConfigError, DecodeError
 T0 = 1_717_171_717_123  # 2024-05-31T16:08:37.123Z
 DIM = 8
 SCHEMAS = ["listing", "listing_embedding", "similar_products", "duplicate_alert", "dead_letter",
-           "click_event", "positive_pair", "model_update"]
+           "click_event", "positive_pair", "model_update", "moderation_decision"]
 
 
 def _unit(seed: int) -> np.ndarray:
@@ -169,6 +170,15 @@ def realistic(schema_name: str) -> dict[str, Any]:
             "reason": "valid_f1 0.8125 > 0.5000 of pretrained-concat-v1",
             "created_at": T0 + 99,
         },
+        "moderation_decision": {
+            "listing_id": "L000123",
+            "duplicate_of": "L000007",
+            "decision": "confirmed",
+            "moderator_id": "moderator-ana",
+            "decided_at": T0 + 120,
+            "model_version": "unified-abt-20261124T101500Z-3f9c",
+            "probability": 0.9375,
+        },
     }
     return records[schema_name]
 
@@ -179,11 +189,12 @@ def realistic(schema_name: str) -> dict[str, Any]:
 def test_registry_defaults() -> None:
     specs = topic_specs()
     assert list(specs) == [LISTINGS, LISTING_EMBEDDINGS, SIMILAR_PRODUCTS, DUPLICATE_ALERTS,
-                           DEAD_LETTERS, CLICK_EVENTS, CLICK_PAIRS, POSITIVE_PAIRS, MODEL_UPDATES]
+                           DEAD_LETTERS, CLICK_EVENTS, CLICK_PAIRS, POSITIVE_PAIRS, MODEL_UPDATES,
+                           MODERATION_DECISIONS]
     assert {k: s.partitions for k, s in specs.items()} == {
         "listings": 4, "listing-embeddings": 4, "similar-products": 4,
         "duplicate-alerts": 2, "dead-letters": 1, "click-events": 4, "click-pairs": 4,
-        "positive-pairs": 2, "model-updates": 1}
+        "positive-pairs": 2, "model-updates": 1, "moderation-decisions": 2}
     assert all(isinstance(s, TopicSpec) and s.key == k and s.name == k for k, s in specs.items())
     # The catalogue outlives retention: the latest record of every listing stays (a model switch
     # re-embeds from it); so do the latest vectors and the mined pairs.
@@ -371,6 +382,7 @@ def test_codec_is_cached() -> None:
     ("similar_products", {"neighbours": "L1"}, "neighbours"),
     ("duplicate_alert", {"scores": {"image": 0.5, "text": "high", "image_text": 0.9}}, "text"),
     ("duplicate_alert", {"score": 1e39}, "float32 range"),
+    ("moderation_decision", {"decision": "maybe"}, "decision"),
     ("dead_letter", {"offset": 2**63}, "offset"),
 ])
 def test_encode_rejects_records_that_do_not_fit(name: str, change: dict[str, Any],
