@@ -3,8 +3,9 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-# `make install GPU=1` installs faiss-gpu instead of faiss-cpu.
-EXTRAS := $(if $(GPU),gpu,cpu),embedded,dev
+# `make install GPU=1` installs faiss-gpu instead of faiss-cpu (and leaves out the Milvus extra,
+# whose milvus-lite requires faiss-cpu; its tests skip without it).
+EXTRAS := $(if $(GPU),gpu,cpu,milvus),embedded,dev
 STAMP  := $(VENV)/.installed-$(if $(GPU),gpu,cpu)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
