@@ -132,6 +132,8 @@ class Backfill:
         if not pending:
             return []
         reader = await self._ensure_reader()
+        if self._restart_recreated(reader, pending):
+            await self._assign_pending()
         records = await reader.fetch(timeout=0.2, max_records=max_records)
         chunk: list[Incoming] = []
         for p in pending:
@@ -153,6 +155,28 @@ class Backfill:
         if self.pending() != pending:
             await self._assign_pending()
         return chunk
+
+    def _restart_recreated(self, reader: LogReader, pending: list[int]) -> bool:
+        """Plan a partition again from offset 0 when its log ends below what was read or planned.
+
+        The topic was deleted and created again (or the embedded broker restarted empty). Without
+        this the re-embedding would wait for the new log to grow past the old end, and the switch
+        would never leave REEMBEDDING. What the old log held and the new one does not is then
+        judged by :meth:`unsupplied` like any listing the log lacks.
+        """
+        restarted = False
+        for p in pending:
+            highwater = reader.highwater((self.topic, p))
+            read = max(self.positions[p], self.ends[p] or 0)
+            if highwater is None or highwater >= read:
+                continue
+            log.warning("model switch to %s: %s[%d] ends at %d but the re-embedding reached %d: the topic was "
+                        "recreated; re-embedding it again from the start", self.version, self.topic, p, highwater, read)
+            self.positions[p], self.ends[p] = 0, None
+            for by_partition in (self.supplied, self.failed, self.misplaced):
+                by_partition.pop(p, None)
+            restarted = True
+        return restarted
 
     def _note_supplied(self, record: LogRecord) -> None:
         p = record.partition

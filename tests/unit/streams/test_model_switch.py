@@ -353,6 +353,27 @@ def test_a_partition_keyed_otherwise_is_settled_by_the_deadline() -> None:
     assert {decode_embedding(o.value).listing_id for o in sent if decode_embedding(o.value).op == "DELETE"} == {p1[1]}
 
 
+def test_backfill_reads_a_recreated_partition_again_from_the_start() -> None:
+    listings = codec_for_topic(LISTINGS)
+    rows = [(i.encode(), listings.encode(_listing(i))) for i in ("a", "b", "c")]
+    log = FakeLog("listings", {0: rows, 1: []})
+    backfill = Backfill(Settings(), "listings", 2, reader=log)  # type: ignore[arg-type]
+
+    async def run() -> list[list[bytes | None]]:
+        await backfill.plan("v2", [0, 1])
+        chunks = [[m.key for m in await backfill.next_chunk(2)]]
+        # The topic is created again with a shorter log (an empty broker restart, a re-publish).
+        log.records[0] = [LogRecord("listings", 0, 0, b"d", listings.encode(_listing("d")), 0)]
+        while backfill.pending():
+            chunks.append([m.key for m in await backfill.next_chunk(2)])
+        return chunks
+
+    chunks = asyncio.run(run())
+    assert chunks[0] == [b"a", b"b"] and [k for c in chunks[1:] for k in c] == [b"d"]
+    assert backfill.done == {0, 1} and backfill.ends[0] == 1
+    assert backfill.supplied[0] == {"d"}  # a, b, c left the log: left out like any expired listing
+
+
 def test_unsupplied_skips_listings_embedded_live_and_other_workers_partitions() -> None:
     backfill = Backfill(Settings(), "listings", 2)
     backfill.version = "v2"
