@@ -35,7 +35,16 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import bench_parser, finish, machine_info, percentile, positive_int_list, rounded, setup_logging
+from bench.common import (
+    bench_parser,
+    finish,
+    machine_info,
+    percentile,
+    positive_int_list,
+    rounded,
+    rss_mb,
+    setup_logging,
+)
 from bench.index_bench import clustered, recall_at_k
 
 N_VIEWS = 3
@@ -90,17 +99,6 @@ class RecentBuffer:
                 merged[listing_id] = Hit(listing_id, float(scores[q, i]))
             out.append(sorted(merged.values(), key=lambda h: -h.score)[:k])
         return out
-
-
-def rss_mb(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
 
 
 def _ms(values: list[float]) -> dict[str, float | None]:

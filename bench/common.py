@@ -70,6 +70,27 @@ def rounded(value: float | None, digits: int = 4) -> float | None:
     return float(round(value, digits - 1 - math.floor(math.log10(abs(value)))))
 
 
+def rss_mb(pid: int) -> float | None:
+    """Resident set size of ``pid`` in MiB (psutil if installed, else /proc); None if it is gone."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            return float(psutil.Process(pid).memory_info().rss) / 2**20
+        except psutil.Error:
+            return None
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
 def rounded_tree(value: Any) -> Any:
     """Every float in nested dicts and lists :func:`rounded` (a result object before printing)."""
     if isinstance(value, float):

@@ -46,6 +46,7 @@ from bench.common import (
     machine_info,
     percentile,
     rounded,
+    rss_mb,
     sample_messages,
     setup_logging,
     wait_indexed,
@@ -113,27 +114,6 @@ def lag_from_metrics(text: str, metric: str = LAG_METRIC) -> dict[str, float]:
             out[consumer] = out.get(consumer, 0.0) + sample.value
             out["total"] += sample.value
     return out
-
-
-def rss_mb(pid: int) -> float | None:
-    """Resident set size of ``pid`` in MiB (psutil if installed, else /proc); None if it is gone."""
-    try:
-        import psutil
-    except ImportError:
-        psutil = None
-    if psutil is not None:
-        try:
-            return float(psutil.Process(pid).memory_info().rss) / 2**20
-        except psutil.Error:
-            return None
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
 
 
 def slope_per_minute(t_seconds: Sequence[float], values: Sequence[float | None]) -> float | None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bench import clicks_bench, soak_bench
+from bench import clicks_bench, common, soak_bench
 from tests.unit.bench.benchutil import run_json
 
 # ------------------------------------------------------------------------------ clicks
@@ -157,7 +157,7 @@ def test_soak_helpers() -> None:
     assert soak_bench.slope_per_minute([0], [1]) is None
     import os
 
-    assert soak_bench.rss_mb(os.getpid()) > 1
+    assert common.rss_mb(os.getpid()) > 1
 
 
 def _samples(n: int) -> list[dict[str, Any]]:
