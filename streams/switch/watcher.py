@@ -18,9 +18,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from mode import Service
-
-from samestyle.streams.io.reader import LogReader, reader_for
+from samestyle.streams.io.follower import LogFollower
+from samestyle.streams.io.reader import LogReader, LogRecord
 from samestyle.streams.settings import Settings
 from samestyle.topics import codec_for_topic
 from samestyle.topics.errors import BadInputError
@@ -73,20 +72,20 @@ class ModelChain:
         return {p.version: i for i, p in enumerate(self.promotions)}
 
 
-class ModelWatcher(Service):
+class ModelWatcher(LogFollower):
     """Follows ``model-updates`` from the start; ``ready`` is set once the log read at start-up is in."""
+
+    fetch_wait_seconds = FETCH_WAIT_SECONDS
 
     def __init__(self, settings: Settings, topic: str, records: Iterable[tuple[int, bytes | None]] = (),
                  **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.settings = settings
+        super().__init__(settings, "models", **kwargs)
         self.topic = topic
         self.chain = ModelChain()
         self.ready = asyncio.Event()
         #: Set (and replaced) whenever a promotion arrives, so waiters can re-check the target.
         self.changed = asyncio.Event()
         self._codec = codec_for_topic(MODEL_UPDATES)
-        self._reader: LogReader | None = None
         for offset, value in records:  # tests: a chain without a broker
             self._fold(offset, value)
 
@@ -104,23 +103,13 @@ class ModelWatcher(Service):
             self.changed.set()
             self.changed = asyncio.Event()
 
-    async def on_start(self) -> None:
-        self._reader = await reader_for(self.settings, "models").start()
-        await self._reader.assign([(self.topic, 0)])
+    def fold(self, record: LogRecord) -> None:
+        self._fold(record.offset, record.value)
 
-    async def on_stop(self) -> None:
-        if self._reader is not None:
-            await self._reader.stop()
-            self._reader = None
+    async def position(self, reader: LogReader) -> None:
+        await reader.assign([(self.topic, 0)])
 
-    @Service.task
-    async def _follow(self) -> None:
-        assert self._reader is not None
-        while not self.should_stop:
-            for record in await self._reader.fetch(timeout=FETCH_WAIT_SECONDS):
-                self._fold(record.offset, record.value)
-            if not self.ready.is_set() and await self._reader.at_end():
-                self.ready.set()
-
+    def caught_up(self) -> None:
+        self.ready.set()
 
 __all__ = ["ModelChain", "ModelWatcher", "Promotion"]

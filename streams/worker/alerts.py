@@ -14,31 +14,26 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from mode import Service
-
 from samestyle.streams.http.moderation import AlertBuffer
-from samestyle.streams.io.reader import LogReader, LogRecord, every_partition, reader_for
+from samestyle.streams.io.follower import LogFollower
+from samestyle.streams.io.reader import LogReader, LogRecord, every_partition
 from samestyle.streams.settings import Settings
 from samestyle.topics import DUPLICATE_ALERTS, MODERATION_DECISIONS, TopicSpec, codec_for_topic
 from samestyle.topics.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
-FETCH_WAIT_SECONDS = 0.5
 
-
-class AlertFeed(Service):
+class AlertFeed(LogFollower):
     """Follows both topics of ``specs`` into ``buffer``; ``buffer.ready`` once the start-up read is in."""
 
     def __init__(self, settings: Settings, specs: dict[str, TopicSpec], buffer: AlertBuffer, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.settings = settings
+        super().__init__(settings, "moderation", **kwargs)
         self.buffer = buffer
         self._topics = {specs[key].name: key for key in (DUPLICATE_ALERTS, MODERATION_DECISIONS)}
         self._partitions = [p for name, key in self._topics.items()
                             for p in every_partition(name, specs[key].partitions)]
         self._codecs = {key: codec_for_topic(key) for key in self._topics.values()}
-        self._reader: LogReader | None = None
 
     def fold(self, record: LogRecord) -> None:
         key = self._topics[record.topic]
@@ -55,26 +50,13 @@ class AlertFeed(Service):
         else:
             self.buffer.add_decision(value)
 
-    async def on_start(self) -> None:
-        self._reader = await reader_for(self.settings, "moderation").start()
-        await self._reader.assign(self._partitions)
+    async def position(self, reader: LogReader) -> None:
+        await reader.assign(self._partitions)
         # The listed end may lie below the real one (LogReader.listed_bounds): starting early is harmless.
-        bounds = await self._reader.listed_bounds()
-        await self._reader.assign({p: max(first, end - self.buffer.capacity) for p, (first, end) in bounds.items()})
+        bounds = await reader.listed_bounds()
+        await reader.assign({p: max(first, end - self.buffer.capacity) for p, (first, end) in bounds.items()})
 
-    async def on_stop(self) -> None:
-        if self._reader is not None:
-            await self._reader.stop()
-            self._reader = None
-
-    @Service.task
-    async def _follow(self) -> None:
-        assert self._reader is not None
-        while not self.should_stop:
-            for record in await self._reader.fetch(timeout=FETCH_WAIT_SECONDS):
-                self.fold(record)
-            if not self.buffer.ready and await self._reader.at_end():
-                self.buffer.ready = True
-
+    def caught_up(self) -> None:
+        self.buffer.ready = True
 
 __all__ = ["AlertFeed"]
