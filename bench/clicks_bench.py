@@ -4,7 +4,7 @@ Clicks: ``--events`` click events drawn by the click simulator (:mod:`streams.de
 click model, seed 0) on the demo's generated catalogue, produced to ``click-events`` (4 partitions,
 keyed by session) before any worker starts. They are generated and produced as a stream, so
 ``--events 10000000`` needs no memory for the clicks themselves (the embedded broker keeps every
-record in memory: ~3 GB for that run).
+record in memory: its RSS was ~2 GB during such a run, docs/PAIRS.md).
 
 Pairs agents: a real ``samestyle worker`` process (the pairs agents run in every worker) on the
 embedded broker, with a fresh topic prefix, app id (consumer groups) and changelog topics per run,
@@ -22,8 +22,12 @@ The agents commit at once when a fetch comes back empty (and every
 ``SAMESTYLE_PAIRS_COMMIT_INTERVAL_SECONDS`` while busy), so that end is late by about one fetch
 wait; the run also reports a second clock from the broker timestamps of the tables' changelog
 records (first session write to last table write), which has no such delay. Each scrape also
-records the tables' sizes (``samestyle_pairs_table_keys``) and the worker's RSS: the run reports
-their peaks and last values (the bounded-state check of a long run).
+records the tables' sizes (``samestyle_pairs_table_keys``), the keys expired so far
+(``samestyle_pairs_expired_total``) and the worker's RSS: the run reports their peaks and last
+values, and ``runs[].samples`` holds them at every ``--sample-every`` events processed (the
+bounded-state check of a long run). The simulator starts a session every 2 s of event time, so
+10 million clicks span about 92 days: the default 30-day evidence TTL (``--evidence-ttl``, reported
+as ``pairs_evidence_ttl_seconds``) expires keys during such a run.
 
 Raw: an ``AIOKafkaConsumer`` (no group, assigned every partition, from the beginning) reads the
 same topic in this process, ``--raw-repeats`` times per run, from the first ``getmany`` call to
@@ -31,6 +35,7 @@ the last message. Raw runs alternate with the pairs runs on the noisy machine: r
 pairs, ..., raw. ``--profile PATH`` records the worker of the first run with py-spy (raw stacks).
 
     samestyle bench clicks --json [--events 50000] [--rounds 2] [--profile PATH]
+    samestyle bench clicks --json --events 10000000 --rounds 1 --raw-repeats 1 --sample-every 500000
 
 ``ratio = pairs_agent_events_per_second / raw_consume_events_per_second``; goal >= 0.5.
 """
@@ -85,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", type=Path, help="py-spy the worker of the first run; raw stacks to PATH")
     p.add_argument("--session-timeout", type=float, default=6.0,
                    help="the worker's consumer-group session timeout in s (a group join takes about half)")
+    p.add_argument("--evidence-ttl", type=float, default=None,
+                   help="the worker's SAMESTYLE_PAIRS_EVIDENCE_TTL_SECONDS (default: the settings' default, 30 days; "
+                        "0 keeps every key)")
+    p.add_argument("--sample-every", type=int, default=None,
+                   help="record table sizes and worker RSS each time this many more clicks are processed "
+                        "(default: a tenth of --events)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -203,18 +214,33 @@ class Block:
             bootstrap=bootstrap, topic_prefix=f"c{run}-", app_id=f"samestyle-clicks-{run}", worker_id=f"clicks-{run}",
             encoder=args.encoder, allow_random_weights=(args.encoder == "tiny"), state_dir=run_dir / run / "state",
             web_port=free_port(), session_timeout_seconds=args.session_timeout,
-            heartbeat_interval_seconds=args.session_timeout / 3)
+            heartbeat_interval_seconds=args.session_timeout / 3,
+            **({} if args.evidence_ttl is None else {"pairs_evidence_ttl_seconds": args.evidence_ttl}))
         self.specs = topic_specs(self.settings.topic_prefix, app_id=self.settings.app_id)
         self.log_path = run_dir / run / "worker.log"
 
 
-async def _produce(block: Block, clicks: Iterable[dict[str, Any]]) -> None:
+async def _produce(block: Block, clicks: Iterable[dict[str, Any]]) -> tuple[int, int] | None:
+    """Send ``clicks`` to the block's click-events; the first and last event time (ms) sent."""
     from samestyle.streams.io.producer import send_records
     from samestyle.topics import CLICK_EVENTS, codec_for_topic
 
     codec = codec_for_topic(CLICK_EVENTS)
-    await send_records(block.settings, block.specs[CLICK_EVENTS].name,
-                       ((c["session_id"].encode(), codec.encode(c)) for c in clicks))
+    span: list[int] = []
+
+    def messages() -> Iterator[tuple[bytes, bytes]]:
+        for c in clicks:
+            t = c["event_time"]
+            if not span:
+                span.extend((t, t))
+            elif t < span[0]:
+                span[0] = t
+            elif t > span[1]:
+                span[1] = t
+            yield c["session_id"].encode(), codec.encode(c)
+
+    await send_records(block.settings, block.specs[CLICK_EVENTS].name, messages())
+    return (span[0], span[1]) if span else None
 
 
 async def raw_consume(bootstrap: str, topic: str, partitions: int, events: int, repeats: int) -> float:
@@ -242,25 +268,46 @@ async def raw_consume(bootstrap: str, topic: str, partitions: int, events: int, 
     return total
 
 
-async def _topic_stats(bootstrap: str, specs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+async def _topic_stats(bootstrap: str, specs: dict[str, Any], timeout: float = 600.0) -> dict[str, dict[str, Any]]:
     """Records, first and last broker timestamp (ms) of each topic in ``specs`` (read to the end)."""
     from samestyle.streams.io.reader import LogReader, every_partition
 
     out = {key: {"records": 0, "first_ms": None, "last_ms": None} for key in specs}
     by_name = {spec.name: key for key, spec in specs.items()}
+    deadline = time.monotonic() + timeout
     async with LogReader(bootstrap, client_id="bench-topic-stats") as reader:
         await reader.assign([p for spec in specs.values() for p in every_partition(spec.name, spec.partitions)])
-        for record in await reader.read_to_end(timeout=600):
-            row = out[by_name[record.topic]]
-            row["records"] += 1
-            stamp = record.timestamp
-            row["first_ms"] = stamp if row["first_ms"] is None else min(row["first_ms"], stamp)
-            row["last_ms"] = stamp if row["last_ms"] is None else max(row["last_ms"], stamp)
-    return out
+        while True:  # fetch by fetch, not read_to_end: a long run's topics hold millions of records
+            for record in await reader.fetch(0.3):
+                row = out[by_name[record.topic]]
+                row["records"] += 1
+                stamp = record.timestamp
+                row["first_ms"] = stamp if row["first_ms"] is None else min(row["first_ms"], stamp)
+                row["last_ms"] = stamp if row["last_ms"] is None else max(row["last_ms"], stamp)
+            if await reader.at_end():
+                return out
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not read {sorted(by_name)} to the end in {timeout:.0f} s")
 
 
-#: Scraped beside the offsets: table sizes and the worker's memory.
-STATE_METRICS = ("samestyle_pairs_table_keys", "process_resident_memory_bytes")
+#: Scraped beside the offsets: table sizes, keys expired so far and the worker's memory.
+STATE_METRICS = ("samestyle_pairs_table_keys", "samestyle_pairs_expired_total", "process_resident_memory_bytes")
+
+
+def by_table(values: dict[str, float], name: str) -> dict[str, float]:
+    """``{table: value}`` of the ``name{table=...}`` entries of :func:`metric_values`."""
+    prefix = name + "{table="
+    return {k[len(prefix):-1]: v for k, v in values.items() if k.startswith(prefix)}
+
+
+def state_sample(values: dict[str, float], processed: float, seconds: float) -> dict[str, Any]:
+    """One point of a run's state series: clicks processed, seconds since the worker started, table
+    keys and expired keys per table, the worker's RSS in MiB."""
+    rss = values.get("process_resident_memory_bytes")
+    return {"events_processed": int(processed), "seconds": rounded(seconds),
+            "table_keys": by_table(values, "samestyle_pairs_table_keys"),
+            "expired": by_table(values, "samestyle_pairs_expired_total"),
+            "worker_rss_mb": rounded(rss / 2**20) if rss is not None else None}
 
 
 def pairs_run(block: Block, events: int, args: argparse.Namespace, profile: Path | None = None) -> dict[str, Any]:
@@ -284,6 +331,10 @@ def pairs_run(block: Block, events: int, args: argparse.Namespace, profile: Path
     started = ended = candidate = idle_at = None
     scrapes = 0
     state: list[dict[str, float]] = []
+    samples: list[dict[str, Any]] = []
+    sample_every = args.sample_every or max(1, events // 10)
+    next_sample = sample_every
+    processed = 0.0
     try:
         deadline = launched + args.timeout
         while ended is None:
@@ -301,10 +352,14 @@ def pairs_run(block: Block, events: int, args: argparse.Namespace, profile: Path
                 scrapes += 1
                 offsets = offsets_from_metrics(text)
                 state.append(metric_values(text, STATE_METRICS))
+                processed = clicks_processed(text)
+                if processed >= next_sample:
+                    samples.append(state_sample(state[-1], processed, t - launched))
+                    next_sample = (processed // sample_every + 1) * sample_every
                 if started is None and consumption_started(offsets, source.name, source.partitions):
                     if profile is not None and profiler is None:  # the measured window, not the start-up
                         profiler = Profiler(proc.pid, profile, rate=PROFILE_RATE)
-                    if clicks_processed(text) == 0:
+                    if processed == 0:
                         idle_at = t  # assigned, fetching, tables being read: not processing yet
                     else:
                         started = idle_at if idle_at is not None else t
@@ -329,7 +384,9 @@ def pairs_run(block: Block, events: int, args: argparse.Namespace, profile: Path
     stats_specs = {k: block.specs[k] for k in (CLICK_PAIRS, POSITIVE_PAIRS)}
     for table in (PAIRS_SESSIONS_TABLE, PAIRS_EVIDENCE_TABLE):
         stats_specs[table] = block.specs[changelog_topic(block.settings.app_id, table)]
-    stats = asyncio.run(_topic_stats(block.settings.bootstrap or "", stats_specs))
+    if state and (not samples or samples[-1]["events_processed"] < processed):
+        samples.append(state_sample(state[-1], processed, ended - launched))
+    stats = asyncio.run(_topic_stats(block.settings.bootstrap or "", stats_specs, args.timeout))
     first = stats[PAIRS_SESSIONS_TABLE]["first_ms"]
     last = max(v for v in (stats[PAIRS_EVIDENCE_TABLE]["last_ms"], stats[PAIRS_SESSIONS_TABLE]["last_ms"])
                if v is not None) if first is not None else None
@@ -351,6 +408,8 @@ def pairs_run(block: Block, events: int, args: argparse.Namespace, profile: Path
                                      if k.startswith("samestyle_pairs_table_keys")},
         "worker_rss_mb_max": max(rss, default=None),
         "worker_rss_mb_last": rss[-1] if rss else None,
+        "expired_last_by_table": by_table(state[-1], "samestyle_pairs_expired_total") if state else {},
+        "samples": samples,
     }
 
 
@@ -389,9 +448,12 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     with EmbeddedBroker(log_path=tmp / "broker.log") as broker:
         blocks = [Block(broker.bootstrap, args, tmp) for _ in range(args.rounds)]
+        span = None
         for block in blocks:  # every topic exists, and every click is in, before any worker starts
             create_topics(broker.bootstrap, block.specs.values())
-            asyncio.run(_produce(block, simulated_clicks(args.events, args.products, tmp)))
+            produced = time.monotonic()
+            span = asyncio.run(_produce(block, simulated_clicks(args.events, args.products, tmp)))
+            print(f"produced {args.events:,} clicks in {time.monotonic() - produced:.0f} s", file=sys.stderr)
 
         def raw(block: Block) -> None:
             spec = block.specs[CLICK_EVENTS]
@@ -421,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [{k: rounded(v) if isinstance(v, float) else v for k, v in r.items()} for r in runs],
         "forwarded_share": rounded(runs[0]["forwarded_to_click_pairs"] / args.events) if runs else None,
         "encoder": args.encoder,
+        "pairs_evidence_ttl_seconds": blocks[0].settings.pairs_evidence_ttl_seconds,
+        "event_time_span_days": rounded((span[1] - span[0]) / 86_400_000) if span else None,
         "scrape_interval_seconds": args.scrape_interval,
         "machine": machine_info(),
         "run_dir": str(tmp),

@@ -54,6 +54,7 @@ __all__ = [
     "is_local_text_spec",
     "register_image_backbone",
     "register_text_backbone",
+    "trainable_image_blocks",
 ]
 
 
@@ -180,6 +181,12 @@ class ImageBackbone(nn.Module):
         fine-tuning unfreezes from the end (``samestyle train --finetune-image-blocks``)."""
         raise ConfigError(f"{type(self).__name__} has no blocks to fine-tune")
 
+    def forward_blocks(self, x: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:
+        """Run ``blocks()[start:stop]`` on ``x``: pixels when ``start`` is 0, else the output of
+        block ``start - 1``. Through the last block the result is pooled as :meth:`forward`'s
+        (``[B, dim]``), so ``forward_blocks(forward_blocks(p, 0, k), k)`` equals ``forward(p)``."""
+        raise ConfigError(f"{type(self).__name__} cannot run its blocks one by one")
+
 
 class EfficientNetLiteBackbone(ImageBackbone):
     """EfficientNet-Lite feature map, globally average-pooled: ``[B, 1280]``."""
@@ -200,6 +207,20 @@ class EfficientNetLiteBackbone(ImageBackbone):
         stem = nn.ModuleList([net._conv_stem, net._bn0])  # views: not registered on self
         head = nn.ModuleList([net._conv_head, net._bn1])
         return [stem, *net._blocks, head]
+
+    def forward_blocks(self, x: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:
+        # The steps of the library's extract_features, one block at a time.
+        net, n = self.net, len(self.net._blocks)
+        stop = n + 2 if stop is None else stop
+        for k in range(start, stop):
+            if k == 0:
+                x = net._swish(net._bn0(net._conv_stem(x)))
+            elif k <= n:
+                rate = net._global_params.drop_connect_rate
+                x = net._blocks[k - 1](x, drop_connect_rate=rate * (k - 1) / n if rate else rate)
+            else:
+                x = net._swish(net._bn1(net._conv_head(x)))
+        return x.mean(dim=(2, 3)) if stop == n + 2 else x
 
 
 class TinyConvBackbone(ImageBackbone):
@@ -223,6 +244,36 @@ class TinyConvBackbone(ImageBackbone):
     def blocks(self) -> list[nn.Module]:
         """The two convolutions (with their activations)."""
         return [self.net[0:2], self.net[2:4]]
+
+    def forward_blocks(self, x: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:
+        stop = 2 if stop is None else stop
+        for block in self.blocks()[start:stop]:
+            x = block(x)
+        return self.net[4:](x) if stop == 2 else x
+
+
+def trainable_image_blocks(backbone: nn.Module, last: int, flag: str = "--image-blocks") -> list[nn.Module]:
+    """Unfreeze the last ``last`` blocks of an image backbone (:meth:`ImageBackbone.blocks`); every
+    other backbone parameter gets ``requires_grad = False``. Returns the trainable blocks.
+
+    The caller keeps the backbone in eval mode while it trains: batch-norm statistics stay the
+    pretrained ones (a training batch holds few images) and no dropout or drop-connect applies.
+    Frozen early blocks also cost no backward pass: autograd starts at the first trainable block.
+
+    Raises:
+        ConfigError: ``last`` is not in ``1..len(blocks)`` (the message names ``flag``), or the
+            backbone has no blocks.
+    """
+    blocks = backbone.blocks()  # type: ignore[operator]
+    if not 0 < last <= len(blocks):
+        raise ConfigError(f"{flag} must be in 1..{len(blocks)}, got {last}")
+    for param in backbone.parameters():
+        param.requires_grad_(False)
+    chosen = blocks[len(blocks) - last :]
+    for block in chosen:
+        for param in block.parameters():
+            param.requires_grad_(True)
+    return chosen
 
 
 def _build_bundled_efficientnet(spec: str, config: BackboneConfig) -> EfficientNetLiteBackbone:

@@ -153,9 +153,11 @@ class PairFeaturizer:
         return np.column_stack([cols[n] for n in FEATURES]).astype(np.float32)
 
 
-def fit_classifier(features: np.ndarray, labels: np.ndarray, kind: str = "hgb", seed: int = 0) -> Any:
+def fit_classifier(features: np.ndarray, labels: np.ndarray, kind: str = "hgb", seed: int = 0,
+                   sample_weight: np.ndarray | None = None) -> Any:
     """A classifier with calibrated ``predict_proba``: gradient-boosted trees with isotonic
-    calibration (``hgb``, the default) or a standardised logistic regression (``lr``)."""
+    calibration (``hgb``, the default) or a standardised logistic regression (``lr``).
+    ``sample_weight`` (``[n]``, None: every row 1) weighs rows in the fit and the calibration."""
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
@@ -170,7 +172,11 @@ def fit_classifier(features: np.ndarray, labels: np.ndarray, kind: str = "hgb", 
         model = CalibratedClassifierCV(base, method="isotonic", cv=3)
     else:
         raise ConfigError(f"unknown classifier {kind!r}: hgb or lr")
-    return model.fit(features, labels)
+    if sample_weight is None:
+        return model.fit(features, labels)
+    if kind == "lr":
+        return model.fit(features, labels, logisticregression__sample_weight=sample_weight)
+    return model.fit(features, labels, sample_weight=sample_weight)
 
 
 class Matcher(DuplicateScorer):

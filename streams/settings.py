@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from samestyle.models.runtime import RUNTIME_NAMES
 from samestyle.topics.errors import ConfigError
 
 ENV_PREFIX = "SAMESTYLE_"
@@ -66,8 +67,31 @@ class Settings:
     #: copies and other same-supplier pairs under the default encoder on the seed-1 sample,
     #: 0.806 .. 0.845; the demo runs on seed 0.)
     duplicate_threshold: float | None = None
-    #: "flat" (exact inner product) or "hnsw" (approximate, for large catalogues).
+    #: "flat" (exact inner product) or "hnsw" (approximate, for large catalogues); the FAISS replica's kind.
     index_kind: str = "flat"
+    #: The form the FAISS replica stores vectors in: "float32" (default), "float16" or "sq8"
+    #: (faiss's 8-bit scalar quantiser); the compact forms also store no vector for a view a
+    #: listing lacks (no image) nor a second copy of the searched one. Flat index only; recall
+    #: against float32 and memory per listing: docs/SCALING.md.
+    index_vectors: str = "float32"
+    #: Where the index lives (docs/SCALING.md). "faiss" (default): every worker holds a full
+    #: replica in memory, built from ``listing-embeddings``. "milvus": workers hold no replica; the
+    #: index agent upserts each listing into Milvus (one collection per model version) and
+    #: searches it there, and the search API queries it.
+    index_backend: str = "faiss"
+    #: The Milvus of ``index_backend="milvus"``: a local path ending in ``.db`` runs Milvus Lite
+    #: inside the worker (one process per file: the demo, one worker); ``http(s)://host:port`` a
+    #: Milvus standalone or cluster, or a ``milvus-lite server`` that several workers share. Unset:
+    #: ``{state_dir}/milvus.db``. The FAISS backend ignores it.
+    milvus_uri: str | None = None
+    #: Token of a Milvus with authentication ("user:password" or an API key). Never printed.
+    milvus_token: str | None = field(default=None, repr=False)
+    #: Prepended to the Milvus collection and alias names: deployments (or tests) sharing one
+    #: Milvus keep apart. Letters, digits and ``_``, starting with a letter.
+    milvus_prefix: str = "samestyle"
+    #: How long the worker retries a Milvus that cannot be reached before it gives up (and exits,
+    #: to be restarted; nothing is committed meanwhile, so nothing is lost).
+    milvus_retry_seconds: float = 120.0
     #: Where the index snapshots (and Faust's own data) live.
     state_dir: Path = Path("state")
     #: Seconds between index snapshots (0 disables periodic snapshots; one is still taken at stop).
@@ -113,6 +137,11 @@ class Settings:
     #: torch intra-op threads for the encoder; unset = torch's default (all cores). On a shared
     #: 2-core machine 1 thread was steadier and faster (bench/results/pipeline_torch_threads1.json).
     torch_threads: int | None = None
+    #: How the encoder's backbones compute (models/runtime.py): "auto" (the device's measured
+    #: default: bf16 on a CPU with native bf16, eager elsewhere), "eager" (float32 as trained),
+    #: "bf16", "int8", "channels-last" or "compile". Speed and recall of each:
+    #: bench/results/encoder.json (``samestyle bench encoder``).
+    encoder_runtime: str = "auto"
     #: The worker's HTTP port (health now, metrics and search later); 0 disables it.
     web_port: int = 6066
     #: Bearer token of the search API and page (``/metrics`` and ``/health`` stay open). Unset,
@@ -158,6 +187,12 @@ class Settings:
     pairs_commit_interval_seconds: float = 1.0
     #: The trainer's window: the newest mined pairs it keeps (and trains on); older ones are dropped.
     trainer_max_pairs: int = 100_000
+    #: The trainer's window of moderation decisions: the latest decision of the N pairs decided
+    #: most recently (docs/RETRAIN.md).
+    trainer_max_labels: int = 100_000
+    #: Weight of a moderator's decision (confirmed: a positive, rejected: a hard negative) in a
+    #: candidate's training against 1 for a click-mined pair (docs/RETRAIN.md, "Moderators' decisions").
+    trainer_label_weight: float = 3.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -170,6 +205,11 @@ class Settings:
                             "else a cosine) must lie in [-1, 1]")
         if self.index_kind not in ("flat", "hnsw"):
             problems.append(f"index_kind must be 'flat' or 'hnsw', not {self.index_kind!r}")
+        if self.index_vectors not in ("float32", "float16", "sq8"):
+            problems.append(f"index_vectors must be 'float32', 'float16' or 'sq8', not {self.index_vectors!r}")
+        elif self.index_vectors != "float32" and self.index_kind != "flat":
+            problems.append("index_vectors 'float16' and 'sq8' need index_kind 'flat'")
+        problems += self._index_backend_problems()
         if self.partitions is not None and self.partitions < 1:
             problems.append("partitions must be >= 1")
         if self.batch_linger_seconds <= 0:
@@ -198,10 +238,16 @@ class Settings:
             problems.append("pairs_batch_max_records must be >= 1 and pairs_commit_interval_seconds > 0")
         if self.trainer_max_pairs < 2:
             problems.append("trainer_max_pairs must be >= 2")
+        if self.trainer_max_labels < 1:
+            problems.append("trainer_max_labels must be >= 1")
+        if not (self.trainer_label_weight > 0 and self.trainer_label_weight != float("inf")):
+            problems.append("trainer_label_weight must be finite and > 0")
         if not 0 <= self.consumer_fetch_max_wait_seconds <= 10:
             problems.append("consumer_fetch_max_wait_seconds must lie in [0, 10]")
         if self.torch_threads is not None and self.torch_threads < 1:
             problems.append("torch_threads must be >= 1")
+        if self.encoder_runtime not in RUNTIME_NAMES:
+            problems.append(f"encoder_runtime must be one of {list(RUNTIME_NAMES)}, not {self.encoder_runtime!r}")
         if self.image_base_dir is not None and not self.image_base_dir.is_dir():
             problems.append(f"image_base_dir {str(self.image_base_dir)!r} is not a directory")
         if self.image_fetch_concurrency < 1:
@@ -221,6 +267,31 @@ class Settings:
             problems.append(str(exc))
         if problems:
             raise ConfigError("invalid settings: " + "; ".join(problems))
+
+    def _index_backend_problems(self) -> list[str]:
+        if self.index_backend not in ("faiss", "milvus"):
+            return [f"index_backend must be 'faiss' or 'milvus', not {self.index_backend!r}"]
+        problems = []
+        uri = self.milvus_uri
+        if uri is not None:
+            scheme = uri.partition("://")[0].lower() if "://" in uri else None
+            if scheme is not None and scheme not in ("http", "https"):
+                problems.append(f"milvus_uri {uri!r}: use http(s)://host:port for a Milvus server, "
+                                "or a local path ending in .db for Milvus Lite")
+            elif scheme is None and not uri.endswith(".db"):
+                problems.append(f"milvus_uri {uri!r} is neither http(s)://host:port nor a local Milvus Lite "
+                                "path ending in .db (a host:port needs http://)")
+        if not self.milvus_prefix.replace("_", "").isalnum() or not self.milvus_prefix[:1].isalpha():
+            problems.append(f"milvus_prefix must be letters, digits and _, starting with a letter, "
+                            f"not {self.milvus_prefix!r}")
+        if self.milvus_retry_seconds < 0:
+            problems.append("milvus_retry_seconds must be >= 0")
+        return problems
+
+    @property
+    def effective_milvus_uri(self) -> str:
+        """``milvus_uri``, else the Milvus Lite file ``{state_dir}/milvus.db``."""
+        return self.milvus_uri if self.milvus_uri is not None else str(self.state_dir / "milvus.db")
 
     def api_token_value(self) -> str | None:
         """The API's bearer token (``api_token``, or the first line of ``api_token_file``); None

@@ -9,6 +9,13 @@
 3. Matcher: cross-fitted (the classifier's dense features come from fold models that never saw
    the pair's products), a calibrated classifier on dense + lexical features, its threshold
    chosen on valid. The served model is trained on all training products.
+
+A pairs file may carry a ``weight`` column (the trainer's: moderators' decisions weigh more than
+click-mined pairs). A row's weight scales its anchor's InfoNCE terms (a weighted mean over the
+batch; a labelled negative picked as the hard negative lends the row its weight when larger)
+and is the row's sample weight in the matcher's fit. Such a file may hold negatives without
+``--valid-pairs``: the matcher then fits on the mined pairs of the training products plus the
+file's negatives. Without the column, or with every weight 1, training is unchanged.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from samestyle.models.backbones import TINY
+from samestyle.models.backbones import TINY, build_image_backbone, trainable_image_blocks
 from samestyle.models.data import ListingRecord, UnionFind, read_clusters, read_listings, read_pairs, refuse_test
 from samestyle.models.encoder import PairCandidate
 from samestyle.models.finetuned import DualTower, TowerConfig, save_finetuned, serving_crop_pct
@@ -40,8 +47,9 @@ from samestyle.topics.errors import ConfigError, ImageError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MatcherData", "Products", "TrainConfig", "arrival_order", "candidates_for", "fit_matcher", "load_products",
-           "refit_matcher", "train", "train_towers"]
+__all__ = ["MatcherData", "PrefixFeatures", "Products", "TrainConfig", "arrival_order", "candidates_for",
+           "fit_matcher", "load_products", "prefix_features", "read_pair_weights", "refit_matcher", "train",
+           "train_towers"]
 
 #: With a split column, rows of these splits are trained on; every other split is never read.
 TRAINING_SPLITS = ("train", "catalog")
@@ -74,7 +82,17 @@ class TrainConfig:
     max_pairs_per_product: int = 6
     max_text_tokens: int = 48
     images: bool = True
+    #: Image-backbone blocks trained, counted from the output end (0: every block); the earlier
+    #: blocks keep their pretrained weights and cost no backward pass.
+    image_blocks: int = 0
+    #: Side of the square image the image tower reads, at training and at serving time.
+    image_size: int = 224
     augment: bool = True
+    #: With frozen early image blocks (``image_blocks``), their output is computed once per image
+    #: for this many views (the serving crop, then augmented ones) and reused by every epoch and
+    #: model of the run, when it fits in ``prefix_cache_mb``; otherwise every step runs them.
+    prefix_views: int = 3
+    prefix_cache_mb: int = 4096
     folds: int = 2
     classifier: str = "hgb"
     mined_k: int = 20
@@ -104,6 +122,38 @@ class Products:
     negatives: dict[str, list[str]] = field(default_factory=dict)
     held_out: list[str] = field(default_factory=list)  # product ids kept out (clusters mode)
     train_pairs: list[tuple[str, str, int]] = field(default_factory=list)
+    #: Weights other than 1 by unordered pair (sorted ids), from the pairs file's ``weight`` column.
+    weights: dict[tuple[str, str], float] = field(default_factory=dict)
+    #: Whether the pairs file has a ``weight`` column at all.
+    weighted: bool = False
+
+    def weight(self, a: str, b: str) -> float:
+        """The weight of the pair ``a``-``b`` (either order); 1 when the file gave none."""
+        return self.weights.get((a, b) if a <= b else (b, a), 1.0)
+
+
+def read_pair_weights(path: Path) -> dict[tuple[str, str], float] | None:
+    """The ``weight`` column of a pairs file by unordered pair (sorted ids); None without the
+    column. Weights must be finite and > 0 (ConfigError naming the line); a pair listed twice
+    keeps its last weight."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        if "weight" not in [name.strip() for name in reader.fieldnames or []]:
+            return None
+        out: dict[tuple[str, str], float] = {}
+        for line, row in enumerate(reader, start=2):
+            row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+            try:
+                weight = float(row["weight"])
+            except ValueError:
+                raise ConfigError(f"{path}:{line}: weight {row['weight']!r} is not a number") from None
+            if not math.isfinite(weight) or weight <= 0:
+                raise ConfigError(f"{path}:{line}: weight must be finite and > 0, got {row['weight']!r}")
+            a, b = row["listing_id_a"], row["listing_id_b"]
+            out[(a, b) if a <= b else (b, a)] = weight
+    return out
 
 
 def load_products(config: TrainConfig) -> Products:
@@ -130,7 +180,10 @@ def load_products(config: TrainConfig) -> Products:
             if not y and product[a] != product[b]:
                 negatives[a].append(b)
                 negatives[b].append(a)
-        return Products(records, texts, product, positives, dict(negatives), train_pairs=pairs)
+        weights = read_pair_weights(config.pairs)
+        return Products(records, texts, product, positives, dict(negatives), train_pairs=pairs,
+                        weights={k: w for k, w in (weights or {}).items() if w != 1.0},
+                        weighted=weights is not None)
     clusters = read_clusters(config.clusters)
     split_ok: set[str] | None = None
     if config.split_column:
@@ -214,6 +267,71 @@ def _model_input(images_uint8: torch.Tensor, size: int, train: bool, generator: 
     return (x - 127.0) / 128.0  # EfficientNet-Lite's normalisation
 
 
+@dataclass
+class PrefixFeatures:
+    """The frozen early image blocks' output per image, computed once: ``views[id]`` is
+    ``[K, C, H, W]`` float16, view 0 from the serving crop and views 1.. from augmented crops.
+    The trained blocks start at block ``start``."""
+
+    start: int
+    views: dict[str, torch.Tensor]
+
+    def batch(self, ids: Sequence[str], train: bool, generator: torch.Generator | None) -> torch.Tensor:
+        """``[B, C, H, W]`` float32 inputs of the trained blocks: a random augmented view each
+        when training with a generator, else the serving view."""
+        k = self.views[ids[0]].shape[0]
+        if train and generator is not None and k > 1:
+            picks = torch.randint(1, k, (len(ids),), generator=generator).tolist()
+        else:
+            picks = [0] * len(ids)
+        return torch.stack([self.views[i][v] for i, v in zip(ids, picks)]).float()
+
+
+def prefix_features(config: TrainConfig, towers: TowerConfig, pixels: Mapping[str, torch.Tensor],
+                    device: str) -> PrefixFeatures | None:
+    """Run the frozen early image blocks once per image and view (None when ``image_blocks``
+    freezes nothing or the features would not fit in ``prefix_cache_mb``).
+
+    Measured on Grocery (EfficientNet-Lite0, last 6 of 18 blocks trained, 192 px): see
+    docs/MODEL.md, "Image fine-tuning cost"."""
+    from tqdm import tqdm
+
+    if not pixels or not config.image_blocks:
+        return None
+    # Channels-last: the depthwise convolutions of the early blocks ran 1.4x faster in it on this
+    # CPU (32 images at 192 px through blocks 0..11, one thread: 8.5 s against 12.2 s, one run).
+    backbone = build_image_backbone(towers.image_backbone, towers).to(device, memory_format=torch.channels_last).eval()
+    trainable_image_blocks(backbone, config.image_blocks)  # checks the count
+    start = len(backbone.blocks()) - config.image_blocks
+    if start == 0:
+        return None
+    n_views = max(1, config.prefix_views) if config.augment else 1
+    ids = sorted(pixels)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    with torch.inference_mode():
+        probe = backbone.forward_blocks(_model_input(pixels[ids[0]][None], towers.image_size, False, None).to(device), 0,
+                                        start)
+        need_mb = probe.numel() * 2 * n_views * len(ids) / 2**20
+        if need_mb > config.prefix_cache_mb:
+            logger.info("frozen image blocks: %.0f MB of features for %d views would pass prefix_cache_mb %d; "
+                        "every step runs them", need_mb, n_views, config.prefix_cache_mb)
+            return None
+        views: dict[str, list[torch.Tensor]] = {i: [] for i in ids}
+        for s in tqdm(range(0, len(ids), 32), desc=f"frozen image blocks x{n_views} views",
+                      disable=not config.progress):
+            chunk = ids[s : s + 32]
+            stacked = torch.stack([pixels[i] for i in chunk])
+            for v in range(n_views):
+                x = _model_input(stacked, towers.image_size, v > 0, generator).to(device,
+                                                                                 memory_format=torch.channels_last)
+                out = backbone.forward_blocks(x, 0, start).to(torch.float16).cpu().contiguous()
+                for i, row in zip(chunk, out):
+                    views[i].append(row.clone())
+    logger.info("frozen image blocks 0..%d: %d images x %d views cached (%.0f MB)", start - 1, len(ids), n_views,
+                need_mb)
+    return PrefixFeatures(start, {i: torch.stack(v) for i, v in views.items()})
+
+
 # ------------------------------------------------------------------------------ bi-encoder
 
 
@@ -223,7 +341,8 @@ def _tower_config(config: TrainConfig, with_images: bool) -> TowerConfig:
                            image_size=32, image_trained=with_images, seed=config.seed)
     if config.base != "default":
         raise ConfigError(f"unknown base {config.base!r}: default or tiny")
-    return TowerConfig(max_text_tokens=config.max_text_tokens, image_trained=with_images, seed=config.seed)
+    return TowerConfig(max_text_tokens=config.max_text_tokens, image_size=config.image_size, image_trained=with_images,
+                       seed=config.seed)
 
 
 def _batches(edges: list[tuple[str, str]], product: Mapping[str, str], size: int) -> list[list[tuple[str, str]]]:
@@ -248,19 +367,23 @@ def _batches(edges: list[tuple[str, str]], product: Mapping[str, str], size: int
 
 
 def _info_nce(queries: torch.Tensor, keys: torch.Tensor, masked: torch.Tensor, targets: torch.Tensor,
-              temperature: float) -> torch.Tensor:
+              temperature: float, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of ``queries @ keys.T / t`` towards ``targets``; ``masked`` keys (same product
-    as the query, not its target) are no negatives."""
+    as the query, not its target) are no negatives. ``weights`` (``[queries]``): the weighted mean
+    over the queries instead of the plain mean."""
     logits = (queries @ keys.T / temperature).masked_fill(masked, float("-inf"))
-    return F.cross_entropy(logits, targets)
+    if weights is None:
+        return F.cross_entropy(logits, targets)
+    per_query = F.cross_entropy(logits, targets, reduction="none")  # [queries]
+    return (per_query * weights).sum() / weights.sum()
 
 
 class _Embedder:
     """Views of listings under a DualTower, with tokens and pixels prepared once."""
 
     def __init__(self, towers: DualTower, texts: Mapping[str, str], pixels: Mapping[str, torch.Tensor],
-                 device: str) -> None:
-        self.towers, self.device, self.pixels = towers, device, pixels
+                 device: str, prefix: PrefixFeatures | None = None) -> None:
+        self.towers, self.device, self.pixels, self.prefix = towers, device, pixels, prefix
         ids = list(texts)
         self.tokens = dict(zip(ids, towers.tokenize([texts[i] or " " for i in ids])))
         self.has_text = {i: bool(texts[i]) for i in ids}
@@ -277,9 +400,17 @@ class _Embedder:
         image = torch.zeros(n, dim, device=self.device)
         rows = [k for k, i in enumerate(ids) if i in self.pixels]
         if rows:
-            stacked = torch.stack([self.pixels[ids[k]] for k in rows])
-            x = _model_input(stacked, self.towers.config.image_size, train, generator).to(self.device)
-            image = image.index_copy(0, torch.tensor(rows, device=self.device), self.towers.embed_pixels(x))
+            if self.prefix is not None:
+                x = self.prefix.batch([ids[k] for k in rows], train, generator).to(self.device,
+                                                                                   memory_format=torch.channels_last)
+                embedded = F.normalize(self.towers.image_proj(self.towers.image.forward_blocks(x, self.prefix.start)),
+                                       dim=-1)
+            else:
+                stacked = torch.stack([self.pixels[ids[k]] for k in rows])
+                x = _model_input(stacked, self.towers.config.image_size, train, generator).to(
+                    self.device, memory_format=torch.channels_last)
+                embedded = self.towers.embed_pixels(x)
+            image = image.index_copy(0, torch.tensor(rows, device=self.device), embedded)
         return {"I": image, "T": text, "IT": DualTower.fuse(image, text, has_image, has_text),
                 "has_image": has_image, "has_text": has_text}
 
@@ -296,8 +427,10 @@ class _Embedder:
 
 
 def train_towers(config: TrainConfig, data: Products, product_ids: set[str] | None, pixels: Mapping[str, torch.Tensor],
-                 lexical_nn: Mapping[str, str], *, desc: str = "train") -> tuple[DualTower, list[dict[str, Any]]]:
-    """Fine-tune a DualTower on the positives of ``product_ids`` (None: every training product)."""
+                 lexical_nn: Mapping[str, str], *, desc: str = "train", prefix: PrefixFeatures | None = None
+                 ) -> tuple[DualTower, list[dict[str, Any]]]:
+    """Fine-tune a DualTower on the positives of ``product_ids`` (None: every training product);
+    ``prefix``: the frozen image blocks' cached output (:func:`prefix_features`)."""
     from tqdm import tqdm
 
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -305,8 +438,9 @@ def train_towers(config: TrainConfig, data: Products, product_ids: set[str] | No
     rng = random.Random(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     towers = DualTower(_tower_config(config, bool(pixels))).to(device)
+    towers.image.to(memory_format=torch.channels_last)  # faster depthwise convolutions (see prefix_features)
     towers.image.eval()  # batch-norm statistics stay the pretrained ones (small batches)
-    embedder = _Embedder(towers, data.texts, pixels, device)
+    embedder = _Embedder(towers, data.texts, pixels, device, prefix)
     keep = (lambda i: True) if product_ids is None else (lambda i: data.product.get(i) in product_ids)
     positives = [(a, b) for a, b in data.positives if keep(a) and keep(b)]
     by_product: dict[str, list[tuple[str, str]]] = defaultdict(list)
@@ -318,7 +452,9 @@ def train_towers(config: TrainConfig, data: Products, product_ids: set[str] | No
         {"params": list(towers.text_proj.parameters()) + list(towers.image_proj.parameters()), "lr": config.head_lr},
     ]
     if pixels:
-        groups.append({"params": list(towers.image.parameters()), "lr": config.image_lr})
+        if config.image_blocks:
+            trainable_image_blocks(towers.image, config.image_blocks)
+        groups.append({"params": [p for p in towers.image.parameters() if p.requires_grad], "lr": config.image_lr})
     else:
         for p in towers.image.parameters():
             p.requires_grad_(False)
@@ -359,12 +495,16 @@ def train_towers(config: TrainConfig, data: Products, product_ids: set[str] | No
         for batch in bar:
             anchors_, targets = [a for a, _ in batch], [b for _, b in batch]
             negs: list[str] = []
+            row_weights = [data.weight(a, b) for a, b in batch] if data.weights else None
             if config.hard_negatives:
-                for a in anchors_:
+                for r, a in enumerate(anchors_):
                     choices = [rng.choice(data.negatives[a])] if data.negatives.get(a) else []
                     choices += [x for x in (mined.get(a), lexical_nn.get(a)) if x is not None]
                     if choices:
                         negs.append(rng.choice(choices))
+                        if row_weights is not None:  # a labelled negative lends the row its weight
+                            row_weights[r] = max(row_weights[r], data.weight(a, negs[-1]))
+            weights = None if row_weights is None else torch.tensor(row_weights, device=device)  # [n]
             views = embedder.views(anchors_ + targets + negs, True, generator if config.augment else None)
             n = len(batch)
             prod_of = [data.product[i] for i in anchors_ + targets + negs]
@@ -381,7 +521,8 @@ def train_towers(config: TrainConfig, data: Products, product_ids: set[str] | No
                             else (views["has_image"][qs] & views["has_text"][qs]).nonzero().squeeze(1))
                     if rows.numel() == 0:
                         continue
-                    loss = loss + _info_nce(views[view][qs][rows], keys, masked[rows], rows, config.temperature)
+                    loss = loss + _info_nce(views[view][qs][rows], keys, masked[rows], rows, config.temperature,
+                                            None if weights is None else weights[rows])
                     terms += 1
             loss = loss / max(1, terms)
             optimizer.zero_grad()
@@ -510,12 +651,14 @@ def fit_matcher(config: TrainConfig, data: Products, vectors: MatcherData,
     arrival = arrival_order(all_ids, config.seed) if config.matcher_order == "arrival" else None
     featurizer = PairFeaturizer().fit([data.texts[i] for i in all_ids])
     valid_info: dict[str, Any]
-    if any(y == 0 for _, _, y in data.train_pairs):
+    # A weighted file (the trainer's) may hold negatives without a valid set: mined pairs below.
+    if any(y == 0 for _, _, y in data.train_pairs) and (config.valid_pairs is not None or not data.weighted):
         fit_pairs = [(a, b, y) for a, b, y in data.train_pairs]
         x_fit = featurizer.features(candidates_for([(a, b) for a, b, _ in fit_pairs], oof, all_ids, data.texts,
                                                    arrival))
         y_fit = np.array([y for _, _, y in fit_pairs])
-        classifier = fit_classifier(x_fit, y_fit, config.classifier, config.seed)
+        classifier = fit_classifier(x_fit, y_fit, config.classifier, config.seed,
+                                    sample_weight=_sample_weights(fit_pairs, data))
         if config.valid_pairs is None:
             raise ConfigError("--pairs needs --valid-pairs: the matcher's threshold is chosen on valid")
         valid = [(a, b, y) for a, b, y in read_pairs(config.valid_pairs) if a in data.records and b in data.records]
@@ -529,11 +672,15 @@ def fit_matcher(config: TrainConfig, data: Products, vectors: MatcherData,
         random.Random(config.seed).shuffle(shuffled)
         valid_products = set(shuffled[: max(1, int(round(config.valid_fraction * len(shuffled))))])
         mined = _mined_pairs(train_ids, oof, data.product, config.mined_k, arrival)
+        if data.weighted:
+            mined = _with_labelled_negatives(mined, data)
         is_fit = np.array([data.product[a] not in valid_products for a, _, _ in mined])
         x_all = featurizer.features(candidates_for([(a, b) for a, b, _ in mined], oof, train_ids, data.texts,
                                                    arrival))
         y_all = np.array([y for _, _, y in mined])
-        classifier = fit_classifier(x_all[is_fit], y_all[is_fit], config.classifier, config.seed)
+        weights = _sample_weights(mined, data)
+        classifier = fit_classifier(x_all[is_fit], y_all[is_fit], config.classifier, config.seed,
+                                    sample_weight=None if weights is None else weights[is_fit])
         x_valid, y_valid = x_all[~is_fit], y_all[~is_fit]
         valid_info = {"pairs": int((~is_fit).sum()), "source": "mined pairs of held-back training products"}
     probabilities = classifier.predict_proba(x_valid)[:, 1]
@@ -544,6 +691,30 @@ def fit_matcher(config: TrainConfig, data: Products, vectors: MatcherData,
     meta = {"classifier": config.classifier, "candidate_order": config.matcher_order, "order_seed": config.seed,
             "valid": valid_info}
     return Matcher(featurizer, classifier, threshold, meta), valid_info
+
+
+def _with_labelled_negatives(mined: list[tuple[str, str, int]], data: Products) -> list[tuple[str, str, int]]:
+    """``mined`` with the pairs file's negatives: a labelled negative keeps label 0 even where
+    the products joined its listings, and is added where the neighbours missed it."""
+    def key(a: str, b: str) -> tuple[str, str]:
+        return (a, b) if a <= b else (b, a)
+
+    negatives = {key(a, b) for a, b, y in data.train_pairs if not y}
+    out = [(a, b, 0 if key(a, b) in negatives else y) for a, b, y in mined]
+    seen = {key(a, b) for a, b, _ in mined}
+    for a, b, y in data.train_pairs:
+        if not y and key(a, b) not in seen:
+            seen.add(key(a, b))
+            out.append((a, b, 0))
+    return out
+
+
+def _sample_weights(pairs: Sequence[tuple[str, str, int]], data: Products) -> np.ndarray | None:
+    """The matcher's sample weight of each pair (the pairs file's weights); None when all are 1."""
+    if not data.weights:
+        return None
+    weights = np.array([data.weight(a, b) for a, b, _ in pairs], dtype=np.float64)
+    return weights if bool((weights != 1.0).any()) else None
 
 
 def _lexical_neighbours(data: Products, ids: Sequence[str]) -> dict[str, str]:
@@ -579,6 +750,10 @@ def train(config: TrainConfig, log: Callable[[str], None] = logger.info) -> Path
 
     if config.base == "tiny" and not random_weights_allowed(config.allow_random_weights):
         raise ConfigError("base 'tiny' has random weights: tests only (--allow-random-weights)")
+    if config.image_blocks < 0:
+        raise ConfigError(f"--image-blocks must be >= 0 (0: every block), got {config.image_blocks}")
+    if config.image_size < 32:
+        raise ConfigError(f"--image-size must be at least 32 pixels, got {config.image_size}")
     out = Path(config.out)
     if out.exists() and any(out.iterdir()) and not config.overwrite:
         raise ConfigError(f"{out} exists and is not empty (--overwrite replaces it)")
@@ -587,9 +762,12 @@ def train(config: TrainConfig, log: Callable[[str], None] = logger.info) -> Path
     data = load_products(config)
     train_ids = sorted(data.product)
     with_images = config.images and any(data.records[i].image_path for i in train_ids)
-    pixels = _load_pixels(data.records, sorted(data.records), 256 if config.base != "tiny" else 32,
+    # Decoded once, a little larger than the model's input, so random crops keep detail.
+    pixels = _load_pixels(data.records, sorted(data.records),
+                          round(config.image_size / 0.875) if config.base != "tiny" else 32,
                           serving_crop_pct(_tower_config(config, with_images)), config.progress) if with_images else {}
     lexical_nn = _lexical_neighbours(data, train_ids) if config.hard_negatives else {}
+    prefix = prefix_features(config, _tower_config(config, with_images), pixels, device)
     products = sorted(set(data.product.values()))
     rng = random.Random(config.seed)
     shuffled = products[:]
@@ -599,15 +777,16 @@ def train(config: TrainConfig, log: Callable[[str], None] = logger.info) -> Path
     oof: dict[str, np.ndarray] = {}
     fold_logs = []
     for k, held in enumerate(folds):
-        towers, logs = train_towers(config, data, set(products) - held, pixels, lexical_nn, desc=f"fold {k + 1}/{config.folds}")
-        fold_vectors = _Embedder(towers, data.texts, pixels, device).encode(all_ids)
+        towers, logs = train_towers(config, data, set(products) - held, pixels, lexical_nn,
+                                    desc=f"fold {k + 1}/{config.folds}", prefix=prefix)
+        fold_vectors = _Embedder(towers, data.texts, pixels, device, prefix).encode(all_ids)
         for i, v in zip(all_ids, fold_vectors):
             if data.product.get(i) in held or (i not in data.product and k == 0):
                 oof[i] = v
         fold_logs.append(logs)
         del towers
-    towers, final_logs = train_towers(config, data, None, pixels, lexical_nn, desc="final")
-    final = dict(zip(all_ids, _Embedder(towers, data.texts, pixels, device).encode(all_ids)))
+    towers, final_logs = train_towers(config, data, None, pixels, lexical_nn, desc="final", prefix=prefix)
+    final = dict(zip(all_ids, _Embedder(towers, data.texts, pixels, device, prefix).encode(all_ids)))
     vectors = MatcherData(all_ids, oof, final)
     matcher, valid_info = fit_matcher(config, data, vectors, log)
     name = config.name or Path(config.listings).parent.name
@@ -687,6 +866,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--lr", type=float, default=TrainConfig.lr, help="text backbone learning rate")
     p.add_argument("--image-lr", type=float, default=TrainConfig.image_lr)
+    p.add_argument("--image-blocks", type=int, default=TrainConfig.image_blocks,
+                   help="image-backbone blocks to train, from the output end (default 0: all)")
+    p.add_argument("--image-size", type=int, default=TrainConfig.image_size,
+                   help="image side in pixels the image tower reads, in training and serving")
     p.add_argument("--no-hard-negatives", action="store_true", help="ablation: in-batch negatives only")
     p.add_argument("--classifier", choices=("hgb", "lr"), default=TrainConfig.classifier)
     p.add_argument("--max-text-tokens", type=int, default=TrainConfig.max_text_tokens)
@@ -709,6 +892,7 @@ def config_from_args(args: Any) -> TrainConfig:
                        valid_pairs=args.valid_pairs, holdout_fraction=args.holdout_fraction,
                        split_column=args.split_column, base=args.base, epochs=args.epochs,
                        batch_size=args.batch_size, lr=args.lr, image_lr=args.image_lr,
+                       image_blocks=args.image_blocks, image_size=args.image_size,
                        hard_negatives=not args.no_hard_negatives, classifier=args.classifier,
                        max_text_tokens=args.max_text_tokens, images=not args.no_images, seed=args.seed,
                        max_pairs_per_product=args.pairs_per_product, matcher_order=args.matcher_order,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from samestyle.models.backbones import build_image_backbone, build_text_backbone
+from samestyle.models.backbones import build_image_backbone, build_text_backbone, trainable_image_blocks
 from samestyle.models.data import UnionFind, read_clusters, read_listings, read_pairs, refuse_test
 from samestyle.models.encoder import ALLOW_RANDOM_WEIGHTS_ENV, load_config
 from samestyle.models.features import FeatureCache, LiveImageFeatures, LiveTextFeatures, build_feature_cache
@@ -571,28 +571,6 @@ def trainable_text_layers(backbone: torch.nn.Module, last: int = 0) -> list[torc
     return chosen
 
 
-def trainable_image_blocks(backbone: torch.nn.Module, last: int) -> list[torch.nn.Module]:
-    """Unfreeze the last ``last`` blocks of the image backbone (:meth:`ImageBackbone.blocks`);
-    every other backbone parameter gets ``requires_grad = False``. Returns the trainable blocks.
-
-    The backbone stays in eval mode while it trains: batch-norm statistics stay frozen (a
-    fusion batch holds few images) and no dropout or drop-connect is applied.
-
-    Raises:
-        ConfigError: ``last`` is not in ``1..len(blocks)``, or the backbone has no blocks.
-    """
-    blocks = backbone.blocks()  # type: ignore[operator]
-    if not 0 < last <= len(blocks):
-        raise ConfigError(f"--finetune-image-blocks must be in 1..{len(blocks)}, got {last}")
-    for param in backbone.parameters():
-        param.requires_grad_(False)
-    chosen = blocks[len(blocks) - last :]
-    for block in chosen:
-        for param in block.parameters():
-            param.requires_grad_(True)
-    return chosen
-
-
 def _snapshot(fusion: torch.nn.Module, backbones: dict[str, torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
     """Copies of the weights that train (the fusion and the fine-tuned backbones by name), to
     restore the best epoch."""
@@ -682,7 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     image_tuned: list[torch.nn.Module] = []
     if args.finetune_image_blocks:
         image_backbone = image_backbone.to(device).eval()  # eval: see trainable_image_blocks
-        image_tuned = trainable_image_blocks(image_backbone, args.finetune_image_blocks)
+        image_tuned = trainable_image_blocks(image_backbone, args.finetune_image_blocks, "--finetune-image-blocks")
         # Every batch now decodes its images and runs the image backbone on them.
         paths = {r.listing_id: r.image_path for r in records}
         cache = LiveImageFeatures(cache, image_backbone, [paths[i] for i in cache.ids],

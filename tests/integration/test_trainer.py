@@ -2,7 +2,9 @@
 
 Mined pairs are produced straight to ``positive-pairs`` (the pairs agent has its own tests): the
 trainer must read them, dedupe them, train a candidate, compare it with the current model and
-record the decision on ``model-updates``; a second run resumes from its offsets.
+record the decision on ``model-updates``; a second run resumes from its offsets. Moderators'
+decisions produced to ``moderation-decisions`` (as the moderation page writes them) must reach
+the candidate's training set: the pairs CSV it trains on and the state it resumes from.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from samestyle.streams.dev.sample import generate_sample
 from samestyle.streams.io.producer import send_records
 from samestyle.streams.pairs.mining import pair_key
 from samestyle.streams.trainer.service import PROMOTED, REJECTED, decide
-from samestyle.topics import MODEL_UPDATES, POSITIVE_PAIRS, codec_for_topic
+from samestyle.topics import MODEL_UPDATES, MODERATION_DECISIONS, POSITIVE_PAIRS, codec_for_topic
 from tests.integration.conftest import Stack
 
 pytestmark = pytest.mark.integration
@@ -43,6 +45,26 @@ def send_pairs(stack: Stack, pairs: list[tuple[str, str]]) -> None:
     codec = codec_for_topic(POSITIVE_PAIRS)
     asyncio.run(send_records(stack.settings, stack.specs[POSITIVE_PAIRS].name,
                              [(pair_key(a, b).encode(), codec.encode(positive(a, b))) for a, b in pairs]))
+
+
+def send_decisions(stack: Stack, decisions: list[tuple[str, str, str, int]]) -> None:
+    """``(listing_id, duplicate_of, confirmed|rejected, decided_at)`` records, keyed by listing_id."""
+    codec = codec_for_topic(MODERATION_DECISIONS)
+    records = [{"listing_id": a, "duplicate_of": b, "decision": verdict, "moderator_id": "mod-7", "decided_at": at,
+                "model_version": "v0", "probability": 0.93} for a, b, verdict, at in decisions]
+    asyncio.run(send_records(stack.settings, stack.specs[MODERATION_DECISIONS].name,
+                             [(r["listing_id"].encode(), codec.encode(r)) for r in records]))
+
+
+def key(pair: tuple[str, str]) -> tuple[str, str]:
+    return (pair[0], pair[1]) if pair[0] <= pair[1] else (pair[1], pair[0])
+
+
+def training_csv(path: Path) -> dict[tuple[str, str], tuple[int, float, str]]:
+    """``{sorted pair: (label, weight, source)}`` of a pairs CSV the trainer wrote."""
+    with path.open(newline="") as fh:
+        return {key((r["listing_id_a"], r["listing_id_b"])): (int(r["label"]), float(r["weight"]), r["source"])
+                for r in csv.DictReader(fh)}
 
 
 def model_updates(stack: Stack) -> list[tuple[bytes, dict[str, Any]]]:
@@ -149,3 +171,51 @@ def test_trainer_errors_missing_topics_and_no_pairs(stack: Stack, catalogue: tup
     empty = run_trainer(stack, data)
     assert empty.returncode == 2 and "no positive pairs" in empty.stderr, empty.stderr[-2000:]
     assert model_updates(stack) == []
+
+
+def test_moderation_decisions_reach_the_training_set(stack: Stack,
+                                                     catalogue: tuple[Path, list[tuple[str, str]]]) -> None:
+    data, pairs = catalogue
+    mined, extra = pairs[:8], pairs[8:]
+    send_pairs(stack, mined)
+    other = (mined[2][0], mined[3][1])  # two products: an alert the moderator rejected
+    send_decisions(stack, [
+        (mined[0][1], mined[0][0], "confirmed", 1_000),   # mined too: one row, the label's weight
+        (mined[1][0], mined[1][1], "confirmed", 1_000),
+        (mined[1][1], mined[1][0], "rejected", 2_000),    # the later verdict, other key: no positive now
+        (extra[0][0], extra[0][1], "confirmed", 1_000),   # a duplicate the clicks never mined
+        (other[0], other[1], "rejected", 1_000),
+        (extra[1][0], extra[1][1], "rejected", 5_000),
+        (extra[1][1], extra[1][0], "confirmed", 4_000),   # older, read later: superseded already
+        ("ghost-listing", extra[2][0], "confirmed", 1_000),  # not in the catalogue: skipped
+    ])
+    first = run_trainer(stack, data, "--min-new-pairs", "5", "--current", "tiny", "--label-weight", "4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    record = json.loads(first.stdout)
+    expected = {key(p): (1, 1.0, "clicks") for p in mined[2:]}
+    expected |= {key(mined[0]): (1, 4.0, "confirmed"), key(mined[1]): (0, 4.0, "rejected"),
+                 key(extra[0]): (1, 4.0, "confirmed"), key(other): (0, 4.0, "rejected"),
+                 key(extra[1]): (0, 4.0, "rejected")}
+    assert record["pairs_used"] == len(expected) == 11
+    assert training_csv(stack.tmp / "work" / "pairs" / "pairs-11.csv") == expected
+    assert "not in" in first.stderr and "ghost-listing" in first.stderr  # skipped with a warning
+    assert "8 moderation decisions read" in first.stderr
+    state = json.loads((stack.tmp / "work" / "state.json").read_text())
+    spec = stack.specs[MODERATION_DECISIONS]
+    assert sorted(state["label_offsets"]) == [str(p) for p in range(spec.partitions)]
+    assert sum(state["label_offsets"].values()) == 8  # every decision read, offsets per partition
+    assert len(state["labels"]) == 6 and state["labels_seen"] == state["labels_at_last_candidate"]
+
+    # A restart resumes from both topics' offsets: nothing new, no candidate.
+    again = run_trainer(stack, data, "--min-new-pairs", "1", "--current", "tiny", "--label-weight", "4")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout) is None and len(model_updates(stack)) == 1
+
+    # One changed verdict is new information: it makes a candidate due on its own, and it wins.
+    send_decisions(stack, [(extra[0][1], extra[0][0], "rejected", 9_000)])
+    third = run_trainer(stack, data, "--min-new-pairs", "1", "--current", "tiny", "--label-weight", "4")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert json.loads(third.stdout) is not None, third.stderr[-4000:]
+    assert json.loads(third.stdout)["pairs_used"] == 11
+    assert training_csv(stack.tmp / "work" / "pairs" / "pairs-11.csv")[key(extra[0])] == (0, 4.0, "rejected")
+    assert len(model_updates(stack)) == 2

@@ -24,6 +24,9 @@ def test_clicks_arguments() -> None:
     assert (args.events, args.json, args.profile) == (500, True, Path("p.txt"))
     with pytest.raises(SystemExit):
         clicks_bench.build_parser().parse_args(["--modes", "on"])  # gone: no producer sends one record per batch
+    assert (args.evidence_ttl, args.sample_every) == (None, None)  # the settings' TTL; a tenth of --events
+    args = clicks_bench.build_parser().parse_args(["--evidence-ttl", "86400", "--sample-every", "1000"])
+    assert (args.evidence_ttl, args.sample_every) == (86400.0, 1000)
 
 
 PAIRS_METRICS = """\
@@ -41,6 +44,9 @@ samestyle_consumer_position_offset{consumer="replica",partition="0",topic="emb"}
 # TYPE samestyle_pairs_table_keys gauge
 samestyle_pairs_table_keys{table="sessions"} 12.0
 samestyle_pairs_table_keys{table="evidence"} 3.0
+# TYPE samestyle_pairs_expired counter
+samestyle_pairs_expired_total{table="sessions"} 4.0
+samestyle_pairs_expired_total{table="evidence"} 1.0
 # TYPE process_resident_memory_bytes gauge
 process_resident_memory_bytes 1.048576e+08
 """
@@ -87,7 +93,14 @@ def test_clicks_state_from_metrics() -> None:
     values = clicks_bench.metric_values(PAIRS_METRICS, clicks_bench.STATE_METRICS)
     assert values == {"samestyle_pairs_table_keys{table=sessions}": 12.0,
                       "samestyle_pairs_table_keys{table=evidence}": 3.0,
+                      "samestyle_pairs_expired_total{table=sessions}": 4.0,
+                      "samestyle_pairs_expired_total{table=evidence}": 1.0,
                       "process_resident_memory_bytes": 104857600.0}
+    assert clicks_bench.by_table(values, "samestyle_pairs_table_keys") == {"sessions": 12.0, "evidence": 3.0}
+    assert clicks_bench.state_sample(values, 500_000.0, 12.345) == {
+        "events_processed": 500_000, "seconds": 12.35, "table_keys": {"sessions": 12.0, "evidence": 3.0},
+        "expired": {"sessions": 4.0, "evidence": 1.0}, "worker_rss_mb": 100.0}
+    assert clicks_bench.state_sample({}, 0.0, 1.0)["worker_rss_mb"] is None
 
 
 def test_clicks_processed_from_metrics() -> None:
@@ -124,6 +137,8 @@ def test_clicks_json_shape(capsys: pytest.CaptureFixture[str], monkeypatch: pyte
                 "pairs_agent_events_per_second_by_record_timestamps", "runs", "goal_met"):
         assert key in result, key
     assert result["events"] == 200 and len(result["raw_runs_events_per_second"]) == 2  # raw, pairs, raw
+    assert result["pairs_evidence_ttl_seconds"] == 30 * 24 * 3600.0  # the settings' default was in effect
+    assert 0 < result["event_time_span_days"] < 1  # 200 clicks: minutes of simulated time
     assert result["runs"][0]["table_keys_max"] == 7.0
     # The raw side was measured on the real broker; the ratio and the goal combine it with the
     # pairs run's rate, as the bench reports them.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -242,3 +243,69 @@ def test_a_catalogue_with_images_trains_both_towers_into_one_space(tmp_path: Pat
     assert not np.allclose(emb.image_text, emb.text)  # IT reads the image too
     photo = encoder.encode([ListingInput(records[0].listing_id, "", image=Path(records[0].image_path).read_bytes())])
     assert not photo.has_text[0] and np.allclose(photo.image_text, photo.image, atol=1e-6)  # no title: IT is I
+
+
+def test_image_blocks_train_only_the_last_blocks_of_the_image_backbone(tmp_path: Path) -> None:
+    from samestyle.models.backbones import TINY
+    from samestyle.models.finetuned import DualTower, TowerConfig
+    from samestyle.streams.dev.sample import generate_sample
+
+    listings, clusters = generate_sample(tmp_path / "data", n_products=12, seed=1)
+    out = train(TrainConfig(listings=listings, out=tmp_path / "model", clusters=clusters, base="tiny", epochs=1,
+                            batch_size=4, allow_random_weights=True, progress=False, mined_k=3, image_blocks=1))
+    trained = create_encoder(str(out), "cpu", allow_random_weights=True).towers.image.blocks()
+    start = DualTower(TowerConfig(text_backbone=TINY, image_backbone=TINY, dim=32, image_size=32)).image.blocks()
+    first, last = (list(zip(a.parameters(), b.parameters(), strict=True)) for a, b in zip(trained, start, strict=True))
+    assert all(torch.equal(p, q) for p, q in first)  # frozen: the starting weights
+    assert not all(torch.equal(p, q) for p, q in last)  # trained
+
+
+def test_image_blocks_out_of_range_is_a_clear_error(tmp_path: Path) -> None:
+    from samestyle.streams.dev.sample import generate_sample
+
+    listings, clusters = generate_sample(tmp_path / "data", n_products=12, seed=1)
+    with pytest.raises(ConfigError, match="must be in 1..2, got 3"):
+        train(TrainConfig(listings=listings, out=tmp_path / "model", clusters=clusters, base="tiny", epochs=1,
+                          batch_size=4, allow_random_weights=True, progress=False, image_blocks=3))
+    with pytest.raises(ConfigError, match="--image-blocks must be >= 0"):
+        train(TrainConfig(listings=listings, out=tmp_path / "model", clusters=clusters, base="tiny",
+                          allow_random_weights=True, progress=False, image_blocks=-1))
+
+
+def test_cached_frozen_image_blocks_give_the_serving_view(tmp_path: Path) -> None:
+    from samestyle.models.data import read_listings
+    from samestyle.models.finetuned import DualTower
+    from samestyle.streams.dev.sample import generate_sample
+
+    listings, _ = generate_sample(tmp_path / "data", n_products=4, seed=1)
+    records = {r.listing_id: r for r in read_listings(listings)}
+    config = TrainConfig(listings=listings, out=tmp_path / "m", base="tiny", image_blocks=1, prefix_views=3,
+                         progress=False)
+    towers_config = finetune._tower_config(config, True)
+    pixels = finetune._load_pixels(records, sorted(records), 32, 1.0, False)
+    prefix = finetune.prefix_features(config, towers_config, pixels, "cpu")
+    assert prefix is not None and prefix.start == 1
+    assert {tuple(v.shape[:1]) for v in prefix.views.values()} == {(3,)}  # the serving view + 2 augmented
+    towers = DualTower(towers_config).eval()
+    texts = {i: r.title for i, r in records.items()}
+    ids = sorted(records)
+    cached = finetune._Embedder(towers, texts, pixels, "cpu", prefix).encode(ids)
+    full = finetune._Embedder(towers, texts, pixels, "cpu").encode(ids)
+    assert np.abs(cached - full).max() < 1e-2  # float16 features, same blocks
+    augmented = finetune._Embedder(towers, texts, pixels, "cpu", prefix).views(ids, True, torch.Generator().manual_seed(0))
+    assert not np.allclose(augmented["I"].detach().numpy(), finetune._Embedder(towers, texts, pixels, "cpu", prefix)
+                           .views(ids, False, None)["I"].detach().numpy())
+
+
+def test_the_prefix_cache_is_skipped_when_it_would_not_fit(tmp_path: Path) -> None:
+    from samestyle.models.data import read_listings
+    from samestyle.streams.dev.sample import generate_sample
+
+    listings, _ = generate_sample(tmp_path / "data", n_products=4, seed=1)
+    records = {r.listing_id: r for r in read_listings(listings)}
+    config = TrainConfig(listings=listings, out=tmp_path / "m", base="tiny", image_blocks=1, prefix_cache_mb=0,
+                         progress=False)
+    pixels = finetune._load_pixels(records, sorted(records), 32, 1.0, False)
+    assert finetune.prefix_features(config, finetune._tower_config(config, True), pixels, "cpu") is None
+    everything = replace(config, image_blocks=0, prefix_cache_mb=4096)
+    assert finetune.prefix_features(everything, finetune._tower_config(everything, True), pixels, "cpu") is None
