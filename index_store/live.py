@@ -1,20 +1,26 @@
-"""The live index: string listing ids -> float32 vectors, payloads and per-view vectors.
+"""The live index: string listing ids -> searched vectors, payloads and per-view vectors.
 
-Storage is a set of parallel, capacity-doubling "slot" arrays: ``_ids[slot]``, ``_payloads[slot]``,
-``_views[slot]`` and, for kind ``"flat"``, ``_vectors[slot]``; ``_slot_of`` maps an id to its slot.
-Slots are dense (``0 .. len-1``): deleting swaps the last slot into the hole, so every operation is
-O(dim) per id and an exact search runs on one contiguous ``[len, dim]`` view of the matrix without
-copying it (:func:`~samestyle.index_store.exact.top_k_inner_product` over ``_vectors[:len]``: numpy
-GEMMs over blocks of rows and a threshold selection).
+Storage is a set of parallel "slot" arrays: ``_ids[slot]``, ``_payloads[slot]`` (compact JSON
+bytes: a dict per listing cost three times as much memory) and, for kind ``"flat"``, the searched
+vectors ``_vectors`` (a :class:`~samestyle.index_store.rows.VectorRows`, row = slot);
+``_slot_of`` maps an id to its slot. Slots are dense (``0 .. len-1``): deleting swaps the last
+slot into the hole, so every operation is O(dim) per id and an exact search runs on one contiguous
+``[len, dim]`` view of the rows without copying it (:func:`~samestyle.index_store.exact.top_k_inner_product`:
+numpy GEMMs over blocks of rows and a threshold selection).
 
-Kind ``"hnsw"`` keeps the vectors in a ``faiss.IndexHNSWFlat`` instead (one copy in memory, not
-two); ``_labels[slot]`` is the graph entry of a slot and ``_owner[label]`` the slot of a graph entry,
--1 for a tombstone. See :class:`LiveIndex` for the trade-off.
+Views live in one :class:`VectorRows` pool per view: ``_view_of[slot, view]`` is the view's row in
+its pool, or :data:`ABSENT` (an all-zero view: a listing without an image) or :data:`SEARCHED` (the
+view equals the searched vector, as the image+text view does) when ``sparse_views`` stores no row
+for it; ``_view_owner[view][row]`` is the slot of a pool row. Pools are dense too (a freed row is
+filled with the pool's last one).
+
+Kind ``"hnsw"`` keeps the searched vectors in a ``faiss.IndexHNSWFlat`` instead (one copy in
+memory, not two); ``_labels[slot]`` is the graph entry of a slot and ``_owner[label]`` the slot of a
+graph entry, -1 for a tombstone. See :class:`LiveIndex` for the trade-offs.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import threading
 from collections.abc import Mapping, Sequence
@@ -25,12 +31,21 @@ from typing import Any
 import faiss
 import numpy as np
 
-from samestyle.index_store.exact import Scratch, top_k_inner_product
+from samestyle.index_store.exact import Scratch
+from samestyle.index_store.rows import FORMS, SQ8_TRAIN_ROWS, VectorRows, check_encodable, grow, shrink
 from samestyle.index_store.snapshot import SnapshotReader, has_snapshot, write_snapshot
 from samestyle.topics.errors import IndexStoreError
 
 KINDS = ("flat", "hnsw")
+#: ``_view_of`` entries that name no pool row: the view is all zeros, or equals the searched vector.
+ABSENT = -1
+SEARCHED = -2
+#: A view within this of the searched vector in every component is stored as SEARCHED: an encoder
+#: that normalises the image+text sum of a text-only listing can give its text view back 1 ulp off.
+SAME_VIEW_ATOL = 1e-6
 _MIN_CAPACITY = 16
+#: Listings re-encoded per step when a snapshot is converted to another vector form.
+_CONVERT_CHUNK = 65536
 
 
 @dataclass(frozen=True)
@@ -39,24 +54,6 @@ class Hit:
 
     listing_id: str
     score: float
-
-
-def _grow(array: np.ndarray, used: int, needed: int) -> np.ndarray:
-    """Return ``array`` or a copy with room for ``needed`` rows (capacity doubles)."""
-    if needed <= array.shape[0]:
-        return array
-    capacity = max(needed, 2 * array.shape[0], _MIN_CAPACITY)
-    grown = np.empty((capacity, *array.shape[1:]), dtype=array.dtype)
-    grown[:used] = array[:used]
-    return grown
-
-
-def _shrink(array: np.ndarray, used: int) -> np.ndarray:
-    """Give memory back after mass deletes: halve capacity while a quarter or less is used."""
-    capacity = array.shape[0]
-    if capacity <= 4 * _MIN_CAPACITY or used > capacity // 4:
-        return array
-    return array[: max(2 * used, _MIN_CAPACITY)].copy()
 
 
 def _check_ids(ids: Sequence[str], what: str) -> list[str]:
@@ -84,8 +81,8 @@ def _check_float(array: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
     return array
 
 
-def _check_payload(payload: Any, listing_id: str) -> dict[str, Any]:
-    """A JSON round-trip copy, so what is kept is exactly what a snapshot restores."""
+def _payload_json(payload: Any, listing_id: str) -> str:
+    """The payload as compact JSON text, or IndexStoreError."""
     if not isinstance(payload, Mapping):
         raise IndexStoreError(
             f"payload of {listing_id!r} must be a mapping, got {type(payload).__name__}"
@@ -93,27 +90,51 @@ def _check_payload(payload: Any, listing_id: str) -> dict[str, Any]:
     if not all(isinstance(key, str) for key in payload):
         raise IndexStoreError(f"payload of {listing_id!r} must have str keys")
     try:
-        return json.loads(json.dumps(dict(payload), allow_nan=False))
+        return json.dumps(dict(payload), allow_nan=False, ensure_ascii=False, separators=(",", ":"))
     except (TypeError, ValueError) as e:
         raise IndexStoreError(f"payload of {listing_id!r} is not JSON-serialisable: {e}") from e
+
+
+def _check_payload(payload: Any, listing_id: str) -> dict[str, Any]:
+    """A JSON round-trip copy, so what is kept is exactly what a snapshot restores."""
+    return json.loads(_payload_json(payload, listing_id))
+
+
+def _payload_bytes(payload: Any, listing_id: str) -> bytes:
+    """The payload as the index keeps it: compact UTF-8 JSON (reads and snapshots return exactly it)."""
+    text = _payload_json(payload, listing_id)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: JSON's \u escapes carry it
+        return json.dumps(json.loads(text), separators=(",", ":")).encode("ascii")
 
 
 class LiveIndex:
     """A mutable inner-product index of listings keyed by string listing id.
 
-    ``kind="flat"`` (default) is exact: brute-force inner product over a contiguous float32
-    matrix, correct after any interleaving of upserts and deletes, at about 0.8 of the speed of
-    numpy's matrix product of the same shapes (``index_store/exact.py``); use it up to a few
+    ``kind="flat"`` (default) is exact: brute-force inner product over a contiguous matrix,
+    correct after any interleaving of upserts and deletes, at about 0.8 of the speed of numpy's
+    matrix product of the same shapes for float32 (``index_store/exact.py``); use it up to a few
     million vectors per shard.
 
-    ``kind="hnsw"`` is approximate (``faiss.IndexHNSWFlat``, inner product) for larger
-    catalogues: search is sub-linear, but recall is below 1 and depends on ``ef_search``; it
-    works best on L2-normalised vectors (cosine), which is what the encoders emit. HNSW cannot
-    remove entries, so a delete or a replacement tombstones the old graph entry; searches skip
-    tombstones inside the graph walk (a faiss ``IDSelectorBitmap`` of live entries), and once tombstones exceed
-    ``rebuild_fraction`` of the graph it is rebuilt from the live vectors. That rebuild runs
-    inside the mutating call and costs a full build (seconds per 100k vectors) with, briefly,
-    the old and the new graph in memory. Inserts are also slower than flat (graph linking).
+    ``vectors`` is the form the flat index stores every vector in (the searched one and the
+    views): ``"float32"`` (default, as given), ``"float16"`` (half the memory) or ``"sq8"`` (faiss's
+    8-bit scalar quantiser, a quarter; the first ``sq8_train_rows`` vectors of each kind are kept
+    in float32 and then set its ranges: ``index_store/rows.py``). The compact forms are lossy:
+    searches, scores, :meth:`get` and :meth:`views` see the decoded vectors (recall against float32:
+    docs/SCALING.md). ``sparse_views`` (default: on for the compact forms, off for float32) stores
+    no vector for an all-zero view (a listing without an image) nor for a view equal to the
+    searched vector (within :data:`SAME_VIEW_ATOL`); reads give back zeros and the searched vector.
+
+    ``kind="hnsw"`` is approximate (``faiss.IndexHNSWFlat``, inner product, float32 vectors only)
+    for larger catalogues: search is sub-linear, but recall is below 1 and depends on
+    ``ef_search``; it works best on L2-normalised vectors (cosine), which is what the encoders
+    emit. HNSW cannot remove entries, so a delete or a replacement tombstones the old graph entry;
+    searches skip tombstones inside the graph walk (a faiss ``IDSelectorBitmap`` of live entries),
+    and once tombstones exceed ``rebuild_fraction`` of the graph it is rebuilt from the live
+    vectors. That rebuild runs inside the mutating call and costs a full build (seconds per 100k
+    vectors) with, briefly, the old and the new graph in memory. Inserts are also slower than flat
+    (graph linking).
 
     ``n_views`` > 0 stores, per id, that many extra vectors (e.g. the listing's image, text and
     image+text embeddings) to score a candidate pair per view; they are not searched.
@@ -132,6 +153,9 @@ class LiveIndex:
         kind: str = "flat",
         *,
         n_views: int = 0,
+        vectors: str = "float32",
+        sparse_views: bool | None = None,
+        sq8_train_rows: int = SQ8_TRAIN_ROWS,
         hnsw_m: int = 32,
         ef_construction: int = 200,
         ef_search: int = 128,
@@ -139,9 +163,14 @@ class LiveIndex:
     ) -> None:
         if kind not in KINDS:
             raise IndexStoreError(f"unknown index kind {kind!r}; expected one of {KINDS}")
+        if vectors not in FORMS:
+            raise IndexStoreError(f"unknown vector form {vectors!r}; expected one of {FORMS}")
+        if kind == "hnsw" and vectors != "float32":
+            raise IndexStoreError(f"vectors={vectors!r} needs kind='flat': the HNSW graph keeps float32 vectors")
         for name, value, low in (
             ("dim", dim, 1),
             ("n_views", n_views, 0),
+            ("sq8_train_rows", sq8_train_rows, 1),
             ("hnsw_m", hnsw_m, 2),
             ("ef_construction", ef_construction, 1),
             ("ef_search", ef_search, 1),
@@ -150,9 +179,14 @@ class LiveIndex:
                 raise IndexStoreError(f"{name} must be an int >= {low}, got {value!r}")
         if not 0.0 < rebuild_fraction < 1.0:
             raise IndexStoreError(f"rebuild_fraction must be in (0, 1), got {rebuild_fraction!r}")
+        if sparse_views is not None and not isinstance(sparse_views, bool):
+            raise IndexStoreError(f"sparse_views must be a bool or None, got {sparse_views!r}")
         self.dim = dim
         self.kind = kind
         self.n_views = n_views
+        self.vectors = vectors
+        self.sparse_views = vectors != "float32" if sparse_views is None else sparse_views
+        self.sq8_train_rows = sq8_train_rows
         self.hnsw_m = hnsw_m
         self.ef_construction = ef_construction
         self.ef_search = ef_search
@@ -161,10 +195,12 @@ class LiveIndex:
         self._size = 0
         self._ids: list[str] = []  # slot -> id
         self._slot_of: dict[str, int] = {}
-        self._payloads: list[dict[str, Any]] = []  # slot -> payload
-        self._views = np.empty((0, n_views, dim), dtype=np.float32)  # [capacity, n_views, dim]
+        self._payloads: list[bytes] = []  # slot -> compact JSON
+        self._view_rows = [self._new_rows() for _ in range(n_views)]
+        self._view_of = np.empty((0, n_views), dtype=np.int32)  # [capacity, n_views] slot -> pool row
+        self._view_owner = [np.empty(0, dtype=np.int32) for _ in range(n_views)]  # pool row -> slot
         if kind == "flat":
-            self._vectors = np.empty((0, dim), dtype=np.float32)  # [capacity, dim]
+            self._vectors = self._new_rows()  # row = slot
             self._scratch = Scratch()  # score buffers of the exact search, reused under the lock
         else:
             self._hnsw = self._new_graph()
@@ -182,13 +218,24 @@ class LiveIndex:
             return isinstance(listing_id, str) and listing_id in self._slot_of
 
     def __repr__(self) -> str:
-        return f"LiveIndex(dim={self.dim}, kind={self.kind!r}, n_views={self.n_views}, len={len(self)})"
+        return (f"LiveIndex(dim={self.dim}, kind={self.kind!r}, n_views={self.n_views}, "
+                f"vectors={self.vectors!r}, len={len(self)})")
 
     @property
     def tombstones(self) -> int:
         """Dead graph entries awaiting a rebuild (always 0 for ``flat``)."""
         with self._lock:
             return 0 if self.kind == "flat" else self._hnsw.ntotal - self._size
+
+    @property
+    def vector_bytes(self) -> int:
+        """Bytes of the stored vectors and views in use, with the view maps (not the HNSW graph)."""
+        with self._lock:
+            total = sum(rows.nbytes for rows in self._view_rows)
+            total += self._size * self.n_views * 2 * np.dtype(np.int32).itemsize
+            if self.kind == "flat":
+                total += self._vectors.nbytes
+            return total
 
     def ids(self) -> list[str]:
         """Every listing id in the index, in no particular order."""
@@ -201,14 +248,15 @@ class LiveIndex:
             slot = self._slot_of.get(listing_id)
             if slot is None:
                 return None
-            views = self._views[slot].copy() if self.n_views else None
-            return self._vector(slot), copy.deepcopy(self._payloads[slot]), views
+            slots = np.array([slot], dtype=np.int64)
+            views = self._views_of(slots)[0] if self.n_views else None
+            return self._vectors_of(slots)[0], json.loads(self._payloads[slot]), views
 
     def payload(self, listing_id: str) -> dict[str, Any] | None:
         """A copy of the payload stored with ``listing_id``, or None if absent."""
         with self._lock:
             slot = self._slot_of.get(listing_id)
-            return None if slot is None else copy.deepcopy(self._payloads[slot])
+            return None if slot is None else json.loads(self._payloads[slot])
 
     def views(self, ids: Sequence[str]) -> np.ndarray:
         """Per-view vectors ``[len(ids), n_views, dim]``; IndexStoreError for an unknown id."""
@@ -218,7 +266,7 @@ class LiveIndex:
             if missing:
                 raise IndexStoreError(f"views: unknown listing ids {missing[:5]}")
             slots = np.fromiter((self._slot_of[i] for i in ids), dtype=np.int64, count=len(ids))
-            return self._views[slots]
+            return self._views_of(slots)
 
     def search(
         self,
@@ -280,12 +328,15 @@ class LiveIndex:
             views = _check_float(views, (n, self.n_views, self.dim), "upsert views")
         elif views is not None:
             raise IndexStoreError("upsert: views given, but the index was created with n_views=0")
+        check_encodable(self.vectors, vectors, "upsert vectors")
+        if views is not None:
+            check_encodable(self.vectors, views, "upsert views")
         if payloads is None:
-            kept = [{} for _ in range(n)]
+            kept = [b"{}"] * n
         else:
             if isinstance(payloads, Mapping) or len(payloads) != n:
                 raise IndexStoreError(f"upsert: payloads must be a sequence of {n} mappings")
-            kept = [_check_payload(p, i) for p, i in zip(payloads, ids)]
+            kept = [_payload_bytes(p, i) for p, i in zip(payloads, ids)]
         if n == 0:
             return
         with self._lock:
@@ -311,7 +362,8 @@ class LiveIndex:
         """Atomically write the whole index and the topic ``offsets`` it reflects.
 
         ``offsets`` maps partition -> next offset to apply. Returns the snapshot directory. The
-        lock is held while writing, so the snapshot is consistent with ``offsets``.
+        lock is held while writing, so the snapshot is consistent with ``offsets``. Vectors are
+        written in their stored form (layout: docs/INTERNALS.md).
         """
         clean: dict[str, int] = {}
         for partition, offset in offsets.items():
@@ -330,52 +382,74 @@ class LiveIndex:
                 "params": self._params(),
                 "count": n,
                 "ids": self._ids,
-                "payloads": self._payloads,
                 "offsets": clean,
             }
-            arrays = {"vectors.npy": self._all_vectors(), "views.npy": self._views[:n]}
-            writers = {}
-            if self.kind == "hnsw":
+            arrays: dict[str, np.ndarray] = {"view_rows.npy": self._view_of[:n]}
+            if self.kind == "flat":
+                self._add_rows(arrays, "vectors", self._vectors)
+            else:
+                arrays["vectors.npy"] = self._all_vectors()
                 arrays["hnsw_slots.npy"] = self._owner[: self._hnsw.ntotal]
+            for view, rows in enumerate(self._view_rows):
+                self._add_rows(arrays, f"views-{view}", rows)
+            payloads = self._payloads
+
+            def write_payloads(path: Path) -> None:
+                with open(path, "wb") as f:
+                    for payload in payloads:
+                        f.write(payload)
+                        f.write(b"\n")
+
+            writers = {"payloads.jsonl": write_payloads}
+            if self.kind == "hnsw":
                 graph = self._hnsw
                 writers["hnsw.faiss"] = lambda path: faiss.write_index(graph, str(path))
             return write_snapshot(directory, meta, arrays, writers)
 
     @classmethod
-    def load(cls, directory: str | Path) -> tuple[LiveIndex, dict[int, int]]:
-        """Read the committed snapshot under ``directory``: ``(index, partition -> next offset)``."""
+    def load(cls, directory: str | Path, *, vectors: str | None = None) -> tuple[LiveIndex, dict[int, int]]:
+        """Read the committed snapshot under ``directory``: ``(index, partition -> next offset)``.
+
+        ``vectors`` (None: as saved) asks for a vector form: a float32 snapshot is converted to a
+        compact one (re-encoded here, both in memory meanwhile); a compact snapshot cannot become
+        another form (its float32 vectors are gone): IndexStoreError.
+        """
         snap = SnapshotReader(directory)
         meta = snap.meta
         try:
             kind, dim, n_views, count = meta["kind"], meta["dim"], meta["n_views"], meta["count"]
             params = dict(meta["params"])
-            ids, payloads = meta["ids"], meta["payloads"]
+            ids = meta["ids"]
             offsets = {int(p): int(o) for p, o in dict(meta["offsets"]).items()}
         except (KeyError, TypeError, ValueError) as e:
             raise snap.corrupt(f"meta.json lacks or garbles a field: {e!r}") from e
-        if not isinstance(count, int) or not isinstance(ids, list) or not isinstance(payloads, list):
-            raise snap.corrupt("count/ids/payloads have the wrong type")
-        if len(ids) != count or len(payloads) != count:
-            raise snap.corrupt(f"{len(ids)} ids and {len(payloads)} payloads for count {count}")
+        if not isinstance(count, int) or not isinstance(ids, list):
+            raise snap.corrupt("count/ids have the wrong type")
+        if len(ids) != count:
+            raise snap.corrupt(f"{len(ids)} ids for count {count}")
         if any(not isinstance(i, str) or not i for i in ids) or len(set(ids)) != count:
             raise snap.corrupt("ids must be unique non-empty strings")
-        if any(not isinstance(p, dict) for p in payloads):
-            raise snap.corrupt("payloads must be JSON objects")
         try:
             index = cls(dim, kind, n_views=n_views, **params)
         except (IndexStoreError, TypeError) as e:
             raise snap.corrupt(f"bad index parameters: {e}") from e
-        views = snap.array("views.npy", np.dtype(np.float32), (count, n_views, dim))
         index._ids = ids
         index._slot_of = {listing_id: slot for slot, listing_id in enumerate(ids)}
-        index._payloads = payloads
-        index._views = views
         index._size = count
-        if kind == "flat":
-            index._vectors = snap.array("vectors.npy", np.dtype(np.float32), (count, dim))
+        if snap.version == 1:
+            index._restore_v1(snap, meta)
         else:
+            index._restore(snap)
+        if kind == "hnsw":
             snap.verified("vectors.npy")
             index._restore_graph(snap)
+        if vectors is not None and vectors != index.vectors:
+            if index.vectors != "float32":
+                raise IndexStoreError(
+                    f"index snapshot in {directory} stores {index.vectors} vectors and {vectors} was asked: "
+                    f"a compact snapshot cannot be converted (its float32 vectors are gone); set the vector "
+                    f"form back to {index.vectors!r}, or remove the snapshot to rebuild the index from the log")
+            index = index._converted(vectors)
         return index, offsets
 
     @classmethod
@@ -390,12 +464,13 @@ class LiveIndex:
         """Load the snapshot under ``directory``, or a new empty index and ``{}`` if there is none.
 
         A snapshot whose dim, kind or n_views differ from what is asked is an IndexStoreError
-        (re-embed and rebuild rather than mix spaces). ``params`` go to the constructor of a new
-        index; a loaded one keeps the parameters it was saved with.
+        (re-embed and rebuild rather than mix spaces); one of another vector form is converted or
+        refused as :meth:`load` says. ``params`` go to the constructor of a new index; a loaded
+        one keeps the other parameters it was saved with.
         """
         if not has_snapshot(directory):
             return cls(dim, kind, n_views=n_views, **params), {}
-        index, offsets = cls.load(directory)
+        index, offsets = cls.load(directory, vectors=params.get("vectors"))
         asked = {"dim": dim, "kind": kind, "n_views": n_views}
         found = {"dim": index.dim, "kind": index.kind, "n_views": index.n_views}
         if asked != found:
@@ -406,11 +481,17 @@ class LiveIndex:
 
     def _params(self) -> dict[str, Any]:
         return {
+            "vectors": self.vectors,
+            "sparse_views": self.sparse_views,
+            "sq8_train_rows": self.sq8_train_rows,
             "hnsw_m": self.hnsw_m,
             "ef_construction": self.ef_construction,
             "ef_search": self.ef_search,
             "rebuild_fraction": self.rebuild_fraction,
         }
+
+    def _new_rows(self) -> VectorRows:
+        return VectorRows(self.dim, self.vectors, train_rows=self.sq8_train_rows)
 
     def _new_graph(self) -> faiss.IndexHNSWFlat:
         graph = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
@@ -418,24 +499,46 @@ class LiveIndex:
         graph.hnsw.efSearch = self.ef_search
         return graph
 
-    def _vector(self, slot: int) -> np.ndarray:
+    def _vectors_of(self, slots: np.ndarray) -> np.ndarray:
+        """Searched vectors of ``slots``: ``[len(slots), dim]`` float32 copies."""
         if self.kind == "flat":
-            return self._vectors[slot].copy()
-        return self._hnsw.reconstruct(int(self._labels[slot]))
+            return self._vectors.decode(slots)
+        if slots.size == 0:
+            return np.empty((0, self.dim), dtype=np.float32)
+        return self._hnsw.reconstruct_batch(self._labels[slots])
+
+    def _views_of(self, slots: np.ndarray) -> np.ndarray:
+        """Views of ``slots``: ``[len(slots), n_views, dim]`` float32 (zeros for absent ones)."""
+        out = np.zeros((slots.size, self.n_views, self.dim), dtype=np.float32)
+        for view, rows in enumerate(self._view_rows):
+            where = self._view_of[slots, view]
+            stored = where >= 0
+            if stored.any():
+                out[stored, view] = rows.decode(where[stored])
+            searched = where == SEARCHED
+            if searched.any():
+                out[searched, view] = self._vectors_of(slots[searched])
+        return out
 
     def _all_vectors(self) -> np.ndarray:
-        """Live vectors in slot order, ``[len, dim]`` (a view for flat, a copy for hnsw)."""
+        """Live searched vectors in slot order, ``[len, dim]`` float32."""
         if self.kind == "flat":
-            return self._vectors[: self._size]
-        if self._size == 0:
-            return np.empty((0, self.dim), dtype=np.float32)
-        return self._hnsw.reconstruct_batch(self._labels[: self._size])
+            return self._vectors.all()
+        return self._vectors_of(np.arange(self._size, dtype=np.int64))
+
+    def _view_states(self, vectors: np.ndarray, views: np.ndarray) -> np.ndarray:
+        """``[n, n_views]``: 0 for a view to store, ABSENT / SEARCHED for one stored by no row."""
+        states = np.zeros(views.shape[:2], dtype=np.int32)
+        if self.sparse_views:
+            states[(np.abs(views - vectors[:, None, :]) <= SAME_VIEW_ATOL).all(axis=2)] = SEARCHED
+            states[~views.any(axis=2)] = ABSENT
+        return states
 
     def _upsert(
         self,
         ids: list[str],
         vectors: np.ndarray,
-        payloads: list[dict[str, Any]],
+        payloads: list[bytes],
         views: np.ndarray | None,
     ) -> None:
         n = len(ids)
@@ -453,29 +556,66 @@ class LiveIndex:
                 self._payloads[slot] = payloads[row]
             slots[row] = slot
         used, self._size = self._size, self._size + fresh
-        self._views = _grow(self._views, used, self._size)
+        replaced = slots < used  # [n]; the fresh rows' slots run used, used+1, ... in row order
+        self._view_of = grow(self._view_of, used, self._size)
+        self._view_of[used : self._size] = ABSENT
         if views is not None:
-            self._views[slots] = views
+            self._upsert_views(slots, self._view_states(vectors, views), views)
         if self.kind == "flat":
-            self._vectors = _grow(self._vectors, used, self._size)
-            self._vectors[slots] = vectors
+            if replaced.any():
+                self._vectors.put(slots[replaced], vectors[replaced])
+            if fresh:
+                self._vectors.append(vectors[~replaced])
             return
         # HNSW: the old entries of replaced ids become tombstones; every row is a new entry.
-        self._labels = _grow(self._labels, used, self._size)
-        replaced = slots[slots < used]
-        self._owner[self._labels[replaced]] = -1
+        self._labels = grow(self._labels, used, self._size)
+        self._owner[self._labels[slots[replaced]]] = -1
         first = self._hnsw.ntotal
         self._hnsw.add(vectors)
-        self._owner = _grow(self._owner, first, first + n)
+        self._owner = grow(self._owner, first, first + n)
         self._owner[first : first + n] = slots
         self._labels[slots] = np.arange(first, first + n, dtype=np.int64)
         self._maybe_rebuild()
+
+    def _upsert_views(self, slots: np.ndarray, states: np.ndarray, views: np.ndarray) -> None:
+        """Point every view of ``slots`` at its new value: in place where a pool row stays, a new
+        row where one is needed, none (and the old one freed) for an absent or searched view."""
+        for view, rows in enumerate(self._view_rows):
+            store = states[:, view] == 0
+            old = self._view_of[slots, view]
+            in_place = store & (old >= 0)
+            if in_place.any():
+                rows.put(old[in_place], views[in_place, view])
+            for slot in slots[~store & (old >= 0)].tolist():
+                self._free_view_row(view, int(self._view_of[slot, view]))
+            self._view_of[slots[~store], view] = states[~store, view]
+            added = store & (old < 0)
+            if added.any():
+                new_rows = rows.append(views[added, view])
+                self._view_owner[view] = grow(self._view_owner[view], int(new_rows[0]), len(rows))
+                self._view_owner[view][new_rows] = slots[added]
+                self._view_of[slots[added], view] = new_rows
+
+    def _free_view_row(self, view: int, row: int) -> None:
+        """Drop pool row ``row`` of ``view``, moving the pool's last row into the hole."""
+        rows, owner = self._view_rows[view], self._view_owner[view]
+        last = len(rows) - 1
+        if row != last:
+            rows.move(last, row)
+            moved = int(owner[last])
+            owner[row] = moved
+            self._view_of[moved, view] = row
+        rows.truncate(last)
 
     def _remove_slot(self, slot: int) -> None:
         """Drop one slot, moving the last slot into the hole so slots stay dense."""
         last = self._size - 1
         listing_id = self._ids[slot]
         del self._slot_of[listing_id]
+        for view in range(self.n_views):
+            row = int(self._view_of[slot, view])
+            if row >= 0:
+                self._free_view_row(view, row)
         if self.kind == "hnsw":
             self._owner[self._labels[slot]] = -1
         if slot != last:
@@ -483,22 +623,31 @@ class LiveIndex:
             self._ids[slot] = moved
             self._slot_of[moved] = slot
             self._payloads[slot] = self._payloads[last]
-            self._views[slot] = self._views[last]
+            self._view_of[slot] = self._view_of[last]
+            for view in range(self.n_views):
+                row = int(self._view_of[slot, view])
+                if row >= 0:
+                    self._view_owner[view][row] = slot
             if self.kind == "flat":
-                self._vectors[slot] = self._vectors[last]
+                self._vectors.move(last, slot)
             else:
                 self._labels[slot] = self._labels[last]
                 self._owner[self._labels[slot]] = slot
+        if self.kind == "flat":
+            self._vectors.truncate(last)
         self._ids.pop()
         self._payloads.pop()
         self._size = last
 
     def _after_delete(self) -> None:
-        self._views = _shrink(self._views, self._size)
+        self._view_of = shrink(self._view_of, self._size)
+        for view, rows in enumerate(self._view_rows):
+            rows.shrink()
+            self._view_owner[view] = shrink(self._view_owner[view], len(rows))
         if self.kind == "flat":
-            self._vectors = _shrink(self._vectors, self._size)
+            self._vectors.shrink()
         else:
-            self._labels = _shrink(self._labels, self._size)
+            self._labels = shrink(self._labels, self._size)
             self._maybe_rebuild()
 
     def _maybe_rebuild(self) -> None:
@@ -512,6 +661,79 @@ class LiveIndex:
         self._hnsw = graph
         self._labels = np.arange(max(self._size, _MIN_CAPACITY), dtype=np.int64)
         self._owner = np.arange(max(self._size, _MIN_CAPACITY), dtype=np.int64)
+
+    def _converted(self, vectors: str) -> LiveIndex:
+        """A copy of this float32 index with every vector re-encoded in ``vectors``."""
+        params = {**self._params(), "vectors": vectors, "sparse_views": None}
+        other = type(self)(self.dim, self.kind, n_views=self.n_views, **params)
+        for start in range(0, self._size, _CONVERT_CHUNK):
+            stop = min(self._size, start + _CONVERT_CHUNK)
+            slots = np.arange(start, stop, dtype=np.int64)
+            views = self._views_of(slots) if self.n_views else None
+            other._upsert(self._ids[start:stop], self._vectors_of(slots), self._payloads[start:stop], views)
+        return other
+
+    # ------------------------------------------------------------ snapshot I/O
+
+    @staticmethod
+    def _add_rows(arrays: dict[str, np.ndarray], name: str, rows: VectorRows) -> None:
+        codes, trained = rows.state()
+        arrays[f"{name}.npy"] = codes
+        if trained is not None:
+            arrays[f"{name}.sq8.npy"] = trained
+
+    def _load_rows(self, snap: SnapshotReader, name: str, count: int | None) -> VectorRows:
+        codes = snap.load_array(f"{name}.npy")
+        trained = snap.load_array(f"{name}.sq8.npy") if f"{name}.sq8.npy" in snap.files else None
+        if count is not None and codes.shape[:1] != (count,):
+            raise snap.corrupt(f"{name}.npy holds {codes.shape[:1]} rows for {count} listings")
+        try:
+            return VectorRows.restore(self.dim, self.vectors, codes, trained, train_rows=self.sq8_train_rows)
+        except IndexStoreError as e:
+            raise snap.corrupt(f"{name}: {e}") from e
+
+    def _restore(self, snap: SnapshotReader) -> None:
+        count = self._size
+        path = snap.verified("payloads.jsonl")
+        try:
+            lines = path.read_bytes().split(b"\n")
+        except OSError as e:
+            raise snap.corrupt(f"cannot read payloads.jsonl: {e}") from e
+        if len(lines) != count + 1 or lines[-1] != b"" or any(not line.startswith(b"{") for line in lines[:-1]):
+            raise snap.corrupt(f"payloads.jsonl does not hold {count} JSON objects, one a line")
+        self._payloads = lines[:-1]
+        view_of = snap.array("view_rows.npy", np.dtype(np.int32), (count, self.n_views))
+        pools = [self._load_rows(snap, f"views-{view}", None) for view in range(self.n_views)]
+        owners = []
+        for view, rows in enumerate(pools):
+            column = view_of[:, view]
+            stored = np.flatnonzero(column >= 0)
+            if (np.any((column < 0) & (column != ABSENT) & (column != SEARCHED)) or stored.size != len(rows)
+                    or not np.array_equal(np.sort(column[stored]), np.arange(len(rows)))):
+                raise snap.corrupt(f"view_rows.npy does not map view {view} onto its {len(rows)} rows")
+            owner = np.empty(len(rows), dtype=np.int32)
+            owner[column[stored]] = stored
+            owners.append(owner)
+        self._view_of, self._view_rows, self._view_owner = np.ascontiguousarray(view_of), pools, owners
+        if self.kind == "flat":
+            self._vectors = self._load_rows(snap, "vectors", count)
+
+    def _restore_v1(self, snap: SnapshotReader, meta: Mapping[str, Any]) -> None:
+        """A format-1 snapshot: float32 vectors, dense float32 views, payloads inside meta.json."""
+        count = self._size
+        payloads = meta.get("payloads")
+        if not isinstance(payloads, list) or len(payloads) != count or any(not isinstance(p, dict) for p in payloads):
+            raise snap.corrupt(f"payloads must be {count} JSON objects")
+        self._payloads = [_payload_bytes(p, i) for p, i in zip(payloads, self._ids)]
+        views = snap.array("views.npy", np.dtype(np.float32), (count, self.n_views, self.dim))
+        every = np.arange(count, dtype=np.int32)
+        self._view_of = np.repeat(every[:, None], self.n_views, axis=1)  # dense: pool row = slot
+        self._view_rows = [VectorRows.restore(self.dim, "float32", np.ascontiguousarray(views[:, view]), None)
+                           for view in range(self.n_views)]
+        self._view_owner = [every.copy() for _ in range(self.n_views)]
+        if self.kind == "flat":
+            self._vectors = VectorRows.restore(
+                self.dim, "float32", snap.array("vectors.npy", np.dtype(np.float32), (count, self.dim)), None)
 
     def _restore_graph(self, snap: SnapshotReader) -> None:
         path = snap.verified("hnsw_slots.npy")
@@ -544,13 +766,14 @@ class LiveIndex:
         self._owner = np.ascontiguousarray(owner)
         self._labels = labels
 
+    # ------------------------------------------------------------------ search
+
     def _search_flat(
         self, queries: np.ndarray, k: int, exclude: Sequence[str | None]
     ) -> list[list[Hit]]:
         extra = any(e is not None and e in self._slot_of for e in exclude)
         want = min(k + extra, self._size)
-        matrix = self._vectors[: self._size]  # a contiguous view: read in place, no copy per batch
-        scores, slots = top_k_inner_product(queries, matrix, want, scratch=self._scratch)
+        scores, slots = self._vectors.search(queries, want, self._scratch)
         return [self._hits(scores[q], slots[q], k, exclude[q]) for q in range(len(queries))]
 
     def _hits(self, scores: np.ndarray, slots: np.ndarray, k: int, exclude: str | None) -> list[Hit]:

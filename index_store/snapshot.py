@@ -4,6 +4,10 @@ A root holds snapshot directories and ``CURRENT``, which names the committed one
 atomically only after the new snapshot is fsynced and renamed into place, so a crash leaves the
 previous complete snapshot. Nothing is pickled (``.npy`` read with ``allow_pickle=False``, JSON).
 One writer per root. Layout: docs/INTERNALS.md.
+
+Format 2 keeps each vector store in its stored form (float32, float16 or SQ8 codes with their
+ranges) and the payloads in ``payloads.jsonl``; format 1 (float32 only, payloads in
+``meta.json``) is still read.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import numpy as np
 from samestyle.topics.errors import IndexStoreError
 
 FORMAT = "samestyle.index_store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Format versions this code reads (it writes :data:`FORMAT_VERSION`).
+READ_VERSIONS = (1, 2)
 CURRENT = "CURRENT"
 META = "meta.json"
 _NAME = re.compile(r"^snapshot-(\d{10})$")
@@ -138,16 +144,18 @@ class SnapshotReader:
             raise IndexStoreError(f"corrupt index snapshot {self.path}: cannot read {META}: {e}") from e
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise IndexStoreError(f"corrupt index snapshot {self.path}: {META} is not an index snapshot")
-        if meta.get("version") != FORMAT_VERSION:
+        version = meta.get("version")
+        if version not in READ_VERSIONS or isinstance(version, bool):
             raise IndexStoreError(
-                f"index snapshot {self.path} has format version {meta.get('version')!r}; "
-                f"this code reads version {FORMAT_VERSION}"
+                f"index snapshot {self.path} has format version {version!r}; "
+                f"this code reads versions {', '.join(map(str, READ_VERSIONS))}"
             )
         files = meta.get("files")
         if not isinstance(files, dict):
             raise self.corrupt("no file list in meta.json")
         self.meta: dict[str, Any] = meta
         self.files: dict[str, Any] = files
+        self.version: int = version
 
     def corrupt(self, reason: str) -> IndexStoreError:
         return IndexStoreError(f"corrupt index snapshot {self.path}: {reason}")
@@ -168,15 +176,19 @@ class SnapshotReader:
             raise self.corrupt(f"cannot read {fname}: {e}") from e
         return path
 
-    def array(self, fname: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-        """Load a verified ``.npy`` file and check its dtype and shape."""
+    def load_array(self, fname: str) -> np.ndarray:
+        """Load a verified ``.npy`` file, whatever its dtype and shape (the caller checks them)."""
         path = self.verified(fname)
         try:
-            array = np.load(path, allow_pickle=False)
+            return np.ascontiguousarray(np.load(path, allow_pickle=False))
         except (OSError, ValueError) as e:
             raise self.corrupt(f"cannot load {fname}: {e}") from e
+
+    def array(self, fname: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """Load a verified ``.npy`` file and check its dtype and shape."""
+        array = self.load_array(fname)
         if array.dtype != dtype or array.shape != shape:
             raise self.corrupt(
                 f"{fname} is {array.dtype}{list(array.shape)}, expected {np.dtype(dtype)}{list(shape)}"
             )
-        return np.ascontiguousarray(array)
+        return array

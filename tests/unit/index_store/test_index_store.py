@@ -364,7 +364,7 @@ def _truncate(root: Path) -> None:
 
 
 def _flip_byte(root: Path) -> None:
-    path = _snap_dir(root) / "views.npy"
+    path = _snap_dir(root) / "views-0.npy"
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF
     path.write_bytes(bytes(data))
