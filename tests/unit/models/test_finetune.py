@@ -260,13 +260,15 @@ def test_image_blocks_train_only_the_last_blocks_of_the_image_backbone(tmp_path:
     assert not all(torch.equal(p, q) for p, q in last)  # trained
 
 
-def test_image_blocks_out_of_range_is_a_clear_error(tmp_path: Path) -> None:
+def test_image_blocks_beyond_the_backbone_train_every_block_and_negative_is_an_error(tmp_path: Path) -> None:
+    from samestyle.models.data import read_listings
     from samestyle.streams.dev.sample import generate_sample
 
-    listings, clusters = generate_sample(tmp_path / "data", n_products=12, seed=1)
-    with pytest.raises(ConfigError, match="must be in 1..2, got 3"):
-        train(TrainConfig(listings=listings, out=tmp_path / "model", clusters=clusters, base="tiny", epochs=1,
-                          batch_size=4, allow_random_weights=True, progress=False, image_blocks=3))
+    listings, clusters = generate_sample(tmp_path / "data", n_products=4, seed=1)
+    records = {r.listing_id: r for r in read_listings(listings)}
+    pixels = finetune._load_pixels(records, sorted(records), 32, 1.0, False)
+    config = TrainConfig(listings=listings, out=tmp_path / "m", base="tiny", image_blocks=3, progress=False)
+    assert finetune.prefix_features(config, finetune._tower_config(config, True), pixels, "cpu") is None
     with pytest.raises(ConfigError, match="--image-blocks must be >= 0"):
         train(TrainConfig(listings=listings, out=tmp_path / "model", clusters=clusters, base="tiny",
                           allow_random_weights=True, progress=False, image_blocks=-1))
