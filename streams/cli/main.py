@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from samestyle.streams.settings import Settings
-from samestyle.topics.errors import SamestyleError
+from samestyle.topics.errors import ConfigError, SamestyleError
 
 log = logging.getLogger("samestyle")
 
@@ -49,6 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     demo.add_argument("--serve", action="store_true",
                       help="keep the worker running and serve the search page (printed URL) until Ctrl-C")
+    learn = demo.add_argument_group("the learning loop (--learn; docs/RETRAIN.md)")
+    learn.add_argument("--learn", action="store_true",
+                       help="simulate clicks on --listings/--clusters with some products held out, let the workers "
+                            "mine pairs and the trainer promote a candidate, watch the switch, print before/after")
+    learn.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    learn.add_argument("--sessions", type=int, help="click sessions to simulate (default: 4 per clickable listing)")
+    learn.add_argument("--holdout-fraction", dest="holdout_fraction", type=float, default=0.5,
+                       help="products without clicks: half the trainer's valid set, half measured (default 0.5)")
+    learn.add_argument("--epochs", type=int, default=1, help="the trainer's candidate epochs (default 1)")
+    learn.add_argument("--train-batch-size", dest="train_batch_size", type=int, default=64,
+                       help="the trainer's candidate batch size (default 64)")
+    learn.add_argument("--seed", type=int, default=0, help="the split, the clicks and the candidate (default 0)")
 
     worker = sub.add_parser("worker", help="run a worker against the configured broker (embed, index and, "
                                             "unless SAMESTYLE_PAIRS_ENABLED=0, the click-pairs agents)")
@@ -219,6 +231,19 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         if not args.json:
             logging.getLogger().setLevel(logging.WARNING if not args.verbose else logging.DEBUG)
+        if args.learn:
+            from samestyle.streams.dev.learn import LearnConfig, format_learn, run_learn
+
+            if args.serve:
+                raise ConfigError("--learn and --serve do not go together")
+            config = LearnConfig(holdout_fraction=args.holdout_fraction, sessions=args.sessions, workers=args.workers,
+                                 epochs=args.epochs, batch_size=args.train_batch_size, seed=args.seed,
+                                 # Random weights are for tests: their candidates train tiny backbones.
+                                 base="tiny" if settings.allow_random_weights else "default", timeout=args.timeout)
+            summary = run_learn(settings, args.listings, args.clusters, config, limit=args.limit,
+                                image_mode=args.image_mode, progress=sys.stderr.isatty())
+            print(dumps(summary) if args.json else format_summary(summary) + "\n" + format_learn(summary["learn"]))
+            return 0
 
         def announce(summary: dict, url: str) -> None:
             print(dumps(summary) if args.json else format_summary(summary), flush=True)

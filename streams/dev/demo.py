@@ -118,25 +118,36 @@ def _wait_for_interrupt(worker: WorkerProcess) -> None:
 async def _produce_and_collect(settings: Settings, specs: dict, messages: list[dict], wanted: set[str],
                                worker: WorkerProcess, timeout: float, progress: bool) -> Outputs:
     async with OutputReader(settings, specs) as reader:
-        await produce_listings(settings, specs[LISTINGS], messages, progress=progress)
-
-        def settled(o: Outputs) -> int:
-            return len((o.indexed_ids | o.dead_lettered_ids) & wanted)
-
-        deadline = time.monotonic() + timeout
-        with tqdm(total=len(wanted), desc="listings indexed", unit="listing", disable=not progress,
-                  leave=False) as bar:
-            while not await reader.wait_for(lambda o: settled(o) >= len(wanted), timeout=2.0, progress=bar,
-                                            measure=settled):
-                worker.check_alive()
-                if time.monotonic() > deadline:
-                    raise BrokerError(f"only {settled(reader.outputs)} of {len(wanted)} listings were indexed "
-                                      f"in {timeout:.0f} s; worker log: {worker.log_path}")
-        # A listing's alerts are acknowledged before its similar-products message is sent, but the
-        # reader fetches each topic on its own: read until a poll brings nothing new.
-        while await reader.poll(timeout=0.5):
-            pass
+        await produce_and_wait(reader, settings, specs, messages, wanted, worker.check_alive, worker.log_path, timeout,
+                               progress)
         return reader.outputs
+
+
+async def produce_and_wait(reader: OutputReader, settings: Settings, specs: dict, messages: list[dict],
+                           wanted: set[str], check_alive: Callable[[], None], logs: Path, timeout: float,
+                           progress: bool, desc: str = "listings indexed",
+                           answered: Callable[[Outputs], set[str]] | None = None) -> None:
+    """Produce ``messages`` and read ``reader`` until every listing of ``wanted`` is ``answered``
+    (default: indexed, its similar-products message is out, or dead-lettered); ``check_alive``
+    raises if a worker died, ``logs`` is where the workers log (named in the timeout's message)."""
+    await produce_listings(settings, specs[LISTINGS], messages, progress=progress)
+
+    def settled(o: Outputs) -> int:
+        done = answered(o) if answered is not None else o.indexed_ids | o.dead_lettered_ids
+        return len(done & wanted)
+
+    deadline = time.monotonic() + timeout
+    with tqdm(total=len(wanted), desc=desc, unit="listing", disable=not progress, leave=False) as bar:
+        while not await reader.wait_for(lambda o: settled(o) >= len(wanted), timeout=2.0, progress=bar,
+                                        measure=settled):
+            check_alive()
+            if time.monotonic() > deadline:
+                raise BrokerError(f"only {settled(reader.outputs)} of {len(wanted)} listings were answered ({desc}) "
+                                  f"in {timeout:.0f} s; worker log: {logs}")
+    # A listing's alerts are acknowledged before its similar-products message is sent, but the
+    # reader fetches each topic on its own: read until a poll brings nothing new.
+    while await reader.poll(timeout=0.5):
+        pass
 
 
 def similar_quality(similar: Sequence[dict[str, Any]], clusters: dict[str, str], order: Sequence[str],
@@ -144,13 +155,15 @@ def similar_quality(similar: Sequence[dict[str, Any]], clusters: dict[str, str],
     """How well the similar-products lists find a listing's own product among the listings before it.
 
     ``order`` is the produce order: a listing can only find a same-product listing produced before
-    it. ``match_listed``: of the listings with such an earlier listing, the fraction whose list holds
-    one; ``match_first``: of those, the fraction whose first neighbour is one (the stream's R@1).
+    it (a listing produced again is judged at its last place). ``match_listed``: of the listings
+    with such an earlier listing, the fraction whose list holds one (recall@k, k the list's
+    length); ``match_first``: of those, the fraction whose first neighbour is one;
+    ``recall_at_1``: of all of them, the fraction whose first neighbour is one.
     """
-    position = {i: k for k, i in enumerate(order)}
+    position = {i: k for k, i in enumerate(order)}  # a listing produced twice: its last time
     first_of: dict[str, int] = {}
-    for i in order:
-        first_of.setdefault(clusters.get(i, f"\0{i}"), position[i])
+    for k, i in enumerate(order):
+        first_of.setdefault(clusters.get(i, f"\0{i}"), k)
     eligible = listed = first = 0
     for message in similar:
         i = message["listing_id"]
@@ -165,7 +178,8 @@ def similar_quality(similar: Sequence[dict[str, Any]], clusters: dict[str, str],
             listed += 1
             first += int(hits[0])
     return {"listings": eligible, "match_listed": listed / eligible if eligible else None,
-            "match_first": first / listed if listed else None}
+            "match_first": first / listed if listed else None,
+            "recall_at_1": first / eligible if eligible else None}
 
 
 def summarize(outputs: Outputs, wanted: set[str], clusters: dict[str, str] | None, suppliers: dict[str, str],

@@ -19,13 +19,16 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from samestyle.models.data import ListingRecord, read_clusters, read_listings
 from samestyle.topics import CLICK_EVENTS, codec_for_topic, topic_specs
 from samestyle.topics.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from samestyle.streams.settings import Settings
 
 T_START = 1_717_200_000_000  # 2024-06-01T00:00:00Z: simulated time, reproducible
 
@@ -189,8 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+async def produce_clicks(settings: Settings, clicks: Sequence[dict[str, Any]], progress: bool = False) -> int:
+    """Send click-event records to ``click-events`` keyed by session id, in order; returns how many."""
     from samestyle.streams.io.producer import send_records
+
+    codec = codec_for_topic(CLICK_EVENTS)
+    topic = topic_specs(settings.topic_prefix, settings.partitions)[CLICK_EVENTS].name
+    return await send_records(settings, topic, ((c["session_id"].encode(), codec.encode(c)) for c in clicks),
+                              total=len(clicks), progress=progress, desc="clicks sent")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     from samestyle.streams.settings import Settings
 
     args = build_parser().parse_args(argv)
@@ -199,16 +211,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings.from_env(bootstrap=args.bootstrap, topic_prefix=args.topic_prefix)
     settings.bootstrap_servers  # a clear error when no broker is configured
     sim = ClickSimulator(read_listings(args.listings), read_clusters(args.clusters), model_from_args(args), args.seed)
-    codec = codec_for_topic(CLICK_EVENTS)
     topic = topic_specs(settings.topic_prefix, settings.partitions)[CLICK_EVENTS].name
     clicks = list(sim.sessions(args.sessions))
     started = time.monotonic()
-    sent = asyncio.run(send_records(settings, topic, ((c["session_id"].encode(), codec.encode(c)) for c in clicks),
-                                   total=len(clicks), progress=sys.stderr.isatty(), desc="clicks sent"))
+    sent = asyncio.run(produce_clicks(settings, clicks, progress=sys.stderr.isatty()))
     summary = {"sessions": args.sessions, "clicks": sent, "topic": topic, "seed": args.seed,
                "seconds": round(time.monotonic() - started, 2)}
     print(json.dumps(summary, sort_keys=True) if args.json else f"sent {sent} clicks ({args.sessions} sessions) to {topic}")
     return 0
 
 
-__all__ = ["ClickModel", "ClickSimulator", "main", "pseudo_category"]
+__all__ = ["ClickModel", "ClickSimulator", "main", "produce_clicks", "pseudo_category"]
