@@ -12,8 +12,10 @@ RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
 WORKDIR /src
 COPY . .
-# The pinned torch above already satisfies the project's torch requirement.
-RUN pip install ".[cpu]"
+# The pinned torch above already satisfies the project's torch requirement. EXTRAS adds extras
+# (docker-compose builds "cpu,milvus": the Milvus index backend's client and Milvus Lite).
+ARG EXTRAS=cpu
+RUN pip install ".[${EXTRAS}]"
 
 # Run unprivileged; /state (a worker's), /models (the trainer's candidates, shared with the
 # workers) and /trainer (its state) are created here so named volumes mounted on them inherit the owner.

@@ -12,9 +12,10 @@ alternate: encoder, pipeline round 1, encoder, pipeline round 2, ..., encoder (`
 round ``--n`` fresh listings). Both rates are pooled over their runs (listings / seconds), and
 every run is reported.
 
-    samestyle bench pipeline --json [--n 256] [--batch-size 32] [--encoder default|tiny]
+    samestyle bench pipeline --json [--n 256] [--batch-size 32] [--encoder default|tiny] [--runtime auto]
 
-``ratio = pipeline_listings_per_second / encoder_listings_per_second``; the goal is >= 0.9.
+``ratio = pipeline_listings_per_second / encoder_listings_per_second``; the goal is >= 0.9 (>= 0.8 with
+the tiny test encoder, whose forward pass is so short that the worker's per-batch work shows).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ from bench.common import (
 )
 
 GOAL_RATIO = 0.9
+#: The goal with the tiny encoder.
+GOAL_RATIO_TINY = 0.8
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pipeline rounds, alternating with encoder runs (default 2)")
     p.add_argument("--batch-size", type=int, default=32, help="worker and encoder batch size (default 32)")
     p.add_argument("--encoder", default="default", help="encoder spec: default, tiny, a JSON config or model dir")
+    p.add_argument("--runtime", default="auto",
+                   help="encoder runtime of the worker and the raw encoder alike (SAMESTYLE_ENCODER_RUNTIME; default auto)")
     p.add_argument("--warmup", type=int, help="warm-up listings before the clock starts (default: 2 batches)")
     p.add_argument("--image-mode", choices=("bytes", "uri"), default="bytes",
                    help="images inline in the listings messages (bytes) or as file paths (uri)")
@@ -75,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def pipeline_result(n: int, pipeline_seconds: Sequence[float], encoder_seconds: Sequence[float]) -> dict[str, Any]:
+def pipeline_result(n: int, pipeline_seconds: Sequence[float], encoder_seconds: Sequence[float],
+                    goal: float = GOAL_RATIO) -> dict[str, Any]:
     """Both pooled rates (``n`` listings per run) and their ratio, plus every run's rate."""
     pipeline_lps = n * len(pipeline_seconds) / sum(pipeline_seconds)
     encoder_lps = n * len(encoder_seconds) / sum(encoder_seconds)
@@ -86,8 +92,8 @@ def pipeline_result(n: int, pipeline_seconds: Sequence[float], encoder_seconds: 
         "ratio": r,
         "pipeline_runs_listings_per_second": [n / t for t in pipeline_seconds],
         "encoder_runs_listings_per_second": [n / t for t in encoder_seconds],
-        "goal_ratio": GOAL_RATIO,
-        "goal_met": r is not None and r >= GOAL_RATIO,
+        "goal_ratio": goal,
+        "goal_met": r is not None and r >= goal,
     }
 
 
@@ -160,7 +166,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("listings / s")
     ax.set_title(f"{result['encoder']} encoder, batch {result['batch_size']}, "
                  f"{result['rounds']} x {result['n']} listings: "
-                 f"ratio {result['ratio']:.2f} (goal {GOAL_RATIO})", fontsize=9)
+                 f"ratio {result['ratio']:.2f} (goal {result['goal_ratio']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -184,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    encoder = encoder_from_spec(args.encoder, allow_random_weights=args.encoder == "tiny")
+    encoder = encoder_from_spec(args.encoder, allow_random_weights=args.encoder == "tiny", runtime=args.runtime)
     warm_inputs = listing_inputs(warm)
     round_inputs = [listing_inputs(r) for r in rounds]
     encoder_seconds: list[float] = []
@@ -202,11 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     encoder_run()
     worker_env = worker_environment(args.worker_env, args.torch_threads)
     with streaming_stack(args.encoder, args.batch_size, run_dir=tmp, worker_env=worker_env,
-                         session_timeout_seconds=args.session_timeout,
+                         session_timeout_seconds=args.session_timeout, encoder_runtime=args.runtime,
                          heartbeat_interval_seconds=args.session_timeout / 3) as stack:
         stages = asyncio.run(_measure_pipeline(stack, warm, rounds, args.timeout, args.profile, encoder_run))
 
-    result = pipeline_result(args.n, [s["seconds"] for s in stages], encoder_seconds)
+    result = pipeline_result(args.n, [s["seconds"] for s in stages], encoder_seconds,
+                             GOAL_RATIO_TINY if args.encoder == "tiny" else GOAL_RATIO)
     result["round_ratios"] = [ratio(result["pipeline_runs_listings_per_second"][i],
                                     (result["encoder_runs_listings_per_second"][i]
                                      + result["encoder_runs_listings_per_second"][i + 1]) / 2)
@@ -217,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "encoder": args.encoder,
         "encoder_version": encoder.version,
+        "encoder_runtime": encoder.runtime.name,
         "encoder_batch_seconds_median": median(encoder_batches),
         "warmup": warmup,
         "listings_with_images": with_images,

@@ -4,7 +4,9 @@ An :class:`IndexBackend` holds one collection per model version (vectors of two 
 keyed by listing id: idempotent upserts and deletes by id, top-``k`` inner-product search over the
 searched vector with an optional supplier filter, per-listing payloads and view vectors, one
 *active* version that searches default to (the blue/green switch flips it in one step), and
-:meth:`IndexBackend.ready`. Two implementations:
+:meth:`IndexBackend.ready`. :class:`VersionView` reads one version with :class:`LiveIndex`'s
+reading methods, so code written against a live index (the search step, the search API) reads a
+backend unchanged. Two implementations:
 
 * :class:`FaissBackend` (default): one :class:`~samestyle.index_store.live.LiveIndex` per version
   in this process, exactly the replica's storage.
@@ -12,7 +14,9 @@ searched vector with an optional supplier filter, per-listing payloads and view 
   (Milvus Lite for a local file URI, a Milvus standalone or cluster for ``http://`` URIs).
 
 :func:`~samestyle.index_store.factory.create_backend` builds one by name. Inputs are checked here, at the boundary, the way
-:class:`LiveIndex` checks them; bad input is an :class:`~samestyle.topics.errors.IndexStoreError`.
+:class:`LiveIndex` checks them; bad input is an :class:`~samestyle.topics.errors.IndexStoreError`, and
+a server that cannot be reached (Milvus down or restarting) is its subclass
+:class:`IndexUnavailableError`: the one a caller may retry.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ BACKENDS = ("faiss", "milvus")
 
 #: The payload key the supplier filter reads.
 SUPPLIER_KEY = "supplier_id"
+
+
+class IndexUnavailableError(IndexStoreError):
+    """The index server cannot be reached now (down, restarting): the call may be retried."""
 
 
 @runtime_checkable
@@ -87,6 +95,12 @@ class IndexBackend(Protocol):
 
     def views(self, ids: Sequence[str], version: str | None = None) -> np.ndarray:
         """Per-view vectors ``[len(ids), n_views, dim]``; IndexStoreError for an unknown id."""
+
+    def payloads(self, ids: Sequence[str], version: str | None = None) -> dict[str, dict[str, Any]]:
+        """Copies of the payloads of those ``ids`` that are present (one request on Milvus)."""
+
+    def ids(self, version: str) -> list[str]:
+        """Every listing id in ``version``'s collection, in no particular order ([] if it has none)."""
 
     def close(self) -> None:
         """Release connections (the FAISS backend has none)."""
@@ -225,8 +239,61 @@ class FaissBackend:
             raise IndexStoreError(f"views: no collection for version {version or self._active!r}")
         return index.views(ids)
 
+    def payloads(self, ids: Sequence[str], version: str | None = None) -> dict[str, dict[str, Any]]:
+        index = self._index(version)
+        if index is None:
+            return {}
+        found = {i: index.payload(i) for i in dict.fromkeys(_check_ids(ids, "payloads"))}
+        return {i: p for i, p in found.items() if p is not None}
+
+    def ids(self, version: str) -> list[str]:
+        index = self.indexes.get(version)
+        return [] if index is None else index.ids()
+
     def close(self) -> None:
         return None
 
 
-__all__ = ["BACKENDS", "SUPPLIER_KEY", "FaissBackend", "IndexBackend", "check_suppliers", "check_version"]
+class VersionView:
+    """One version of a backend, read through :class:`LiveIndex`'s reading methods (``len``, ``in``,
+    ``search``, ``get``, ``payload``, ``views``, ``ids``) plus :meth:`payloads` for many ids in one
+    request: what the search step and the search API read, whichever backend holds the index.
+    Holds no state of its own (every call reads the backend), so threads may share it.
+    """
+
+    def __init__(self, backend: IndexBackend, version: str) -> None:
+        self.backend = backend
+        self.version = check_version(version)
+
+    def __repr__(self) -> str:
+        return f"VersionView({self.backend.name}, {self.version!r})"
+
+    def __len__(self) -> int:
+        return self.backend.count(self.version)
+
+    def __contains__(self, listing_id: object) -> bool:
+        return (isinstance(listing_id, str) and bool(listing_id)
+                and bool(self.backend.payloads([listing_id], self.version)))
+
+    def search(self, queries: np.ndarray, k: int, *, exclude: Sequence[str | None] | None = None,
+               suppliers: Sequence[str | None] | None = None) -> list[list[Hit]]:
+        return self.backend.search(queries, k, version=self.version, exclude=exclude, suppliers=suppliers)
+
+    def payload(self, listing_id: str) -> dict[str, Any] | None:
+        return self.backend.payload(listing_id, self.version)
+
+    def payloads(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        return self.backend.payloads(ids, self.version)
+
+    def get(self, listing_id: str) -> tuple[np.ndarray, dict[str, Any], np.ndarray | None] | None:
+        return self.backend.get(listing_id, self.version)
+
+    def views(self, ids: Sequence[str]) -> np.ndarray:
+        return self.backend.views(ids, self.version)
+
+    def ids(self) -> list[str]:
+        return self.backend.ids(self.version)
+
+
+__all__ = ["BACKENDS", "SUPPLIER_KEY", "FaissBackend", "IndexBackend", "IndexUnavailableError", "VersionView",
+           "check_suppliers", "check_version"]

@@ -19,6 +19,12 @@ The active version is the alias ``{prefix}_active``: :meth:`MilvusBackend.switch
 alters it, one metadata operation, so every searcher moves from one collection to the next at
 once. Reads use ``consistency`` (default ``"Strong"``: a search sees every upsert acknowledged
 before it; measured against ``"Bounded"`` in docs/SCALING.md).
+
+Errors: a server that cannot be reached is :class:`~samestyle.index_store.backend.IndexUnavailableError`
+(retry), any other Milvus error an :class:`~samestyle.topics.errors.IndexStoreError`. A collection
+found released (the server restarted) is loaded again and the read retried, whichever client
+restarted it. Several clients may create the same collection or alias at once (workers starting
+together): the loser of the race uses the winner's.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,7 +43,7 @@ from typing import Any
 import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
 
-from samestyle.index_store.backend import SUPPLIER_KEY, check_suppliers, check_version
+from samestyle.index_store.backend import SUPPLIER_KEY, IndexUnavailableError, check_suppliers, check_version
 from samestyle.index_store.live import Hit, _check_float, _check_ids, _check_payload
 from samestyle.topics.errors import IndexStoreError
 
@@ -49,6 +56,9 @@ MAX_ID_LENGTH = 512
 _REQUEST_BYTES = 8 << 20
 #: Milvus's largest ``limit`` for one search.
 _MAX_LIMIT = 16384
+#: Ids per read by id (``ids=`` becomes one ``in`` expression), and per page of :meth:`MilvusBackend.ids`.
+_IDS_PER_READ = 1000
+_IDS_PER_PAGE = 5000
 
 
 #: Longest model version (UTF-8 bytes): its hex form must fit Milvus's 255-character names.
@@ -62,6 +72,23 @@ _LITE_USERS: dict[str, int] = {}
 
 def _lite_path(uri: str) -> str | None:
     return str(Path(uri).resolve()) if uri.endswith(".db") and "://" not in uri else None
+
+
+class _Quiet(logging.Filter):
+    """Drops what others log for conditions this module handles itself: pymilvus's ERROR with a
+    traceback for every failed call (the error is raised here, translated, and its caller logs
+    what it decides: retry, reload, give up), its warning that Milvus Lite has no timestamp
+    service, and the in-process Milvus Lite server's traceback for ``AllocTimestamp`` (a call it
+    does not implement; pymilvus falls back and results are right)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], NotImplementedError):
+            return "AllocTimestamp" not in "".join(traceback.format_tb(record.exc_info[2]))
+        message = record.getMessage()
+        return not (message.startswith("RPC error:") or "failed to get mvccTs" in message)
+
+
+_QUIET = _Quiet()
 
 
 def collection_name(prefix: str, version: str) -> str:
@@ -88,6 +115,32 @@ def _literal(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _message(e: MilvusException) -> str:
+    return str(getattr(e, "message", None) or e)
+
+
+def _unavailable(e: MilvusException) -> bool:
+    """The server could not be reached (not: it answered with an error)."""
+    code = getattr(e, "code", None)
+    # 2: pymilvus's CONNECT_FAILED; a grpc.StatusCode when its retries ran out.
+    if code == 2 or getattr(code, "name", None) in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+        return True
+    text = _message(e).lower()
+    return "server unavailable" in text or "failed to connect" in text or "connection refused" in text
+
+
+def _released(e: MilvusException) -> bool:
+    """A read on a collection that is not loaded (after a server restart)."""
+    text = _message(e).lower()
+    return getattr(e, "code", None) == 101 or "released" in text or "not loaded" in text
+
+
+def _translated(e: MilvusException, what: str) -> IndexStoreError:
+    if _unavailable(e):
+        return IndexUnavailableError(f"milvus unavailable ({what}): {_message(e)}")
+    return IndexStoreError(f"milvus ({what}): {_message(e)}")
+
+
 class MilvusBackend:
     """:class:`~samestyle.index_store.backend.IndexBackend` on Milvus (see the module docstring).
 
@@ -99,7 +152,7 @@ class MilvusBackend:
     name = "milvus"
 
     def __init__(self, uri: str, *, n_views: int = 0, prefix: str = "samestyle",
-                 consistency: str = "Strong", token: str = "", flush_rows: int = 5000) -> None:
+                 consistency: str = "Strong", token: str = "", flush_rows: int | None = None) -> None:
         if consistency not in CONSISTENCY_LEVELS:
             raise IndexStoreError(f"consistency must be one of {CONSISTENCY_LEVELS}, got {consistency!r}")
         if not prefix.replace("_", "").isalnum() or not prefix[0].isalpha():
@@ -110,42 +163,70 @@ class MilvusBackend:
         self.consistency = consistency
         self.alias = f"{prefix}_active"
         self._token = token
-        self._client = MilvusClient(uri=uri, token=token)
         self._lite = _lite_path(uri)
+        try:
+            self._client = MilvusClient(uri=uri, token=token)
+        except MilvusException as e:
+            if self._lite is not None and (Path(self._lite) / "LOCK").exists():
+                raise IndexStoreError(
+                    f"Milvus Lite could not open {self._lite}: {_message(e)}. Milvus Lite is one process per "
+                    "file; several workers share a `milvus-lite server --data-dir DIR --port PORT` (or a Milvus "
+                    "standalone) through SAMESTYLE_MILVUS_URI=http://host:port") from e
+            raise _translated(e, f"connecting to {uri}") from e
         if self._lite is not None:
             _LITE_USERS[self._lite] = _LITE_USERS.get(self._lite, 0) + 1
+            logging.getLogger("grpc._server").addFilter(_QUIET)
+        for name in ("pymilvus.decorators", "pymilvus.client.iterator.query_iterator"):
+            logging.getLogger(name).addFilter(_QUIET)
         self._dims: dict[str, int] = {}  # version -> dim, of collections this instance has seen
         self._loaded: set[str] = set()
         #: Seal a collection's written rows into a segment after this many upserts (0: never).
         #: Milvus Lite searches unsealed rows by a slow scan (593 ms per query at 20k rows against
-        #: 19-24 ms sealed, docs/SCALING.md); a Milvus server seals segments by itself.
+        #: 19-24 ms sealed, docs/SCALING.md): 5000 there. A Milvus server seals segments by itself
+        #: and rate-limits flushes (a few per minute per collection by default): never there.
+        if flush_rows is None:
+            lite = str(self._rpc(self._client.get_server_version)).startswith("milvus_lite")
+            flush_rows = 5000 if lite else 0
         self.flush_rows = flush_rows
         self._unflushed: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"MilvusBackend(uri={self.uri!r}, prefix={self.prefix!r}, consistency={self.consistency!r})"
 
+    def _rpc(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+        """``method(*args, **kwargs)`` on the client, Milvus errors translated (module docstring)."""
+        try:
+            return method(*args, **kwargs)
+        except MilvusException as e:
+            raise _translated(e, getattr(method, "__name__", "call")) from e
+
     # ---------------------------------------------------------------- collections
 
     def _collections(self) -> dict[str, str]:
         """version -> collection name, for this prefix's collections."""
         out = {}
-        for name in self._client.list_collections():
+        for name in self._rpc(self._client.list_collections):
             version = version_of(self.prefix, name)
             if version:
                 out[version] = name
         return out
 
     def versions(self) -> list[str]:
-        return list(self._collections())
+        """Every version with a collection; forgets what this instance knew of collections that
+        another client dropped meanwhile."""
+        found = self._collections()
+        for version in [v for v in self._dims if v not in found]:
+            del self._dims[version]
+            self._loaded.discard(collection_name(self.prefix, version))
+        return list(found)
 
     def _dim(self, version: str) -> int | None:
         if version in self._dims:
             return self._dims[version]
         name = collection_name(self.prefix, version)
-        if not self._client.has_collection(name):
+        if not self._rpc(self._client.has_collection, name):
             return None
-        for field in self._client.describe_collection(name)["fields"]:
+        for field in self._rpc(self._client.describe_collection, name)["fields"]:
             if field["name"] == "vector":
                 self._dims[version] = int(field["params"]["dim"])
                 return self._dims[version]
@@ -173,7 +254,14 @@ class MilvusBackend:
             # Milvus loads only indexed vector fields; FLAT stores them as they are.
             params.add_index(field_name="views", index_type="FLAT", metric_type="IP")
         name = collection_name(self.prefix, version)
-        self._client.create_collection(name, schema=schema, index_params=params, consistency_level=self.consistency)
+        try:
+            self._client.create_collection(name, schema=schema, index_params=params,
+                                           consistency_level=self.consistency)
+        except MilvusException as e:
+            if _unavailable(e) or self._dim(version) is None:
+                raise _translated(e, "create_collection") from e
+            self.ensure(version, dim)  # another client created it first: check its dim
+            return
         self._dims[version] = dim
         self._loaded.add(name)
         log.info("milvus: new collection %s for model %s (dim %d)", name, version, dim)
@@ -189,7 +277,7 @@ class MilvusBackend:
         name = collection_name(self.prefix, version)
         if name not in self._loaded:
             # A collection is released after the server restarts; searches need it in memory.
-            self._client.load_collection(name)
+            self._rpc(self._client.load_collection, name)
             self._loaded.add(name)
         return name
 
@@ -197,31 +285,39 @@ class MilvusBackend:
         if version == self.active:
             raise IndexStoreError(f"cannot drop the active version {version!r}")
         name = collection_name(self.prefix, version)
-        self._client.drop_collection(name)
+        self._rpc(self._client.drop_collection, name)
         self._dims.pop(version, None)
         self._loaded.discard(name)
 
+    def _aliases(self) -> list[str]:
+        return list(self._rpc(self._client.list_aliases).get("aliases", []))
+
     @property
     def active(self) -> str | None:
-        if self.alias not in self._client.list_aliases().get("aliases", []):
+        if self.alias not in self._aliases():
             return None
-        return version_of(self.prefix, self._client.describe_alias(self.alias)["collection_name"])
+        return version_of(self.prefix, self._rpc(self._client.describe_alias, self.alias)["collection_name"])
 
     def switch(self, version: str) -> None:
         version = check_version(version)
         if self._dim(version) is None:
             raise IndexStoreError(f"switch: no collection for version {version!r}")
         name = collection_name(self.prefix, version)
-        if self.alias in self._client.list_aliases().get("aliases", []):
-            self._client.alter_alias(name, self.alias)
+        if self.alias in self._aliases():
+            self._rpc(self._client.alter_alias, name, self.alias)
         else:
-            self._client.create_alias(name, self.alias)
+            try:
+                self._client.create_alias(name, self.alias)
+            except MilvusException as e:
+                if _unavailable(e) or self.alias not in self._aliases():
+                    raise _translated(e, "create_alias") from e
+                self._rpc(self._client.alter_alias, name, self.alias)  # another client created it first
         log.info("milvus: alias %s -> %s (model %s)", self.alias, name, version)
 
     def release_active(self) -> None:
         """Remove the active alias (searches without a version then fail until the next switch)."""
-        if self.alias in self._client.list_aliases().get("aliases", []):
-            self._client.drop_alias(self.alias)
+        if self.alias in self._aliases():
+            self._rpc(self._client.drop_alias, self.alias)
 
     def ready(self) -> bool:
         try:
@@ -229,16 +325,33 @@ class MilvusBackend:
             if version is None:
                 return False
             name = self._name(version)
-            return name is not None and "Loaded" in str(self._client.get_load_state(name).get("state"))
-        except MilvusException:
+            return name is not None and "Loaded" in str(self._rpc(self._client.get_load_state, name).get("state"))
+        except IndexStoreError:
             return False
 
     def count(self, version: str) -> int:
         name = self._name(version)
         if name is None:
             return 0
-        rows = self._client.query(name, filter="", output_fields=["count(*)"], consistency_level=self.consistency)
+        rows = self._call(self._client.query, name, filter="", output_fields=["count(*)"],
+                          consistency_level=self.consistency)
         return int(rows[0]["count(*)"])
+
+    def ids(self, version: str) -> list[str]:
+        name = self._name(version)
+        if name is None:
+            return []
+        pages = self._call(self._client.query_iterator, name, batch_size=_IDS_PER_PAGE, filter="",
+                           output_fields=["listing_id"], consistency_level=self.consistency)
+        out: list[str] = []
+        try:
+            while True:
+                page = self._rpc(pages.next)
+                if not page:
+                    return out
+                out.extend(r["listing_id"] for r in page)
+        finally:
+            pages.close()
 
     # ---------------------------------------------------------------- mutating
 
@@ -283,7 +396,7 @@ class MilvusBackend:
                 if self.n_views:
                     entry["views"] = views[row]  # type: ignore[index]
                 rows.append(entry)
-            self._client.upsert(name, rows)
+            self._rpc(self._client.upsert, name, rows)
         self._unflushed[name] = self._unflushed.get(name, 0) + n
         if self.flush_rows and self._unflushed[name] >= self.flush_rows:
             self.flush(version)
@@ -292,7 +405,7 @@ class MilvusBackend:
         """Seal ``version``'s written rows (searches get faster; nothing changes in what they see)."""
         name = collection_name(self.prefix, version)
         if self._dim(version) is not None:
-            self._client.flush(name)
+            self._rpc(self._client.flush, name)
         self._unflushed[name] = 0
 
     def delete(self, ids: Sequence[str], version: str | None = None) -> int:
@@ -305,10 +418,12 @@ class MilvusBackend:
             name = self._name(v)
             if name is None:
                 continue
-            found = self._client.query(name, ids=ids, output_fields=["listing_id"],
-                                       consistency_level=self.consistency)
-            present.update(r["listing_id"] for r in found)
-            self._client.delete(name, ids=ids)
+            for start in range(0, len(ids), _IDS_PER_READ):
+                chunk = ids[start:start + _IDS_PER_READ]
+                found = self._call(self._client.query, name, ids=chunk, output_fields=["listing_id"],
+                                   consistency_level=self.consistency)
+                present.update(r["listing_id"] for r in found)
+                self._rpc(self._client.delete, name, ids=chunk)
         return len(present)
 
     # ---------------------------------------------------------------- reading
@@ -355,28 +470,36 @@ class MilvusBackend:
         return self.alias if version is None else self._name(version)
 
     def _call(self, method: Any, name: str, **kwargs: Any) -> Any:
-        """``method(name, **kwargs)``; loads a released active collection (after a server restart)
-        and tries once more; Milvus errors become IndexStoreError."""
+        """A read ``method(name, **kwargs)`` of a collection or the alias: a collection found
+        released (the server restarted) is loaded and the read tried once more; Milvus errors are
+        translated (module docstring)."""
         try:
             return method(name, **kwargs)
         except MilvusException as e:
-            if name != self.alias or self.active is None:
-                raise IndexStoreError(f"milvus: {e.message if hasattr(e, 'message') else e}"
-                                      + ("" if name != self.alias else " (no active version)")) from e
-            self._loaded.discard(collection_name(self.prefix, self.active))
-            self._name(self.active)
-            try:
-                return method(name, **kwargs)
-            except MilvusException as again:
-                raise IndexStoreError(f"milvus: {again}") from again
+            if _unavailable(e) or not _released(e):
+                suffix = " (no active version?)" if name == self.alias and not _unavailable(e) else ""
+                raise _translated(e, getattr(method, "__name__", "read") + suffix) from e
+        if name == self.alias:
+            version = self.active
+            if version is None:
+                raise IndexStoreError("milvus: no active version")
+            loaded = collection_name(self.prefix, version)
+        else:
+            loaded = name
+        self._rpc(self._client.load_collection, loaded)
+        self._loaded.add(loaded)
+        return self._rpc(method, name, **kwargs)
 
     def _rows(self, ids: list[str], version: str | None, fields: list[str]) -> dict[str, dict[str, Any]]:
         name = self._target(version)
         if name is None:
             return {}
-        rows = self._call(self._client.query, name, ids=ids, output_fields=["listing_id", *fields],
-                          consistency_level=self.consistency)
-        return {r["listing_id"]: r for r in rows}
+        out: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(ids), _IDS_PER_READ):
+            rows = self._call(self._client.query, name, ids=ids[start:start + _IDS_PER_READ],
+                              output_fields=["listing_id", *fields], consistency_level=self.consistency)
+            out.update((r["listing_id"], r) for r in rows)
+        return out
 
     def get(self, listing_id: str, version: str | None = None
             ) -> tuple[np.ndarray, dict[str, Any], np.ndarray | None] | None:
@@ -393,6 +516,12 @@ class MilvusBackend:
         row = self._rows(_check_ids([listing_id], "payload"), version, ["payload"]).get(listing_id)
         return None if row is None else dict(row["payload"])
 
+    def payloads(self, ids: Sequence[str], version: str | None = None) -> dict[str, dict[str, Any]]:
+        ids = list(dict.fromkeys(_check_ids(ids, "payloads")))
+        if not ids:
+            return {}
+        return {i: dict(row["payload"]) for i, row in self._rows(ids, version, ["payload"]).items()}
+
     def views(self, ids: Sequence[str], version: str | None = None) -> np.ndarray:
         ids = _check_ids(ids, "views")
         if not self.n_views:
@@ -405,7 +534,10 @@ class MilvusBackend:
         return flat.reshape(len(ids), self.n_views, -1)
 
     def close(self) -> None:
-        self._client.close()
+        try:
+            self._client.close()
+        except MilvusException as e:  # closing a channel to a server that is gone
+            log.debug("milvus: close: %s", e)
         if self._lite is not None:
             users = _LITE_USERS.get(self._lite, 1) - 1
             if users > 0:

@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from samestyle.models.backbones import (
     is_local_text_spec,
 )
 from samestyle.models.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, ImagePreprocessing
+from samestyle.models.runtime import RUNTIMES, Runtime
 from samestyle.topics.errors import ConfigError, ImageError, InvalidListingError
 
 logger = logging.getLogger(__name__)
@@ -313,6 +314,18 @@ class Encoder(ABC):
     version: str  # carried on every emitted message
     dim: int  # width of every view
     device: str  # "cpu", "cuda", "cuda:1", ...
+    #: How the backbones compute (:mod:`samestyle.models.runtime`); the factory sets it.
+    runtime: Runtime = RUNTIMES["eager"]
+    #: Whether :meth:`use_runtime` takes runtimes other than eager.
+    supports_runtimes: ClassVar[bool] = False
+
+    def use_runtime(self, runtime: Runtime) -> None:
+        """Run the forward pass under ``runtime`` from now on. It converts the backbones in
+        place: call it once, right after the encoder is built (the factory does). An encoder
+        that runs eager float32 only raises ConfigError for any other runtime."""
+        if not runtime.is_eager:
+            raise ConfigError(f"{type(self).__name__} runs eager float32 only, not runtime {runtime.name!r}")
+        self.runtime = runtime
 
     @abstractmethod
     def prepare(self, listing: ListingInput) -> PreparedListing:

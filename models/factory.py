@@ -20,6 +20,7 @@ from samestyle.models.encoder import (
 from samestyle.models.finetuned import FUSION as FINETUNED
 from samestyle.models.finetuned import load_finetuned
 from samestyle.models.pretrained import ConcatEncoder
+from samestyle.models.runtime import AUTO, RUNTIME_NAMES, resolve_runtime
 from samestyle.models.unified import load_unified_model
 from samestyle.topics.errors import ConfigError
 
@@ -51,16 +52,34 @@ def create_encoder(
     device: str | None = None,
     *,
     allow_random_weights: bool = False,
+    runtime: str | None = None,
 ) -> Encoder:
     """Build an encoder from a config, a config name / JSON path / model directory, or a dict.
 
-    ``device`` defaults to CUDA when available. Models are in eval mode.
+    ``device`` defaults to CUDA when available. Models are in eval mode. ``runtime`` names how
+    the backbones compute (:data:`samestyle.models.runtime.RUNTIMES`): None is eager float32,
+    ``"auto"`` the device's measured default (eager for an encoder that supports no other).
 
     Raises:
-        ConfigError: a bad config, an unavailable device, or random backbones without
-            ``allow_random_weights=True`` (or ``SAMESTYLE_ALLOW_RANDOM_WEIGHTS=1``).
+        ConfigError: a bad config, an unavailable device, an unknown runtime or one the device
+            or encoder cannot run, or random backbones without ``allow_random_weights=True``
+            (or ``SAMESTYLE_ALLOW_RANDOM_WEIGHTS=1``).
         MissingWeightsError: pretrained weights are not installed; names the package.
     """
+    if runtime is not None and runtime not in RUNTIME_NAMES:
+        raise ConfigError(f"unknown encoder runtime {runtime!r}; known: {list(RUNTIME_NAMES)}")
+    encoder = _build(config, device, allow_random_weights)
+    if runtime is not None:
+        name = runtime if runtime != AUTO or encoder.supports_runtimes else "eager"
+        chosen = resolve_runtime(name, encoder.device)
+        encoder.use_runtime(chosen)
+        logger.info("encoder %s runs with runtime %s%s", encoder.version, chosen.name,
+                    " (auto)" if runtime == AUTO else "")
+    return encoder
+
+
+def _build(config: EncoderConfig | str | Mapping[str, Any], device: str | None,
+           allow_random_weights: bool) -> Encoder:
     if isinstance(config, EncoderConfig):
         cfg = config
     elif isinstance(config, (str, Path)):
@@ -104,8 +123,9 @@ def create_encoder(
 
 
 def encoder_from_spec(
-    spec: str, device: str | None = None, *, allow_random_weights: bool = False
+    spec: str, device: str | None = None, *, allow_random_weights: bool = False, runtime: str | None = None
 ) -> Encoder:
     """Build an encoder from a command-line spec: ``default``, ``tiny``, a JSON config file, or
-    a model directory (holding ``encoder.json``; otherwise ConfigError)."""
-    return create_encoder(spec, device, allow_random_weights=allow_random_weights)
+    a model directory (holding ``encoder.json``; otherwise ConfigError); ``runtime`` as
+    :func:`create_encoder` takes it."""
+    return create_encoder(spec, device, allow_random_weights=allow_random_weights, runtime=runtime)

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from samestyle.models.encoder import (
     random_weights_allowed,
 )
 from samestyle.models.matcher import Matcher, load_matcher
+from samestyle.models.runtime import Runtime
 from samestyle.models.text import serialize
 from samestyle.topics.errors import ConfigError, MissingWeightsError
 
@@ -101,14 +102,15 @@ class DualTower(nn.Module):
         for row, seq in enumerate(ids):
             batch[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask[row, : len(seq)] = 1
-        hidden = self.text.model(input_ids=batch, attention_mask=mask).last_hidden_state  # [B, L, h]
+        # float32 from here on whatever dtype the backbone computes in (models.runtime).
+        hidden = self.text.model(input_ids=batch, attention_mask=mask).last_hidden_state.float()  # [B, L, h]
         m = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)  # [B, h]
         return F.normalize(self.text_proj(pooled), dim=-1)
 
     def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[B, dim]`` unit I vectors of ``[B, 3, S, S]`` preprocessed images."""
-        return F.normalize(self.image_proj(self.image(pixels)), dim=-1)
+        return F.normalize(self.image_proj(self.image(pixels).float()), dim=-1)
 
     @staticmethod
     def fuse(image: torch.Tensor, text: torch.Tensor, has_image: torch.Tensor, has_text: torch.Tensor) -> torch.Tensor:
@@ -133,6 +135,8 @@ def _encoder_config(config: TowerConfig, version: str, name: str) -> EncoderConf
 class FinetunedEncoder(Encoder):
     """Serves a :class:`DualTower` (and its matcher) through the :class:`Encoder` contract."""
 
+    supports_runtimes: ClassVar[bool] = True
+
     def __init__(self, towers: DualTower, config: EncoderConfig, device: str,
                  matcher: Matcher | None = None) -> None:
         self.towers = towers.to(device).eval()
@@ -146,6 +150,13 @@ class FinetunedEncoder(Encoder):
 
     def __repr__(self) -> str:
         return f"FinetunedEncoder(version={self.version!r}, dim={self.dim}, device={self.device!r})"
+
+    def use_runtime(self, runtime: Runtime) -> None:
+        runtime.check_device(self.device)
+        with self._lock:
+            self.towers.text.model = runtime.text_model(self.towers.text.model)
+            self.towers.image = runtime.image_model(self.towers.image)
+            self.runtime = runtime
 
     def match_text(self, listing: ListingInput) -> str:
         return serialize(listing.title, listing.attributes)
@@ -173,6 +184,7 @@ class FinetunedEncoder(Encoder):
             if has_image.any():
                 rows = [k for k in range(n) if batch[k].image is not None]
                 pixels = torch.stack([batch[k].image for k in rows]).to(self.device)  # [b, 3, S, S]
+                pixels = self.runtime.pixels(pixels)
                 image[rows] = self.towers.embed_pixels(pixels)
             fused = DualTower.fuse(image, text, has_image.to(self.device), has_text.to(self.device))
         return Embeddings(image=np.ascontiguousarray(image.cpu().numpy(), dtype=np.float32),

@@ -32,6 +32,7 @@ from samestyle.models.encoder import (
     PreparedListing,
     prepare_listing,
 )
+from samestyle.models.runtime import Runtime
 from samestyle.topics.errors import ConfigError
 
 __all__ = ["ConcatEncoder", "ConcatFusion"]
@@ -68,6 +69,7 @@ class ConcatEncoder(Encoder):
     """Pretrained text and image backbones with :class:`ConcatFusion` (``fusion: "concat"``)."""
 
     fusion_name: ClassVar[str] = "concat"
+    supports_runtimes: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -110,6 +112,13 @@ class ConcatEncoder(Encoder):
         image = build_image_backbone(config.image_backbone, config)
         return cls(config, text, image, device)
 
+    def use_runtime(self, runtime: Runtime) -> None:
+        runtime.check_device(self.device)
+        with self._lock:
+            self.text_backbone.model = runtime.text_model(self.text_backbone.model)
+            self.image_backbone = runtime.image_model(self.image_backbone)
+            self.runtime = runtime
+
     def __repr__(self) -> str:
         name = type(self).__name__
         return f"{name}(version={self.version!r}, dim={self.dim}, device={self.device!r})"
@@ -138,7 +147,7 @@ class ConcatEncoder(Encoder):
             has_image = torch.zeros(n, dtype=torch.bool, device=text.device)  # [n]
             if images:
                 pixels = torch.stack([pixels for _, pixels in images])  # [m, 3, S, S]
-                pixels = pixels.to(self.device, non_blocking=True)
+                pixels = self.runtime.pixels(pixels.to(self.device, non_blocking=True))
                 rows = torch.tensor([k for k, _ in images], device=text.device)  # [m]
                 image[rows] = F.normalize(self.image_backbone(pixels).float(), dim=-1)
                 has_image[rows] = True

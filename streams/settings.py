@@ -142,6 +142,11 @@ class Settings:
     #: "bf16", "int8", "channels-last" or "compile". Speed and recall of each:
     #: bench/results/encoder.json (``samestyle bench encoder``).
     encoder_runtime: str = "auto"
+    #: Overlap the embed agent's batches: prepare the next batch while one is embedded, and embed
+    #: while the one before awaits the broker (streams/worker/embedding.py). Off by default: it
+    #: measured no faster on a GIL-bound 2-core worker, and a broker restart during a model switch
+    #: then made the embedded broker fail writes (see the module docstring).
+    embed_overlap: bool = False
     #: The worker's HTTP port (health now, metrics and search later); 0 disables it.
     web_port: int = 6066
     #: Bearer token of the search API and page (``/metrics`` and ``/health`` stay open). Unset,

@@ -1,4 +1,9 @@
-"""Interactive search over the worker's live index: the HTTP API and the web page at ``/``.
+"""Interactive search over the worker's index: the HTTP API and the web page at ``/``.
+
+The index is the worker's live replica or, with ``SAMESTYLE_INDEX_BACKEND=milvus``, a view of the
+active Milvus collection: both answer :class:`LiveIndex`'s reading methods, and every call on it
+runs off the event loop (on Milvus each is a request). An index server that cannot be reached is a
+503 the client may retry.
 
 :func:`search_routes` registers the routes on the worker's
 :class:`~samestyle.streams.http.server.WebServer`: ``POST /search``, ``GET /listings/{id}`` and its
@@ -25,6 +30,7 @@ from aiohttp import web
 from samestyle.models.query import Query, QueryEmbedding, embed_queries
 from samestyle.streams.http.server import RouteRegistrar
 from samestyle.streams.io.images import ImageFetcher, is_remote, read_local_image
+from samestyle.index_store.backend import IndexUnavailableError
 from samestyle.streams.settings import Settings
 from samestyle.topics.errors import BadInputError, ImageError
 
@@ -68,6 +74,9 @@ async def json_errors(request: web.Request,
         return await handler(request)
     except ApiError as exc:
         return _error(exc.status, exc.message)
+    except IndexUnavailableError as exc:
+        log.warning("%s %s: %s", request.method, request.path, exc)
+        return _error(503, "the index is unavailable; retry")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -215,7 +224,8 @@ def _cos(a: np.ndarray | None, b: np.ndarray) -> float | None:
 
 
 def search_index(index: "LiveIndex", q: QueryEmbedding, k: int) -> list[dict[str, Any]]:
-    """Top-k listings for one embedded query, with the query's per-view cosines (blocking)."""
+    """Top-k listings for one embedded query, with the query's per-view cosines (blocking; ``index``
+    is a LiveIndex or anything with its reading methods, such as a Milvus collection's view)."""
     hits = index.search(q.search[None, :], k)[0]
     results = []
     for hit in hits:
@@ -278,7 +288,7 @@ class SearchBackend(Protocol):
 
     @property
     def index(self) -> "LiveIndex | None":
-        """The index being served (None until it is loaded)."""
+        """The index being served (None until it is loaded): a LiveIndex or a view of the active collection."""
 
     @property
     def serving_version(self) -> str | None:
@@ -332,19 +342,24 @@ def search_routes(settings: Settings, backend: SearchBackend, health: Callable[[
             raise ApiError(400, f"cannot use this query: {exc}") from None
         loop = asyncio.get_running_loop()
         results = await loop.run_in_executor(loop_executor, search_index, index, embedded, k)
+        size = await loop.run_in_executor(loop_executor, len, index)
         return web.json_response({
             "query": {"mode": embedded.mode, "text": query.text, "has_image": query.image is not None, "k": k,
                       "searched_view": {"text": "T", "image": "I", "image_text": "IT"}[embedded.mode],
                       "against_view": "IT"},
             "model_version": enc.version,
-            "index_size": len(index),
+            "index_size": size,
             "took_ms": round(1000 * (time.perf_counter() - started), 2),
             "results": results,
         })
 
+    async def payload_of(listing_id: str) -> dict[str, Any] | None:
+        index = index_or_503()
+        return await asyncio.get_running_loop().run_in_executor(loop_executor, index.payload, listing_id)
+
     async def get_listing(request: web.Request) -> web.Response:
         listing_id = request.match_info["listing_id"]
-        payload = index_or_503().payload(listing_id)
+        payload = await payload_of(listing_id)
         if payload is None:
             raise ApiError(404, f"no listing {listing_id!r} in the index")
         return web.json_response({**listing_json(listing_id, payload), "model_version": model_version()})
@@ -364,7 +379,7 @@ def search_routes(settings: Settings, backend: SearchBackend, health: Callable[[
 
     async def thumbnail(request: web.Request) -> web.Response:
         listing_id = request.match_info["listing_id"]
-        payload = index_or_503().payload(listing_id)
+        payload = await payload_of(listing_id)
         if payload is None:
             raise ApiError(404, f"no listing {listing_id!r} in the index")
         uri = payload.get("image_uri")

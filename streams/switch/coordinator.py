@@ -40,7 +40,7 @@ from samestyle.streams.switch.backfill import AT_DEADLINE, NOT_IN_LOG, REEMBED_F
 from samestyle.streams.switch.registry import ModelRegistry
 from samestyle.streams.worker.metrics import Metrics
 from samestyle.streams.worker.pipeline import EmbedStep, Incoming, Outgoing, now_ms
-from samestyle.streams.worker.replica import IndexReplica
+from samestyle.streams.worker.replica import IndexReplica, SharedIndex
 from samestyle.topics import LISTINGS, codec_for_topic
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class ModelSwitch:
     ``deadline_seconds`` bounds the wait in AWAITING_INDEX (see the module docstring).
     """
 
-    def __init__(self, registry: ModelRegistry, replica: IndexReplica, backfill: Backfill, step: Callable[[], EmbedStep],
+    def __init__(self, registry: ModelRegistry, replica: IndexReplica | SharedIndex, backfill: Backfill, step: Callable[[], EmbedStep],
                  metrics: Metrics, run_model: Callable[..., Awaitable[Any]],
                  send: Callable[[Sequence[Outgoing]], Awaitable[None]],
                  assigned: Callable[[], Iterable[int]], batch_size: int,
@@ -196,11 +196,11 @@ class ModelSwitch:
                     if self.state is not SwitchState.AWAITING_INDEX:
                         self._awaiting_since = time.monotonic()
                     self._enter(SwitchState.AWAITING_INDEX, target)
-                    self._check_deadline(target)
+                    await self._check_deadline(target)
                     await asyncio.sleep(AWAITING_INDEX_POLL_SECONDS)
                 if time.monotonic() - last_missing > MISSING_GAUGE_SECONDS and self.replica.index is not None:
                     last_missing = time.monotonic()
-                    self.metrics.model_switch_missing.set(self.replica.indexes.missing(target))
+                    self.metrics.model_switch_missing.set(await self.replica.missing(target))
         finally:
             await self.backfill.stop()
 
@@ -247,7 +247,7 @@ class ModelSwitch:
         async with self.embed_lock:  # no live batch of these listings in between
             if self.target_version() != target:
                 return
-            left_out = self.backfill.unsupplied(self.replica.indexes.lacking(target))
+            left_out = self.backfill.unsupplied(await self.replica.lacking(target))
             if not left_out:
                 return
             listings, at = codec_for_topic(LISTINGS), now_ms()
@@ -263,12 +263,12 @@ class ModelSwitch:
             log.warning("model switch to %s: %d listing(s) of the serving index %s; they leave the catalogue "
                         "until their next update: %s", target, len(ids), _LEFT_OUT_BECAUSE[reason], _some(ids))
 
-    def _check_deadline(self, target: str) -> None:
+    async def _check_deadline(self, target: str) -> None:
         """Past the deadline in AWAITING_INDEX: switch anyway, leaving out what the new index lacks."""
         if self._forced == target or time.monotonic() - self._awaiting_since < self.deadline_seconds:
             return
         self._forced = target
-        lacking = self.replica.indexes.lacking(target)
+        lacking = await self.replica.lacking(target)
         if lacking:
             self.metrics.model_switch_left_out.labels(AT_DEADLINE).inc(len(lacking))
             log.warning("model switch to %s: after %.0f s the new index still lacks %d listing(s) of the serving "

@@ -37,7 +37,8 @@ class ModelRegistry:
         """The encoder of ``settings.encoder`` (loads it on first use: call it off the event loop)."""
         if self._configured is None:
             self._configured = encoder_from_spec(self.settings.encoder, device=self.settings.device,
-                                                 allow_random_weights=self.settings.allow_random_weights)
+                                                 allow_random_weights=self.settings.allow_random_weights,
+                                                 runtime=self.settings.encoder_runtime)
             log.info("encoder %s (dim %d) on %s", self._configured.version, self._configured.dim,
                      self._configured.device)
         return self._configured
@@ -59,7 +60,8 @@ class ModelRegistry:
             raise ConfigError(f"model {version!r} is neither SAMESTYLE_ENCODER ({configured.version}) nor a "
                               f"promoted model on {self.watcher.topic}")
         encoder = encoder_from_spec(model_dir, device=self.settings.device,
-                                    allow_random_weights=self.settings.allow_random_weights)
+                                    allow_random_weights=self.settings.allow_random_weights,
+                                    runtime=self.settings.encoder_runtime)
         if encoder.version != version:
             raise ConfigError(f"{model_dir} holds model {encoder.version}, but {version} was promoted from it")
         log.info("loaded promoted model %s (dim %d) from %s", version, encoder.dim, model_dir)

@@ -2,7 +2,9 @@
 
 Agents ``embed`` (``listings`` → ``listing-embeddings``) and ``index`` (``listing-embeddings`` →
 ``similar-products`` and ``duplicate-alerts``) share the consumer group ``settings.app_id``; beside
-them run the worker's index replica, the model watcher and the blue/green model switch. A message
+them run the worker's index (its own replica with ``SAMESTYLE_INDEX_BACKEND=faiss``, the shared
+Milvus collections with ``milvus``: streams/worker/replica.py), the model watcher and the blue/green
+model switch. A message
 that does not decode is dead-lettered with its original bytes. Outputs are awaited before a batch
 is acknowledged: delivery is at-least-once and every write downstream is idempotent by listing id.
 """
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any, Sequence
 import faust
 import mode
 
-from samestyle.index_store import LiveIndex
+from samestyle.index_store import IndexBackend, create_backend
 from samestyle.models.encoder import DuplicateScorer, Encoder
 from samestyle.streams.http.auth import token_auth
 from samestyle.streams.http.moderation import AlertBuffer, moderation_routes
@@ -34,10 +35,12 @@ from samestyle.streams.switch.indexes import ModelIndexes
 from samestyle.streams.switch.registry import ModelRegistry
 from samestyle.streams.switch.watcher import ModelWatcher
 from samestyle.streams.worker.alerts import AlertFeed
+from samestyle.streams.worker.embedding import EmbedPipeline
 from samestyle.streams.worker.group import GroupObserver
 from samestyle.streams.worker.metrics import BrokerProbe, Metrics
 from samestyle.streams.worker.pipeline import (
     VIEWS,
+    AlertedPairs,
     EmbeddingUpdate,
     EmbedStep,
     Failure,
@@ -48,7 +51,7 @@ from samestyle.streams.worker.pipeline import (
     now_ms,
     remote_image_uris,
 )
-from samestyle.streams.worker.replica import IndexReplica
+from samestyle.streams.worker.replica import AlertedPairsFollower, IndexReplica, SharedIndex
 from samestyle.streams.worker.sinks import Sinks
 from samestyle.streams.worker.transport import install as install_transport
 from samestyle.topics import (
@@ -60,7 +63,7 @@ from samestyle.topics import (
     SIMILAR_PRODUCTS,
     topic_specs,
 )
-from samestyle.topics.errors import BadInputError, SamestyleError
+from samestyle.topics.errors import BadInputError, ConfigError, SamestyleError
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +101,13 @@ class ImageFetcherService(mode.Service):
 class WorkerSearch:
     """The search API's view of a worker (:class:`~samestyle.streams.http.search.SearchBackend`)."""
 
-    def __init__(self, replica: IndexReplica, registry: ModelRegistry, model_thread: ModelThread,
+    def __init__(self, replica: IndexReplica | SharedIndex, registry: ModelRegistry, model_thread: ModelThread,
                  metrics: Metrics) -> None:
         self._replica, self._registry, self._thread, self._metrics = replica, registry, model_thread, metrics
 
     @property
-    def index(self) -> LiveIndex | None:
+    def index(self) -> Any:
+        """The served index: a LiveIndex, or a view of the active Milvus collection."""
         return self._replica.index
 
     @property
@@ -120,18 +124,19 @@ class WorkerSearch:
         return self._metrics.lag_by_consumer()
 
 
-def worker_health(app: faust.App, settings: Settings, replica: IndexReplica, switch: ModelSwitch) -> dict[str, Any]:
-    """What /health answers: ok while the app runs, the replica runs and no agent has crashed."""
+def worker_health(app: faust.App, settings: Settings, replica: IndexReplica | SharedIndex,
+                  switch: ModelSwitch) -> dict[str, Any]:
+    """What /health answers: ok while the app runs, the index service runs and no agent has crashed."""
     crashed = [str(getattr(a, "name", a)) for a in app.agents.values()
                if any(getattr(actor, "crash_reason", None) for actor in getattr(a, "_actors", []))]
-    index = replica.index
     serving, target = replica.active_version, switch.target_version()
     return {
         "ok": not crashed and replica.state == "running" and not app.should_stop,
         "worker_id": settings.worker_id,
         "replica": replica.state,
+        "index_backend": settings.index_backend,
         "crashed_agents": crashed,
-        "index_vectors": len(index) if index is not None else 0,
+        "index_vectors": replica.listings(),
         "model_version": serving,
         "switching_to": target if target is not None and target != serving else None,
         "switch_state": switch.state.value,
@@ -143,11 +148,36 @@ def build_replica(settings: Settings, metrics: Metrics, registry: ModelRegistry)
     """The worker's index replica, from its snapshot when there is one."""
     spec = topic_specs(settings.topic_prefix, settings.partitions)[LISTING_EMBEDDINGS]
     directory = snapshot_dir(settings)
-    indexes, offsets = ModelIndexes.load(directory, kind=settings.index_kind, n_views=len(VIEWS))
+    indexes, offsets = ModelIndexes.load(directory, kind=settings.index_kind, n_views=len(VIEWS),
+                                          vectors=settings.index_vectors)
     replica = IndexReplica(settings, indexes, spec.name, spec.partitions, directory, offsets, metrics=metrics,
                            target_version=registry.target_version, version_order=registry.watcher.chain.order)
     metrics.lag_sources.append(replica.lags)
     return replica
+
+
+def milvus_backend(settings: Settings) -> IndexBackend:
+    """The Milvus backend ``settings`` name (blocking: it connects)."""
+    return create_backend("milvus", n_views=len(VIEWS), milvus_uri=settings.effective_milvus_uri,
+                          milvus_prefix=settings.milvus_prefix, milvus_token=settings.milvus_token)
+
+
+def build_index(settings: Settings, metrics: Metrics, registry: ModelRegistry,
+                crash: Callable[[BaseException], Any]) -> IndexReplica | SharedIndex:
+    """The worker's index: its own replica (faiss), or the shared Milvus collections (milvus)."""
+    if settings.index_backend == "faiss":
+        return build_replica(settings, metrics, registry)
+    if settings.index_backend == "milvus":
+        try:
+            import pymilvus  # noqa: F401  (fail at start, with the fix, not at the first batch)
+        except ImportError:
+            raise ConfigError("SAMESTYLE_INDEX_BACKEND=milvus needs pymilvus (and milvus-lite for a local "
+                              ".db file): pip install 'samestyle[milvus]'") from None
+        shared = SharedIndex(settings, lambda: milvus_backend(settings), registry.target_version,
+                             registry.watcher.chain.order, metrics=metrics, crash=crash)
+        metrics.lag_sources.append(shared.lags)
+        return shared
+    raise AssertionError(settings.index_backend)  # Settings rejects any other
 
 
 def searchable(updates: Sequence[EmbeddingUpdate], indexes: ModelIndexes) -> dict[str, list[EmbeddingUpdate]]:
@@ -244,7 +274,12 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, pairs: boo
     images = ImageFetcherService(ImageFetcher(FetchPolicy.of(settings)))
     watcher = ModelWatcher(settings, specs[MODEL_UPDATES].name)
     registry = ModelRegistry(settings, watcher, encoder, on_load_failure=metrics.model_load_failures.inc)
-    replica = build_replica(settings, metrics, registry)
+    replica = build_index(settings, metrics, registry, lambda exc: app.crash(exc))
+    # Milvus: every worker writes and reads one index, so a batch replayed here after a crash (or
+    # taken over from a worker that died) must know the alerts every worker already sent.
+    alerted = AlertedPairs()
+    alerted_follower = (AlertedPairsFollower(settings, specs[DUPLICATE_ALERTS], alerted)
+                        if settings.index_backend == "milvus" else None)
     embed_step: list[EmbedStep] = []
 
     def step() -> EmbedStep:
@@ -263,6 +298,8 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, pairs: boo
     app.service(watcher)
     app.service(images)
     app.service(replica)
+    if alerted_follower is not None:
+        app.service(alerted_follower)
     app.service(BrokerProbe(metrics, settings.bootstrap_servers))
     if settings.web_port:
         search = WorkerSearch(replica, registry, model_thread, metrics)
@@ -310,39 +347,48 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, pairs: boo
 
     @app.agent(topics[LISTINGS], name="embed", supervisor_strategy=mode.CrashingSupervisor)
     async def embed(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(settings.batch_size, within=settings.batch_linger_seconds):
-            batch = [Incoming.of_event(e) for e in events]
-            # Image URLs are fetched on the event loop, concurrently, before the model thread runs.
-            fetched = await images.fetch_for(batch)
-            await switch.prepare()
-            await replica.wait_ready()
-            async with switch.embed_lock:
-                started = time.perf_counter()
-                encoders = await model_thread.run(switch.embedding_encoders)
-                if len(encoders) > 1:
-                    switch.note_live(batch)
-                outgoing, failures = await model_thread.run(step(), batch, encoders, fetched)
-                metrics.observe_embed_batch(len(batch), time.perf_counter() - started, len(outgoing), len(failures))
-                await sinks.send_all(LISTING_EMBEDDINGS, outgoing)
-            await sinks.dead_letter(failures)
+        async def ack(events: Sequence[Any]) -> None:
+            for event in events:
+                await stream.ack(event)
+
+        # With SAMESTYLE_EMBED_OVERLAP the next batch is prepared while this one is embedded, and
+        # embedded while the one before is delivered; either way events are acknowledged by hand,
+        # in order, once their outputs are written.
+        pipeline = EmbedPipeline(step, model_thread.run, switch.embedding_encoders, switch.embed_lock,
+                                 lambda out: sinks.enqueue(LISTING_EMBEDDINGS, out), sinks.dead_letter, ack,
+                                 note_live=switch.note_live, observe=metrics.observe_embed_batch,
+                                 on_error=lambda exc: asyncio.ensure_future(app.crash(exc)),
+                                 overlap=settings.embed_overlap)
+        try:
+            async for events in stream.noack_take(settings.batch_size, within=settings.batch_linger_seconds):
+                batch = [Incoming.of_event(e) for e in events]
+                # Image URLs are fetched on the event loop, concurrently, before the batch is prepared.
+                fetched = await images.fetch_for(batch)
+                await switch.prepare()
+                await replica.wait_ready()
+                await pipeline.submit(events, batch, fetched)
+        finally:
+            pipeline.close()
 
     @app.agent(topics[LISTING_EMBEDDINGS], name="index", supervisor_strategy=mode.CrashingSupervisor)
     async def index(stream: faust.StreamT) -> None:
-        search = SearchStep(None, settings)
+        search = SearchStep(None, settings, alerted=alerted)
         scorers = Scorers(registry, model_thread)
-        loop = asyncio.get_running_loop()
+        if alerted_follower is not None:
+            await alerted_follower.wait_ready()
         async for events in stream.take_events(settings.batch_size, within=settings.batch_linger_seconds):
-            updates, failures = [], []
+            decoded, messages, failures = [], [], []
             for event in events:
                 msg = Incoming.of_event(event)
                 try:
-                    update = decode_embedding(msg.value)
+                    decoded.append(decode_embedding(msg.value))
+                    messages.append(msg)
                 except BadInputError as exc:
                     failures.append(Failure(msg, "index", exc))
-                    continue
-                await replica.wait_applied(msg.partition, msg.offset)
-                if not update.reembed:  # re-embedded for a model switch: the listing did not change
-                    updates.append(update)
+            # The replica: wait until it applied them. Milvus: write them (re-embedded ones too).
+            await replica.make_searchable(messages, decoded)
+            # Re-embedded for a model switch: the listing did not change, nothing is emitted.
+            updates = [u for u in decoded if not u.reembed]
             similar, alerts = [], []
             groups = searchable(updates, replica.indexes)
             # Taken before any await: the replica may drop an index at a switch meanwhile.
@@ -351,7 +397,7 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, pairs: boo
             for version, group_ in groups.items():
                 # The duplicate decision of the model whose index is searched (None: cosine rule).
                 scorer = await scorers.scorer_for(version)
-                found = await loop.run_in_executor(None, search, group_, searched[version], scorer)
+                found = await replica.run(search, group_, searched[version], scorer)
                 similar += found[0]
                 alerts += found[1]
             # Alerts first: once a listing's similar-products message is visible, its alerts are
@@ -369,4 +415,5 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, pairs: boo
     return app
 
 
-__all__ = ["ImageFetcherService", "ModelThread", "Scorers", "WorkerSearch", "build_replica", "create_app", "snapshot_dir", "worker_health"]
+__all__ = ["ImageFetcherService", "ModelThread", "Scorers", "WorkerSearch", "build_index", "build_replica", "create_app",
+           "milvus_backend", "snapshot_dir", "worker_health"]

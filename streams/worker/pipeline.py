@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
@@ -157,8 +158,43 @@ def remote_image_uris(batch: Sequence[Incoming]) -> list[str]:
     return list(dict.fromkeys(uris))
 
 
+@dataclass
+class PreparedBatch:
+    """The CPU side of an embed step for one batch (:meth:`EmbedStep.prepare`): records decoded and
+    checked, listings prepared for ``encoders``; the forward pass is :meth:`EmbedStep.embed`."""
+
+    size: int  # messages in the batch
+    #: (slot, record, listing) of every upsert to embed, in input order.
+    upserts: list[tuple[int, dict[str, Any], ListingInput]]
+    #: (slot, record) of every delete (its record is built with the serving model at embed time).
+    deletes: list[tuple[int, dict[str, Any]]]
+    #: The encoders the listings were prepared for, and per upsert their prepared listings.
+    encoders: list[Encoder]
+    prepared: list[list[Any]]
+    failures: list[Failure]
+    #: The incoming message of every upsert (an encoder prepared for at embed time may fail one).
+    messages: list[Incoming]
+    reembed: bool = False
+
+
+def _prepare_for(encoders: Sequence[Encoder]) -> Callable[[ListingInput], list[Any] | BadInputError]:
+    """One listing prepared for each encoder, or the BadInputError why not (runs on a pool thread)."""
+    def prepare(listing: ListingInput) -> list[Any] | BadInputError:
+        try:
+            return [encoder.prepare(listing) for encoder in encoders]
+        except BadInputError as exc:
+            return exc
+    return prepare
+
+
 class EmbedStep:
-    """listings bytes -> listing-embeddings bytes, one batched forward pass per call."""
+    """listings bytes -> listing-embeddings bytes, one batched forward pass per call.
+
+    A call is two parts that may run on different threads: :meth:`prepare` (decode, check, build
+    the listings, decode their images; ``map_`` spreads the image decoding over a pool) and
+    :meth:`embed` (the forward pass and the output records; on the model thread). The embed
+    agent prepares the next batch while the model embeds the current one.
+    """
 
     stage = "embed"
 
@@ -179,13 +215,23 @@ class EmbedStep:
         and, in ``next_model``, the second one's. ``reembed`` marks records of the catalogue
         re-embedding that a switch runs: replicas apply them, nothing is emitted for them.
         """
+        encoders = self._checked(encoders)
+        return self.embed(self.prepare(batch, encoders, images, reembed=reembed), encoders)
+
+    def _checked(self, encoders: Sequence[Encoder] | None) -> list[Encoder]:
         encoders = list(encoders) if encoders else [self.encoder]
         if len(encoders) > 2:
             raise ValueError(f"at most two encoders at a time, got {len(encoders)}")
-        failures: list[Failure] = []
-        # Output slots keep input order, so an upsert and a later delete of one listing stay in order.
-        slots: list[dict[str, Any] | None] = [None] * len(batch)
-        to_embed: list[tuple[int, dict[str, Any], ListingInput, list[Any]]] = []
+        return encoders
+
+    def prepare(self, batch: Sequence[Incoming], encoders: Sequence[Encoder] = (),
+                images: Mapping[str, bytes | ImageError] | None = None, *, reembed: bool = False,
+                map_: Callable[..., Iterable[Any]] = map) -> PreparedBatch:
+        """Decode and check every message, build the listings and prepare them for ``encoders``
+        (none: :meth:`embed` prepares them for its own). Thread-safe; no forward pass."""
+        failed: list[tuple[int, Failure]] = []
+        upserts: list[tuple[int, dict[str, Any], ListingInput]] = []
+        deletes: list[tuple[int, dict[str, Any]]] = []
         for i, msg in enumerate(batch):
             try:
                 if msg.value is None:
@@ -193,17 +239,62 @@ class EmbedStep:
                 record = self._listings.decode(msg.value)
                 validate_listing(record, self.settings)
                 if record.get("op") == "DELETE":
-                    slots[i] = self._delete_record(record, encoders[0], reembed)
+                    deletes.append((i, record))
                     continue
-                listing = listing_input(record, self.settings, images)
-                to_embed.append((i, record, listing, [encoder.prepare(listing) for encoder in encoders]))
+                upserts.append((i, record, listing_input(record, self.settings, images)))
             except BadInputError as exc:
-                failures.append(Failure(msg, self.stage, exc))
-        if to_embed:
-            embedded = [encoder.embed([p[k] for _, _, _, p in to_embed]) for k, encoder in enumerate(encoders)]
+                failed.append((i, Failure(msg, self.stage, exc)))
+        encoders = list(encoders)
+        prepared: list[list[Any]] = []
+        if encoders:
+            # Image decoding is most of this: ``map_`` may run the listings on a pool.
+            results = list(map_(_prepare_for(encoders), [listing for _, _, listing in upserts]))
+            kept = []
+            for upsert, result in zip(upserts, results):
+                if isinstance(result, BadInputError):
+                    failed.append((upsert[0], Failure(batch[upsert[0]], self.stage, result)))
+                else:
+                    kept.append(upsert)
+                    prepared.append(result)
+            upserts = kept
+        failures = [f for _, f in sorted(failed, key=lambda pair: pair[0])]
+        messages = [batch[i] for i, _, _ in upserts]
+        return PreparedBatch(len(batch), upserts, deletes, encoders, prepared, failures, messages, reembed)
+
+    def embed(self, prepared: PreparedBatch,
+              encoders: Sequence[Encoder] | None = None) -> tuple[list[Outgoing], list[Failure]]:
+        """The forward pass of a prepared batch with ``encoders`` (default: the step's encoder),
+        and its output records in input order. Listings prepared for other encoders than these
+        (a model switch began or ended since) are prepared here."""
+        encoders = self._checked(encoders)
+        failures = list(prepared.failures)
+        # Where each encoder's prepared listings are (None: not prepared for it yet).
+        columns = [next((k for k, e in enumerate(prepared.encoders) if e is encoder), None) for encoder in encoders]
+        upserts = prepared.upserts
+        rows = prepared.prepared if prepared.encoders else [[] for _ in upserts]
+        missing = [e for e, c in zip(encoders, columns) if c is None]
+        if missing:
+            fresh = list(map(_prepare_for(missing), [listing for _, _, listing in upserts]))
+            kept_upserts, kept_rows = [], []
+            for upsert, row, message, result in zip(upserts, rows, prepared.messages, fresh):
+                if isinstance(result, BadInputError):
+                    failures.append(Failure(message, self.stage, result))
+                    continue
+                extra = iter(result)
+                kept_upserts.append(upsert)
+                kept_rows.append([row[c] if c is not None else next(extra) for c in columns])
+            upserts, rows = kept_upserts, kept_rows
+        else:
+            rows = [[row[c] for c in columns] for row in rows]  # type: ignore[index]
+        # Output slots keep input order, so an upsert and a later delete of one listing stay in order.
+        slots: list[dict[str, Any] | None] = [None] * prepared.size
+        for i, record in prepared.deletes:
+            slots[i] = self._delete_record(record, encoders[0], prepared.reembed)
+        if upserts:
+            embedded = [encoder.embed([r[k] for r in rows]) for k, encoder in enumerate(encoders)]
             embedded_at = now_ms()
-            for row, (i, record, listing, _) in enumerate(to_embed):
-                out = self._upsert_record(record, encoders[0], embedded[0], row, embedded_at, reembed)
+            for row, (i, record, listing) in enumerate(upserts):
+                out = self._upsert_record(record, encoders[0], embedded[0], row, embedded_at, prepared.reembed)
                 # The first model's match text: a record carries one, and during a switch both
                 # encoders use the same text serialisation in practice, so the next model's
                 # index (searched with these records too) compares the same text.
@@ -370,6 +461,49 @@ class Decision:
                    source if explicit is not None else "the default threshold")
 
 
+class AlertedPairs:
+    """The pairs a worker has alerted on, or seen alerted in ``duplicate-alerts`` (bounded, oldest
+    forgotten first: at-least-once delivery made idempotent for the pairs it remembers)."""
+
+    def __init__(self, capacity: int = ALERTED_PAIRS_REMEMBERED) -> None:
+        self.capacity = capacity
+        self._pairs: OrderedDict[tuple[str, str], None] = OrderedDict()
+
+    @staticmethod
+    def _key(a: str, b: str) -> tuple[str, str]:
+        return (a, b) if a < b else (b, a)
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def __contains__(self, pair: object) -> bool:
+        return isinstance(pair, tuple) and len(pair) == 2 and self._key(*pair) in self._pairs
+
+    def add(self, a: str, b: str) -> bool:
+        """Remember the pair; True if it was not remembered before."""
+        key = self._key(a, b)
+        if key in self._pairs:
+            self._pairs.move_to_end(key)
+            return False
+        self._pairs[key] = None
+        if len(self._pairs) > self.capacity:
+            self._pairs.popitem(last=False)
+        return True
+
+    def discard(self, a: str, b: str) -> None:
+        self._pairs.pop(self._key(a, b), None)
+
+
+def payloads_of(index: Any, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The payloads of the ``ids`` present in ``index``: one request where the index reads many
+    at once (``payloads``, a backend's view), else one lookup each (a :class:`LiveIndex`)."""
+    many = getattr(index, "payloads", None)
+    if many is not None:
+        return many(ids)
+    found = ((i, index.payload(i)) for i in ids)
+    return {i: p for i, p in found if p is not None}
+
+
 @dataclass
 class _Candidate:
     """A neighbour of a searched listing: a similar product, and a duplicate candidate when it
@@ -399,15 +533,19 @@ class SearchStep:
 
     stage = "index"
 
-    def __init__(self, index: LiveIndex, settings: Settings, scorer: DuplicateScorer | None = None) -> None:
+    def __init__(self, index: LiveIndex, settings: Settings, scorer: DuplicateScorer | None = None,
+                 alerted: AlertedPairs | None = None) -> None:
         self.index = index
         self.settings = settings
         #: The duplicate scorer of the model whose index is searched (None: the cosine rule).
         self.scorer = scorer
         self._similar = codec_for_topic(SIMILAR_PRODUCTS)
         self._alerts = codec_for_topic(DUPLICATE_ALERTS)
-        #: Pairs this worker has alerted on, oldest first (bounded: at-least-once, not exactly-once).
-        self._alerted: OrderedDict[tuple[str, str], None] = OrderedDict()
+        #: Pairs not to alert again: this step's alerts, and, when the worker follows
+        #: ``duplicate-alerts`` into it, every worker's (bounded: at-least-once, not exactly-once).
+        self.alerted = alerted if alerted is not None else AlertedPairs()
+        #: Pairs first remembered by the call under way (forgotten again if it fails).
+        self._new_pairs: list[tuple[str, str]] = []
 
     def __call__(self, updates: Sequence[EmbeddingUpdate], index: LiveIndex | None = None,
                  scorer: DuplicateScorer | None = None) -> tuple[list[Outgoing], list[Outgoing]]:
@@ -419,18 +557,29 @@ class SearchStep:
             if index is not None:
                 self.index = index
             self.scorer = scorer
+        self._new_pairs = []
+        try:
+            return self._search(updates)
+        except BaseException:
+            # Nothing of this call was emitted: its pairs must alert when the batch is retried.
+            for pair in self._new_pairs:
+                self.alerted.discard(*pair)
+            raise
+
+    def _search(self, updates: Sequence[EmbeddingUpdate]) -> tuple[list[Outgoing], list[Outgoing]]:
         upserts = [u for u in updates if u.op != "DELETE"]
         if not upserts:
             return [], []
         decision = Decision.of(self.scorer, self.settings)
         queries = np.stack([u.vector for u in upserts])  # [q, dim]
         results = self.index.search(queries, self.settings.top_k, exclude=[u.listing_id for u in upserts])
+        payloads = payloads_of(self.index, list(dict.fromkeys(h.listing_id for hits in results for h in hits)))
         emitted_at = now_ms()
         per_update: list[list[_Candidate]] = []
         for update, hits in zip(upserts, results):
             found: list[tuple[str, float, dict[str, Any]]] = []
             for hit in hits:
-                payload = self.index.payload(hit.listing_id)
+                payload = payloads.get(hit.listing_id)
                 if payload is None:  # deleted between search and here
                     continue
                 found.append((hit.listing_id, float(hit.score), payload))
@@ -494,13 +643,9 @@ class SearchStep:
         # Either side of a pair may find the other: whichever is searched second sees the first
         # (a copy can be searched before its original reached this replica from another partition,
         # and then the original finds the copy). Pairs already alerted here are not alerted again.
-        pair = (listing_id, other_id) if listing_id < other_id else (other_id, listing_id)
-        if pair in self._alerted:
-            self._alerted.move_to_end(pair)
+        if not self.alerted.add(listing_id, other_id):
             return False
-        self._alerted[pair] = None
-        if len(self._alerted) > ALERTED_PAIRS_REMEMBERED:
-            self._alerted.popitem(last=False)
+        self._new_pairs.append((listing_id, other_id))
         return True
 
     def _alert(self, candidate: _Candidate, decision: Decision, emitted_at: int) -> Outgoing:

@@ -1,10 +1,24 @@
-"""The index replica: a worker's own full copy of the live index, built from every partition of
-``listing-embeddings`` by a manually assigned consumer outside the consumer group.
+"""The index a worker's agents search, and what it remembers of the alerts already sent.
 
-Snapshots store the index with the next offset per partition; a restart replays from there, and
-idempotent upserts make that exact. The index agent waits on :meth:`IndexReplica.is_caught_up_to`
-before it searches. One index per model version (:class:`ModelIndexes`); ``ready`` once the log as
-of start-up is applied, then it switches to the target model as soon as the target's index is complete.
+Two kinds of index, one surface (what the index agent, the model switch, the search API and
+``/health`` use: ``index``, ``active_version``, ``indexes``, ``wait_ready``, ``make_searchable``,
+``run``, ``lacking``/``missing``, ``force_switch``, ``lags``, ``listings``):
+
+* :class:`IndexReplica` (``SAMESTYLE_INDEX_BACKEND=faiss``): a worker's own full copy of the live
+  index, built from every partition of ``listing-embeddings`` by a manually assigned consumer outside
+  the consumer group. Snapshots store the index with the next offset per partition; a restart
+  replays from there, and idempotent upserts make that exact. The index agent waits on
+  :meth:`IndexReplica.is_caught_up_to` before it searches. One index per model version
+  (:class:`ModelIndexes`); ``ready`` once the log as of start-up is applied, then it switches to the
+  target model as soon as the target's index is complete.
+* :class:`SharedIndex` (``milvus``): no copy at all. The index agent writes the records it consumes
+  into the backend's collections (idempotent upserts by listing id) before it searches them, so
+  each record is written by the one worker that owns its partition and read by every worker.
+  The switch rule is the same, over collections (:class:`CollectionIndexes`); the alias is shared.
+
+:class:`AlertedPairsFollower` follows ``duplicate-alerts`` into the pairs the search step must not
+alert again, so a batch replayed after a crash (or taken over by another worker) does not alert a
+pair that was already sent.
 """
 
 from __future__ import annotations
@@ -12,17 +26,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from mode import Service
 
-from samestyle.index_store import LiveIndex
-from samestyle.streams.io.reader import LogReader, reader_for
+from samestyle.index_store import IndexBackend, LiveIndex
+from samestyle.index_store.backend import IndexUnavailableError, VersionView
+from samestyle.streams.io.follower import LogFollower
+from samestyle.streams.io.reader import LogReader, LogRecord, every_partition, reader_for
 from samestyle.streams.settings import Settings
-from samestyle.streams.switch.indexes import ModelIndexes
+from samestyle.streams.switch.indexes import CollectionIndexes, ModelIndexes
 from samestyle.streams.worker.metrics import PartitionLag, partition_lags
-from samestyle.streams.worker.pipeline import decode_embedding, now_ms
+from samestyle.streams.worker.pipeline import AlertedPairs, EmbeddingUpdate, Incoming, decode_embedding, now_ms
+from samestyle.topics import DUPLICATE_ALERTS, TopicSpec, codec_for_topic
 from samestyle.topics.errors import BadInputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -160,6 +179,26 @@ class IndexReplica(Service):
         async with self._changed:
             await self._changed.wait_for(lambda: self.ready.is_set() or self.should_stop)
 
+    async def make_searchable(self, messages: Sequence[Incoming], updates: Sequence[EmbeddingUpdate]) -> None:
+        """Return once every message of the index agent's batch is in the replica."""
+        for msg in messages:
+            await self.wait_applied(msg.partition, msg.offset)
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run blocking index work (a search) off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def lacking(self, target: str) -> list[str]:
+        return self.indexes.lacking(target)
+
+    async def missing(self, target: str) -> int:
+        return self.indexes.missing(target)
+
+    def listings(self) -> int:
+        """Listings in the active index."""
+        index = self.indexes.active_index
+        return len(index) if index is not None else 0
+
     async def wait_applied(self, partition: int, offset: int) -> None:
         """Return once the record at ``offset`` of ``partition`` is in the index."""
         if self.is_caught_up_to(partition, offset) and self.ready.is_set():
@@ -214,3 +253,213 @@ class IndexReplica(Service):
             self.metrics.index_snapshots.inc()
         log.info("index snapshot: %s at offsets %s -> %s", {v: len(i) for v, i in self.indexes.indexes.items()},
                  offsets, self.snapshot_dir)
+
+
+#: How often the shared index re-reads the alias, checks the switch rule and counts the active collection.
+SHARED_CHECK_SECONDS = 1.0
+#: How long a collection switched away from is kept before it is dropped: batches in flight
+#: on other workers may still be searching it.
+RETIRED_DROP_SECONDS = 60.0
+#: Longest pause between two attempts at an unreachable index server.
+RETRY_MAX_PAUSE_SECONDS = 5.0
+
+
+class SharedIndex(Service):
+    """The index of a worker that holds no replica: the per-version collections of a shared backend.
+
+    ``make_backend`` opens the backend (``create_backend`` for Milvus). Everything that talks to it
+    runs on one thread of its own, in order: the index agent's writes and searches, and this
+    service's checks (the alias another worker may have moved, the switch rule, the count of the
+    active collection, dropping collections switched away from). A backend that cannot be reached
+    is retried for ``settings.milvus_retry_seconds`` (nothing is committed meanwhile); then the
+    error propagates and takes the worker down, to be restarted.
+    """
+
+    def __init__(self, settings: Settings, make_backend: Callable[[], IndexBackend],
+                 target_version: Callable[[], str | None], version_order: Callable[[], Mapping[str, int]],
+                 metrics: "Metrics | None" = None, crash: Callable[[BaseException], Awaitable[None]] | None = None,
+                 **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.settings = settings
+        self.metrics = metrics
+        self._make_backend = make_backend
+        self.target_version = target_version
+        self.version_order = version_order
+        self._crash = crash
+        self.ready = asyncio.Event()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index")
+        self.backend: IndexBackend | None = None
+        self.indexes: CollectionIndexes | None = None  # type: ignore[assignment]
+        self._forced: str | None = None
+        self._count = 0
+        #: version -> when it was first seen ranked below the active one (for RETIRED_DROP_SECONDS).
+        self._older_since: dict[str, float] = {}
+        self._changed = asyncio.Condition()
+
+    # ------------------------------------------------------------------ the surface
+
+    @property
+    def index(self) -> VersionView | None:
+        """The active collection (None before the service is ready, or before its first write)."""
+        return self.indexes.active_index if self.indexes is not None else None
+
+    @property
+    def active_version(self) -> str | None:
+        return self.indexes.active if self.indexes is not None else None
+
+    def listings(self) -> int:
+        """Listings in the active collection, as last counted (every SHARED_CHECK_SECONDS)."""
+        return self._count
+
+    def lags(self) -> list[PartitionLag]:
+        return []  # no replica consumer: the index agent's group lag is the index's lag
+
+    def force_switch(self, target: str) -> None:
+        """Switch to ``target`` at the next check even if its collection lacks listings of the active one."""
+        self._forced = target
+
+    async def wait_ready(self) -> None:
+        if self.ready.is_set():
+            return
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.ready.is_set() or self.should_stop)
+
+    async def make_searchable(self, messages: Sequence[Incoming], updates: Sequence[EmbeddingUpdate]) -> None:
+        """Write the index agent's batch into the collections (the re-embedding's records too), so
+        that its searches, and every later one on any worker, find it (reads are Strong)."""
+        await self.wait_ready()
+        assert self.indexes is not None
+        if updates:
+            await self.run(self.indexes.apply, list(updates), self.target_version())
+            if self.metrics is not None:
+                self.metrics.observe_freshness(self.metrics.listing_to_searchable,
+                                               [u.event_time for u in updates if u.op != "DELETE"], now_ms())
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on the index thread, retried while the backend is unreachable (see the class)."""
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.settings.milvus_retry_seconds
+        pause, warned = 0.2, 0.0
+        while True:
+            try:
+                return await loop.run_in_executor(self._thread, fn, *args)
+            except IndexUnavailableError as exc:
+                now = time.monotonic()
+                if now >= deadline or self.should_stop:
+                    log.error("index backend unreachable for %.0f s (SAMESTYLE_MILVUS_RETRY_SECONDS): %s",
+                              self.settings.milvus_retry_seconds, exc)
+                    raise
+                if now - warned > 10:
+                    warned = now
+                    log.warning("index backend unreachable, retrying: %s", exc)
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, RETRY_MAX_PAUSE_SECONDS)
+
+    async def lacking(self, target: str) -> list[str]:
+        assert self.indexes is not None
+        return await self.run(self.indexes.lacking, target)
+
+    async def missing(self, target: str) -> int:
+        assert self.indexes is not None
+        return await self.run(self.indexes.missing, target)
+
+    # ------------------------------------------------------------------ the service
+
+    async def on_start(self) -> None:
+        self.backend = await self.run(self._make_backend)
+        self.indexes = CollectionIndexes(self.backend, self.version_order)
+        log.info("shared index on %r (no replica in this worker)", self.backend)
+
+    async def on_stop(self) -> None:
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            await asyncio.get_running_loop().run_in_executor(self._thread, backend.close)
+        self._thread.shutdown(wait=False)
+
+    @Service.task
+    async def _watch(self) -> None:
+        try:
+            while not self.should_stop:
+                await self._check()
+                await self.sleep(SHARED_CHECK_SECONDS)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("shared index failed")
+            if self._crash is not None:
+                await self._crash(exc)
+            raise
+
+    async def _check(self) -> None:
+        assert self.indexes is not None
+        target = self.target_version()
+        if not self.ready.is_set():
+            if target is None:
+                return
+            chosen = await self.run(self.indexes.choose_active, target, self.version_order())
+            log.info("shared index ready: serving model %s (%d listings)", chosen,
+                     await self.run(self.backend.count, chosen))  # type: ignore[union-attr]
+            async with self._changed:
+                self.ready.set()
+                self._changed.notify_all()
+        before = self.indexes.active
+        if target is not None and target != before:
+            await self.run(self.indexes.try_switch, target, self._forced == target)
+        else:
+            await self.run(self.indexes.refresh)
+        if self.indexes.active != before and self.metrics is not None:
+            self.metrics.model_switches.inc()
+        await self._drop_older()
+        active = self.indexes.active
+        self._count = await self.run(self.backend.count, active) if active is not None else 0  # type: ignore[union-attr]
+        if self.metrics is not None:
+            self.metrics.index_vectors.set(self._count)
+
+    async def _drop_older(self) -> None:
+        assert self.indexes is not None
+        now, older = time.monotonic(), set(self.indexes.older()) - {self.target_version()}
+        self._older_since = {v: self._older_since.get(v, now) for v in older}
+        for version, since in list(self._older_since.items()):
+            if now - since >= RETIRED_DROP_SECONDS:
+                await self.run(self.indexes.drop, version)
+                del self._older_since[version]
+
+
+class AlertedPairsFollower(LogFollower):
+    """Follows ``duplicate-alerts`` (its newest ``pairs.capacity`` records per partition, then
+    everything new) into ``pairs``; ``ready`` once the start-up read is in. The index agent waits
+    for it before its first batch: a batch replayed after a crash then finds its alerts remembered."""
+
+    fetch_wait_seconds = 0.2
+
+    def __init__(self, settings: Settings, spec: TopicSpec, pairs: AlertedPairs, **kwargs: Any) -> None:
+        super().__init__(settings, "alerted", **kwargs)
+        self.pairs = pairs
+        self.ready = asyncio.Event()
+        self._partitions = every_partition(spec.name, spec.partitions)
+        self._codec = codec_for_topic(DUPLICATE_ALERTS)
+
+    async def position(self, reader: LogReader) -> None:
+        await reader.assign(self._partitions)
+        # The listed end may lie below the real one (LogReader.listed_bounds): starting early is harmless.
+        bounds = await reader.listed_bounds()
+        await reader.assign({p: max(first, end - self.pairs.capacity) for p, (first, end) in bounds.items()})
+
+    def fold(self, record: LogRecord) -> None:
+        try:
+            if record.value is None:
+                raise BadInputError("null value")
+            alert = self._codec.decode(record.value)
+        except BadInputError as exc:
+            log.warning("%s[%d]@%d skipped by the alerted-pairs memory: %s", record.topic, record.partition,
+                        record.offset, exc)
+            return
+        self.pairs.add(alert["listing_id"], alert["duplicate_of"])
+
+    def caught_up(self) -> None:
+        log.info("alerted pairs: %d remembered from %s", len(self.pairs), self._partitions[0][0])
+        self.ready.set()
+
+    async def wait_ready(self) -> None:
+        while not self.ready.is_set() and not self.should_stop:
+            await asyncio.sleep(0.05)

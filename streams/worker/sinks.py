@@ -23,10 +23,19 @@ class Sinks:
 
     async def send_all(self, topic_key: str, messages: Iterable[Outgoing]) -> None:
         """Send and wait for every delivery (at-least-once: the batch is committed after this)."""
+        await (await self.enqueue(topic_key, messages))
+
+    async def enqueue(self, topic_key: str, messages: Iterable[Outgoing]) -> asyncio.Future[Any]:
+        """Hand every message to the producer, in this order, and return the future of their
+        deliveries: records enqueued before another call's are written before them, so a caller
+        may go on (embed the next batch) while the broker acknowledges these."""
         topic = self.topics[topic_key]
         futures = [await topic.send(key=m.key, value=m.value) for m in messages]
-        if futures:
-            await asyncio.gather(*futures)
+        if not futures:
+            done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            done.set_result([])
+            return done
+        return asyncio.gather(*futures)
 
     async def dead_letter(self, failures: Sequence[Failure]) -> None:
         """Log each failure with topic/partition/offset and send it, original bytes and reason, to dead-letters."""

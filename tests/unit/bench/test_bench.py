@@ -187,3 +187,28 @@ def test_freshness_json_on_a_tiny_run(capsys: pytest.CaptureFixture[str]) -> Non
         assert 0 < row[key] < 60, key
     assert row["p50_seconds"] <= row["p95_seconds"] <= row["p99_seconds"]
     assert r["batch_encode_seconds"] > 0 and "saturation_rate" in r and not math.isnan(r["batch_encode_seconds"])
+
+
+def test_index_compact_section_on_a_tiny_run(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    cache = tmp_path / "catalogue.npy"
+    rng = np.random.default_rng(0)
+    np.save(cache, rng.standard_normal((600, 24)).astype(np.float32))  # stands in for MiniLM vectors
+    r = run_json(capsys, index_bench.main, [
+        "--n", "2000", "--dim", "16", "--json", "--skip-approx", "--memory-mb", "16", "--repeat", "1",
+        "--query-batches", "4", "--query-batch", "4", "--gallery-blocks", "512", "--delete-n", "10",
+        "--vectors", "float16,sq8", "--catalogue", str(tmp_path / "none"), "--catalogue-cache", str(cache),
+        "--compact-queries", "40", "--rss-n", "3000"])
+    compact = r["compact"]
+    assert compact["forms"] == ["float32", "float16", "sq8"]
+    for form in ("float16", "sq8"):
+        assert 0.0 <= compact["recall"][form]["recall_at_10"] <= 1.0
+        assert r["compact_timing"][f"{form}_seconds"] > 0 and r["compact_timing"][f"{form}_vs_float32"] > 0
+    memory = compact["memory"]
+    assert set(memory) == {"float32", "float16", "sq8"}
+    # Sparse views: float16 stores ~2 of the 4 vectors at half the bytes; 3,000 rows are fewer than sq8
+    # trains on, so its rows are still float32, but sparse.
+    assert memory["float16"]["vector_bytes_per_listing"] < memory["sq8"]["vector_bytes_per_listing"] \
+        < memory["float32"]["vector_bytes_per_listing"]
+    assert isinstance(compact["goal_met"], bool)
+    with pytest.raises(SystemExit):
+        index_bench.build_parser().parse_args(["--vectors", "int4"])

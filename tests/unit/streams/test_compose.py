@@ -14,6 +14,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[3]
 SAMESTYLE_SERVICES = ("topics", "worker-1", "worker-2", "trainer")
 MONITORING_SERVICES = ("prometheus", "grafana")
+#: The Milvus standalone of the "milvus" profile and what it stores in.
+MILVUS_SERVICES = ("milvus", "milvus-etcd", "milvus-minio")
 DEPLOY = ROOT / "deploy"
 
 
@@ -28,11 +30,21 @@ def services(compose: dict[str, Any]) -> dict[str, Any]:
     return compose["services"]
 
 
-def _env(service: dict[str, Any]) -> dict[str, str]:
+def _interpolated(value: str, shell: dict[str, str]) -> str:
+    """``${VAR:-default}`` / ``${VAR}`` as compose fills them in from the shell's environment."""
+    def one(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(3) or ""
+        return shell.get(name) or default
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:?-([^}]*))?\}", one, value)
+
+
+def _env(service: dict[str, Any], shell: dict[str, str] | None = None) -> dict[str, str]:
+    """A service's environment as its container sees it, with ``shell`` the variables set where
+    ``docker compose`` runs (none by default)."""
     env = service.get("environment", {})
     if isinstance(env, list):  # the "- KEY=value" form
         env = dict(item.split("=", 1) for item in env)
-    return {key: str(value) for key, value in env.items()}
+    return {key: _interpolated(str(value), shell or {}) for key, value in env.items()}
 
 
 def test_expected_services(services: dict[str, Any]) -> None:
@@ -165,7 +177,7 @@ def test_every_service_names_the_bootstrap_server(services: dict[str, Any]) -> N
     for name in SAMESTYLE_SERVICES:
         assert _env(services[name])["SAMESTYLE_BOOTSTRAP"] == "kafka:9092", name
     for name, service in services.items():
-        if name in MONITORING_SERVICES:  # HTTP only: they never talk to Kafka
+        if name in MONITORING_SERVICES or name in MILVUS_SERVICES:  # they never talk to Kafka
             continue
         env = _env(service)
         assert any("kafka:9092" in value for value in env.values()), name
@@ -173,7 +185,11 @@ def test_every_service_names_the_bootstrap_server(services: dict[str, Any]) -> N
 
 def test_samestyle_services_build_from_the_repo(services: dict[str, Any]) -> None:
     for name in SAMESTYLE_SERVICES:
-        assert services[name]["build"] in (".", {"context": "."}), name
+        build = services[name]["build"]
+        assert build == "." or build["context"] == ".", name
+        # One image serves both index backends: the Dockerfile's EXTRAS add the Milvus client.
+        extras = {e.strip() for e in build.get("args", {}).get("EXTRAS", "cpu").split(",")}
+        assert {"cpu", "milvus"} <= extras, name
 
 
 def _mounts(service: dict[str, Any]) -> dict[str, str]:
@@ -275,12 +291,68 @@ def test_dockerfile_pins_cpu_torch() -> None:
     )
     assert "torch==2.13.0" in torch_line
     assert "--index-url https://download.pytorch.org/whl/cpu" in torch_line
-    assert re.search(r"pip install \"?\.\[cpu\]\"?", dockerfile)
+    # The extras default to cpu (faiss-cpu); compose adds milvus through the EXTRAS build argument.
+    assert re.search(r"^ARG EXTRAS=cpu$", dockerfile, re.MULTILINE)
+    assert re.search(r'pip install "\.\[\$\{EXTRAS\}\]"', dockerfile)
     # torch must be installed before the project, or the project's install pulls CUDA wheels.
-    assert dockerfile.index("torch==2.13.0") < dockerfile.index(".[cpu]")
+    assert dockerfile.index("torch==2.13.0") < dockerfile.index(".[${EXTRAS}]")
     assert re.search(r'^ENTRYPOINT \["samestyle"\]', dockerfile, re.MULTILINE)
     pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     assert '"torch==2.13.0"' in pyproject  # the image and the package agree
+
+
+def _service_env(services: dict[str, Any], name: str, shell: dict[str, str] | None = None) -> Any:
+    from samestyle.streams.settings import Settings
+
+    return Settings.from_env({k: v for k, v in _env(services[name], shell).items() if k.startswith("SAMESTYLE_")})
+
+
+def test_the_milvus_profile_runs_milvus_standalone_with_its_etcd_and_object_store(
+        compose: dict[str, Any], services: dict[str, Any]) -> None:
+    for name in MILVUS_SERVICES:
+        assert services[name].get("profiles") == ["milvus"], name  # only with --profile milvus
+        assert "healthcheck" in services[name], name
+        for source in _mounts(services[name]).values():
+            assert source in compose["volumes"], (name, source)  # named volumes: data outlives a container
+    for name in (*SAMESTYLE_SERVICES, "kafka", *MONITORING_SERVICES):
+        assert "profiles" not in services[name], name  # the default stack is unchanged
+    milvus = services["milvus"]
+    assert re.fullmatch(r"milvusdb/milvus:v2\.\d+\.\d+", milvus["image"])
+    assert milvus["command"] == ["milvus", "run", "standalone"]
+    env = _env(milvus)
+    etcd_host, etcd_port = env["ETCD_ENDPOINTS"].split(":")
+    minio_host, minio_port = env["MINIO_ADDRESS"].split(":")
+    assert (etcd_host, etcd_port, minio_host, minio_port) == ("milvus-etcd", "2379", "milvus-minio", "9000")
+    for dependency in (etcd_host, minio_host):
+        assert milvus["depends_on"][dependency]["condition"] == "service_healthy"
+    assert re.fullmatch(r"quay\.io/coreos/etcd:v3\.\d+\.\d+", services["milvus-etcd"]["image"])
+    etcd = " ".join(services["milvus-etcd"]["command"])
+    assert "-listen-client-urls=http://0.0.0.0:2379" in etcd and "--data-dir=/etcd" in etcd
+    assert "/etcd" in _mounts(services["milvus-etcd"])
+    assert services["milvus-minio"]["image"].startswith("minio/minio:RELEASE.")
+    minio = services["milvus-minio"]["command"]
+    assert minio[:2] == ["minio", "server"] and minio[2] in _mounts(services["milvus-minio"])
+    assert "localhost:9091/healthz" in " ".join(milvus["healthcheck"]["test"])
+    assert "19530:19530" in [str(p).split()[0] for p in milvus["ports"]]
+    assert "/var/lib/milvus" in _mounts(milvus)
+
+
+def test_workers_keep_faiss_by_default_and_point_at_the_milvus_service_with_the_profile(
+        services: dict[str, Any]) -> None:
+    from urllib.parse import urlparse
+
+    published = {str(p).split(":")[-1].split()[0] for p in services["milvus"]["ports"]}
+    for name in ("worker-1", "worker-2"):
+        worker = services[name]
+        default = _service_env(services, name)
+        assert default.index_backend == "faiss"  # `docker compose up` is what it was
+        on_milvus = _service_env(services, name, {"SAMESTYLE_INDEX_BACKEND": "milvus"})
+        assert on_milvus.index_backend == "milvus"
+        uri = urlparse(on_milvus.effective_milvus_uri)
+        assert uri.scheme == "http" and uri.hostname == "milvus" and str(uri.port) in published, name
+        # Started after a healthy Milvus when the profile runs it; without the profile, not waited for.
+        assert worker["depends_on"]["milvus"] == {"condition": "service_healthy", "required": False}
+        assert worker["depends_on"]["topics"]["condition"] == "service_completed_successfully"
 
 
 def test_dockerignore_keeps_the_context_small() -> None:

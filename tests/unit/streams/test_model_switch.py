@@ -220,6 +220,12 @@ class FakeReplica:
     async def wait_ready(self) -> None:
         pass
 
+    async def lacking(self, target: str) -> list[str]:
+        return self.indexes.lacking(target)
+
+    async def missing(self, target: str) -> int:
+        return self.indexes.missing(target)
+
     def apply(self, out: list[Outgoing]) -> None:
         self.indexes.apply([decode_embedding(o.value) for o in out])
         self.indexes.try_switch(self.target, force=self.forced)
