@@ -15,9 +15,9 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -36,6 +36,21 @@ MODELS_FILE = "MODELS.json"
 def _subdir(version: str) -> str:
     return "m-" + hashlib.sha1(version.encode()).hexdigest()[:16]
 
+
+
+def last_ops(updates: Sequence[EmbeddingUpdate], versions: set[str]) -> dict[str, dict[str, EmbeddingUpdate | None]]:
+    """Per version of ``versions`` and listing, the last record of ``updates`` (None: deleted).
+    A delete applies to every version; an upsert to each version it carries vectors of."""
+    final: dict[str, dict[str, EmbeddingUpdate | None]] = {v: {} for v in versions}
+    for update in updates:
+        if update.op == "DELETE":
+            for ops in final.values():
+                ops[update.listing_id] = None
+        else:
+            for version in update.vectors:
+                if version in final:
+                    final[version][update.listing_id] = update
+    return final
 
 class ModelIndexes:
     """The per-version indexes of one replica. Not thread-safe across writers: one applier."""
@@ -67,7 +82,7 @@ class ModelIndexes:
             raise IndexStoreError(f"model {version}: vectors of dim {dim}, its index has dim {index.dim}")
         return index
 
-    def apply(self, updates: Sequence["EmbeddingUpdate"]) -> None:
+    def apply(self, updates: Sequence[EmbeddingUpdate]) -> None:
         """Bring every index to the state the updates describe (idempotent, like a replay).
 
         A delete applies to every version; an upsert to each version it carries vectors of. Per
@@ -75,16 +90,7 @@ class ModelIndexes:
         partition).
         """
         versions = set(self.indexes) | {v for u in updates for v in u.vectors if v not in self.retired}
-        final: dict[str, dict[str, EmbeddingUpdate | None]] = {v: {} for v in versions}
-        for update in updates:
-            if update.op == "DELETE":
-                for ops in final.values():
-                    ops[update.listing_id] = None
-            else:
-                for version in update.vectors:
-                    if version in final:
-                        final[version][update.listing_id] = update
-        for version, ops in final.items():
+        for version, ops in last_ops(updates, versions).items():
             deletes = [listing_id for listing_id, u in ops.items() if u is None]
             upserts = [u for u in ops.values() if u is not None]
             if deletes and version in self.indexes:
@@ -249,22 +255,13 @@ class CollectionIndexes:
         return version in self.indexes or version in (target, self.active) or (
             self.active is not None and self._rank(version) > self._rank(self.active))
 
-    def apply(self, updates: Sequence["EmbeddingUpdate"], target: str | None = None) -> None:
+    def apply(self, updates: Sequence[EmbeddingUpdate], target: str | None = None) -> None:
         """Bring the collections to the state the updates describe (idempotent, like a replay): a
         delete removes the listing from every version, an upsert writes each writable version it
         carries vectors of; per version and listing the last record wins."""
         self.refresh()
         versions = set(self.indexes) | {v for u in updates for v in u.vectors if self.writable(v, target)}
-        final: dict[str, dict[str, EmbeddingUpdate | None]] = {v: {} for v in versions}
-        for update in updates:
-            if update.op == "DELETE":
-                for ops in final.values():
-                    ops[update.listing_id] = None
-            else:
-                for version in update.vectors:
-                    if version in final:
-                        final[version][update.listing_id] = update
-        for version, ops in final.items():
+        for version, ops in last_ops(updates, versions).items():
             deletes = [listing_id for listing_id, u in ops.items() if u is None]
             upserts = [u for u in ops.values() if u is not None]
             if deletes and version in self.indexes:
