@@ -301,7 +301,7 @@ def prefix_features(config: TrainConfig, towers: TowerConfig, pixels: Mapping[st
     if not pixels:
         return None
     # Channels-last: the depthwise convolutions of the early blocks ran 1.4x faster in it on this
-    # CPU (32 images at 192 px through blocks 0..11, one thread: 8.5 s against 12.2 s, one run).
+    # CPU (32 images at 192 px through blocks 0..11, one thread: 8.5 s against 12.2 s, one scratch run).
     backbone = build_image_backbone(towers.image_backbone, towers).to(device, memory_format=torch.channels_last).eval()
     if not 0 < config.image_blocks < len(backbone.blocks()):
         return None  # every block trains
