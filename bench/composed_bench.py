@@ -77,7 +77,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from samestyle.models import ListingInput, encoder_from_spec
     from samestyle.models.data import read_listings
     from samestyle.models.query import Query, embed_queries
-    from samestyle.streams.io.producer import PROVENANCE_COLUMNS
 
     started = time.perf_counter()
     clusters = _read_clusters(args.data / "clusters.csv")
@@ -109,7 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for listing_id in catalog[lo: lo + args.batch_size]:
             r = records[listing_id]
             batch.append(ListingInput(listing_id, r.title, r.description,
-                                      {k: v for k, v in r.attributes.items() if k not in PROVENANCE_COLUMNS},
+                                      dict(r.attributes),
                                       image_bytes(listing_id), r.category))
         rows.append(encoder.encode(batch).image_text)
     index = np.concatenate(rows)  # [n_catalog, dim]

@@ -53,6 +53,7 @@ __all__ = [
     "EncoderConfig",
     "ListingInput",
     "DuplicateScorer",
+    "PROVENANCE_ATTRIBUTES",
     "PairCandidate",
     "PreparedListing",
     "listing_text",
@@ -381,11 +382,18 @@ class DuplicateScorer(ABC):
         """``[n]`` calibrated probabilities that each pair is one product."""
 
 
+#: Attributes that say where a listing came from, not what it is: kept out of the embedded text
+#: (a "source: abt.com" in every Abt listing's text would pull same-shop listings together). The
+#: fine-tuned model's duplicate matcher still sees the source (``models/text.py``).
+PROVENANCE_ATTRIBUTES = frozenset({"source"})
+
+
 def listing_text(
     listing: ListingInput, max_chars: int | None = None, *, has_image: bool | None = None
 ) -> str:
     """The text a listing is embedded from: title, description, then sorted ``key: value``
-    attributes, whitespace-normalised (attribute order must not change the vector).
+    attributes except :data:`PROVENANCE_ATTRIBUTES`, whitespace-normalised (attribute order must
+    not change the vector).
 
     A listing with an image may have no title (a photo-only listing, e.g. a shopper's photo
     query): its text is what the other fields give, possibly ``""`` (the listing then has no T
@@ -411,7 +419,7 @@ def listing_text(
     pairs = []
     for key, value in sorted((str(k), str(v)) for k, v in listing.attributes.items()):
         key, value = " ".join(key.split()), " ".join(value.split())
-        if key and value:
+        if key and value and key not in PROVENANCE_ATTRIBUTES:
             pairs.append(f"{key}: {value}")
     parts = [
         " ".join((title or "").split()),

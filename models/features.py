@@ -33,12 +33,8 @@ from samestyle.topics.errors import ConfigError, ImageError
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 2
-# Attributes that describe where a listing was scraped, not what it is: kept out of the text so
-# that "source: abt.com" does not pull same-site listings together.
-DROPPED_ATTRIBUTES = frozenset({"source"})
 
 __all__ = [
-    "DROPPED_ATTRIBUTES",
     "FeatureCache",
     "LiveImageFeatures",
     "LiveTextFeatures",
@@ -51,9 +47,10 @@ __all__ = [
 
 
 def listing_input(record: ListingRecord, with_image: bool = True) -> ListingInput:
-    """A data-set row as the encoder sees it: the text fields, attributes (minus the scrape
-    source) and the image bytes when there is an image and ``with_image``."""
-    attributes = {k: v for k, v in record.attributes.items() if k not in DROPPED_ATTRIBUTES}
+    """A data-set row as the encoder sees it: the text fields, every attribute (the encoders keep
+    the provenance ones out of the embedded text) and the image bytes when there is an image and
+    ``with_image``."""
+    attributes = dict(record.attributes)
     image = None
     if with_image and record.image_path:
         image = load_image_bytes(record.image_path)

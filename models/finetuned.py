@@ -37,7 +37,7 @@ from samestyle.models.encoder import (
 )
 from samestyle.models.matcher import Matcher, load_matcher
 from samestyle.models.runtime import Runtime
-from samestyle.models.text import serialize
+from samestyle.models.text import match_text, serialize
 from samestyle.topics.errors import ConfigError, MissingWeightsError
 
 logger = logging.getLogger(__name__)
@@ -159,6 +159,10 @@ class FinetunedEncoder(Encoder):
             self.runtime = runtime
 
     def match_text(self, listing: ListingInput) -> str:
+        return match_text(listing.title, listing.attributes)
+
+    @staticmethod
+    def _text(listing: ListingInput) -> str:
         return serialize(listing.title, listing.attributes)
 
     @property
@@ -167,7 +171,7 @@ class FinetunedEncoder(Encoder):
 
     def prepare(self, listing: ListingInput) -> PreparedListing:
         # Without a title the T view is empty (a photo query): brand and price alone are no text.
-        return prepare_listing(listing, self._preprocess, None, text_of=self.match_text)
+        return prepare_listing(listing, self._preprocess, None, text_of=self._text)
 
     def embed(self, batch: Sequence[PreparedListing]) -> Embeddings:
         if not batch:

@@ -3,7 +3,9 @@
 :class:`PairFeaturizer` turns :class:`~samestyle.models.encoder.PairCandidate` s into a feature
 matrix (dense cosine, rank and margin among the query's neighbours; word and character-trigram
 TF-IDF cosines with the idf of the training listings; model-code, number, price and brand
-agreement). :class:`Matcher` is that featurizer, a scikit-learn classifier with calibrated
+agreement; whether both listings come from the same source, where both name one: a clean
+shop lists each product once, and the classifier learns from the training labels what a shared
+source means). :class:`Matcher` is that featurizer, a scikit-learn classifier with calibrated
 probabilities and the threshold chosen on a valid split; it is stored in the model directory
 (``matcher.joblib`` + ``matcher.json``) and is the served model's ``duplicate_scorer``.
 """
@@ -19,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from samestyle.models.encoder import DuplicateScorer, PairCandidate
-from samestyle.models.text import parse_price
+from samestyle.models.text import parse_price, split_source
 from samestyle.topics.errors import ConfigError
 
 __all__ = ["FEATURES", "Matcher", "PairFeaturizer", "fit_classifier", "load_matcher"]
@@ -33,7 +35,7 @@ FEATURES = (
     "dense_cos", "dense_rank", "dense_margin",
     "word_full", "word_title", "char_title", "char_full",
     "code_jaccard", "code_containment", "code_in_other", "code_conflict",
-    "num_jaccard", "num_containment", "price_ratio", "brand_agree", "len_ratio",
+    "num_jaccard", "num_containment", "price_ratio", "brand_agree", "len_ratio", "same_source",
 )
 
 _SPLIT = re.compile(r"[\s,;:()\[\]{}|/\"'!?+]+")
@@ -113,12 +115,17 @@ class PairFeaturizer:
         ma, mb = vec.transform(a), vec.transform(b)  # rows are L2-normalised
         return np.asarray(ma.multiply(mb).sum(axis=1)).ravel()
 
-    def features(self, candidates: Sequence[PairCandidate]) -> np.ndarray:
-        """``[n, len(FEATURES)]`` float32."""
+    def features(self, candidates: Sequence[PairCandidate], names: Sequence[str] = FEATURES) -> np.ndarray:
+        """``[n, len(names)]`` float32: the ``names`` columns (default :data:`FEATURES`), in that order."""
         if not self._vectorizers:
             raise ConfigError("PairFeaturizer is not fitted")
-        full_a = [c.text_a.lower() for c in candidates]
-        full_b = [c.text_b.lower() for c in candidates]
+        unknown = [n for n in names if n not in FEATURES]
+        if unknown:
+            raise ConfigError(f"unknown matcher feature(s) {unknown}: this code computes {list(FEATURES)}")
+        split_a = [split_source(c.text_a.lower()) for c in candidates]
+        split_b = [split_source(c.text_b.lower()) for c in candidates]
+        full_a = [text for text, _ in split_a]
+        full_b = [text for text, _ in split_b]
         cols: dict[str, np.ndarray] = {
             "dense_cos": np.array([c.cosine for c in candidates]),
             "dense_rank": np.log1p(np.minimum([c.rank for c in candidates], MAX_RANK)),
@@ -146,11 +153,13 @@ class PairFeaturizer:
                          _jaccard(a.numbers, b.numbers), _containment(a.numbers, b.numbers), price, brand,
                          min(a.tokens, b.tokens) / max(a.tokens, b.tokens)))
         lexical = np.array(rows, dtype=np.float64).reshape(len(candidates), 9)
-        names = ("code_jaccard", "code_containment", "code_in_other", "code_conflict", "num_jaccard",
-                 "num_containment", "price_ratio", "brand_agree", "len_ratio")
-        for k, name in enumerate(names):
+        lexical_names = ("code_jaccard", "code_containment", "code_in_other", "code_conflict", "num_jaccard",
+                         "num_containment", "price_ratio", "brand_agree", "len_ratio")
+        for k, name in enumerate(lexical_names):
             cols[name] = lexical[:, k]
-        return np.column_stack([cols[n] for n in FEATURES]).astype(np.float32)
+        cols["same_source"] = np.array([float(sa == sb) if sa and sb else -1.0
+                                        for (_, sa), (_, sb) in zip(split_a, split_b)])
+        return np.column_stack([cols[n] for n in names]).astype(np.float32)
 
 
 def fit_classifier(features: np.ndarray, labels: np.ndarray, kind: str = "hgb", seed: int = 0,
@@ -180,26 +189,32 @@ def fit_classifier(features: np.ndarray, labels: np.ndarray, kind: str = "hgb", 
 
 
 class Matcher(DuplicateScorer):
-    """Featurizer + calibrated classifier + the probability threshold chosen on valid."""
+    """Featurizer + calibrated classifier + the probability threshold chosen on valid.
+
+    ``features`` are the columns the classifier was fitted on (default :data:`FEATURES`; a matcher
+    saved before a feature was added keeps its own list and scores as it did).
+    """
 
     def __init__(self, featurizer: PairFeaturizer, classifier: Any, threshold: float,
-                 meta: dict[str, Any] | None = None) -> None:
+                 meta: dict[str, Any] | None = None, features: Sequence[str] = FEATURES) -> None:
         self.featurizer = featurizer
         self.classifier = classifier
         self.threshold = float(threshold)
         self.meta = dict(meta or {})
+        self.features = tuple(features)
 
     def probabilities(self, candidates: Sequence[PairCandidate]) -> np.ndarray:
         if not candidates:
             return np.zeros(0, dtype=np.float32)
-        return self.classifier.predict_proba(self.featurizer.features(candidates))[:, 1].astype(np.float32)
+        x = self.featurizer.features(candidates, self.features)
+        return self.classifier.predict_proba(x)[:, 1].astype(np.float32)
 
     def save(self, directory: Path) -> None:
         import joblib
 
         joblib.dump({"featurizer": self.featurizer, "classifier": self.classifier}, directory / MATCHER_FILE)
         (directory / MATCHER_META).write_text(json.dumps(
-            {"threshold": self.threshold, "features": list(FEATURES), **self.meta}, indent=2, default=float) + "\n")
+            {"threshold": self.threshold, "features": list(self.features), **self.meta}, indent=2, default=float) + "\n")
 
 
 def load_matcher(directory: Path) -> Matcher | None:
@@ -212,10 +227,12 @@ def load_matcher(directory: Path) -> Matcher | None:
     import joblib
 
     meta = json.loads((directory / MATCHER_META).read_text())
-    if list(meta.get("features", [])) != list(FEATURES):
-        raise ConfigError(f"{directory}: the matcher was trained on features {meta.get('features')}, "
-                          f"this code computes {list(FEATURES)}")
+    features = list(meta.pop("features", []))
+    unknown = [n for n in features if n not in FEATURES]
+    if not features or unknown:
+        raise ConfigError(f"{directory}: the matcher was trained on features {features or 'none recorded'}, "
+                          f"this code computes {list(FEATURES)}: refit it with "
+                          f"`samestyle train --refit-matcher {directory}`")
     parts = joblib.load(directory / MATCHER_FILE)
     threshold = meta.pop("threshold")
-    meta.pop("features")
-    return Matcher(parts["featurizer"], parts["classifier"], threshold, meta)
+    return Matcher(parts["featurizer"], parts["classifier"], threshold, meta, features)

@@ -3,6 +3,11 @@
 ``title | brand <b> | price <p>``: the title first (it carries the model codes), the brand when
 the title does not already name it, the price when one parses; no description, category or
 source (chosen on valid splits: docs/MODEL.md, "Text serialisation").
+
+The duplicate matcher compares :func:`match_text`: the same text plus, where the listing names
+one, its ``source`` (the shop or feed it came from) after a tab. ``serialize`` collapses every
+whitespace run to one space, so the tab cannot occur in the serialised part and
+:func:`split_source` undoes the join exactly.
 """
 
 from __future__ import annotations
@@ -10,9 +15,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-__all__ = ["parse_price", "serialize"]
+__all__ = ["match_text", "parse_price", "serialize", "split_source"]
 
 _PRICE = re.compile(r"\d+(?:[.,]\d+)?")
+#: Joins a match text's serialised part and its source (never inside the serialised part).
+SOURCE_SEPARATOR = "\tsource "
 
 
 def _clean(value: object) -> str:
@@ -45,3 +52,16 @@ def serialize(title: str | None, attributes: Mapping[str, str] | None = None) ->
     if price is not None:
         parts.append(f"price {price:g}")
     return " | ".join(p for p in parts if p)
+
+
+def match_text(title: str | None, attributes: Mapping[str, str] | None = None) -> str:
+    """What the duplicate matcher compares: :func:`serialize`, then the listing's ``source``."""
+    source = _clean((attributes or {}).get("source"))
+    text = serialize(title, attributes)
+    return f"{text}{SOURCE_SEPARATOR}{source}" if source else text
+
+
+def split_source(text: str) -> tuple[str, str]:
+    """``(serialised text, source)`` of a :func:`match_text`; the source is ``""`` when it names none."""
+    head, _, source = text.partition(SOURCE_SEPARATOR)
+    return head, source

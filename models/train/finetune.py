@@ -21,6 +21,7 @@ file's negatives. Without the column, or with every weight 1, training is unchan
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import random
@@ -41,7 +42,7 @@ from samestyle.models.encoder import PairCandidate
 from samestyle.models.finetuned import DualTower, TowerConfig, save_finetuned, serving_crop_pct
 from samestyle.models.images import ImagePreprocessing, load_image_bytes
 from samestyle.models.matcher import Matcher, PairFeaturizer, fit_classifier
-from samestyle.models.text import serialize
+from samestyle.models.text import match_text, serialize
 from samestyle.models.train.metrics import best_threshold, pair_metrics
 from samestyle.topics.errors import ConfigError, ImageError
 
@@ -128,6 +129,11 @@ class Products:
     weights: dict[tuple[str, str], float] = field(default_factory=dict)
     #: Whether the pairs file has a ``weight`` column at all.
     weighted: bool = False
+
+    @functools.cached_property
+    def match_texts(self) -> dict[str, str]:
+        """What the matcher compares per listing (:func:`~samestyle.models.text.match_text`)."""
+        return {i: match_text(r.title, r.attributes) for i, r in self.records.items()}
 
     def weight(self, a: str, b: str) -> float:
         """The weight of the pair ``a``-``b`` (either order); 1 when the file gave none."""
@@ -650,12 +656,12 @@ def fit_matcher(config: TrainConfig, data: Products, vectors: MatcherData,
     oof, final = vectors.oof, vectors.final
     train_ids = sorted(data.product)
     arrival = arrival_order(all_ids, config.seed) if config.matcher_order == "arrival" else None
-    featurizer = PairFeaturizer().fit([data.texts[i] for i in all_ids])
+    featurizer = PairFeaturizer().fit([data.match_texts[i] for i in all_ids])
     valid_info: dict[str, Any]
     # A weighted file (the trainer's) may hold negatives without a valid set: mined pairs below.
     if any(y == 0 for _, _, y in data.train_pairs) and (config.valid_pairs is not None or not data.weighted):
         fit_pairs = [(a, b, y) for a, b, y in data.train_pairs]
-        x_fit = featurizer.features(candidates_for([(a, b) for a, b, _ in fit_pairs], oof, all_ids, data.texts,
+        x_fit = featurizer.features(candidates_for([(a, b) for a, b, _ in fit_pairs], oof, all_ids, data.match_texts,
                                                    arrival))
         y_fit = np.array([y for _, _, y in fit_pairs])
         classifier = fit_classifier(x_fit, y_fit, config.classifier, config.seed,
@@ -663,7 +669,7 @@ def fit_matcher(config: TrainConfig, data: Products, vectors: MatcherData,
         if config.valid_pairs is None:
             raise ConfigError("--pairs needs --valid-pairs: the matcher's threshold is chosen on valid")
         valid = [(a, b, y) for a, b, y in read_pairs(config.valid_pairs) if a in data.records and b in data.records]
-        x_valid = featurizer.features(candidates_for([(a, b) for a, b, _ in valid], final, all_ids, data.texts,
+        x_valid = featurizer.features(candidates_for([(a, b) for a, b, _ in valid], final, all_ids, data.match_texts,
                                                      arrival))
         y_valid = np.array([y for _, _, y in valid])
         valid_info = {"pairs": len(valid), "source": str(config.valid_pairs)}
@@ -676,7 +682,7 @@ def fit_matcher(config: TrainConfig, data: Products, vectors: MatcherData,
         if data.weighted:
             mined = _with_labelled_negatives(mined, data)
         is_fit = np.array([data.product[a] not in valid_products for a, _, _ in mined])
-        x_all = featurizer.features(candidates_for([(a, b) for a, b, _ in mined], oof, train_ids, data.texts,
+        x_all = featurizer.features(candidates_for([(a, b) for a, b, _ in mined], oof, train_ids, data.match_texts,
                                                    arrival))
         y_all = np.array([y for _, _, y in mined])
         weights = _sample_weights(mined, data)

@@ -26,11 +26,6 @@ from samestyle.topics.errors import BadInputError
 log = logging.getLogger(__name__)
 
 
-#: CSV columns that describe where a dataset row came from, not the product: never sent as attributes
-#: (a "source: abt.com" in every Abt listing's text would pull same-shop listings together).
-PROVENANCE_COLUMNS = frozenset({"source"})
-
-
 def listing_message(record: ListingRecord, *, image_mode: str = "uri", event_time: int | None = None) -> dict[str, Any]:
     """A ``listings`` record for one CSV row. ``image_mode`` "uri" sends the path, "bytes" the file."""
     image_uri = image_bytes = None
@@ -45,7 +40,9 @@ def listing_message(record: ListingRecord, *, image_mode: str = "uri", event_tim
         "category": record.category,
         "title": record.title,
         "description": record.description,
-        "attributes": {k: v for k, v in record.attributes.items() if k not in PROVENANCE_COLUMNS},
+        # Every attribute, source included: the encoders keep provenance out of the embedded
+        # text (encoder.PROVENANCE_ATTRIBUTES) and the duplicate matcher compares sources.
+        "attributes": dict(record.attributes),
         "image_uri": image_uri,
         "image_bytes": image_bytes,
         "op": "UPSERT",

@@ -24,6 +24,13 @@ every index, emits nothing, and leaves the log saying what the new index holds. 
 back with its next update. Whatever the new index still lacks ``deadline_seconds`` after this
 worker reached AWAITING_INDEX (a peer that stopped re-embedding, a partition whose keys do not
 follow the default partitioner) is left out the same way by switching anyway, on this worker.
+
+A restart resumes a switch through the same states. The index snapshot records the target and the
+promoted models' directories (:meth:`ModelSwitch.record`, :mod:`~samestyle.streams.switch.record`);
+the registry restores them ahead of the decision log, so a worker whose broker lost ``model-updates``
+still has the target it was switching to, and re-embeds towards it again from offset 0. A
+promotion on the log supersedes the recorded target; a recorded target whose directory is gone is
+abandoned (logged, counted in ``samestyle_model_load_failures_total``) and the served model stays.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from typing import Any
 
 from samestyle.models.encoder import Encoder
 from samestyle.streams.switch.backfill import AT_DEADLINE, NOT_IN_LOG, REEMBED_FAILED, Backfill, default_partition
+from samestyle.streams.switch.record import SwitchRecord
 from samestyle.streams.switch.registry import ModelRegistry
 from samestyle.streams.worker.metrics import Metrics
 from samestyle.streams.worker.pipeline import EmbedStep, Incoming, Outgoing, now_ms
@@ -138,6 +146,35 @@ class ModelSwitch:
         await self.run_model(self.registry.configured_encoder)
         await self.run_model(self.registry.target_encoder)
 
+    def _log_restored(self) -> None:
+        """Say what became of the switch record of the snapshot this worker started from."""
+        record = self.registry.restored
+        if record is None:
+            return
+        chain = self.registry.watcher.chain
+        serving, target = self.serving_version, self.target_version()
+        if target == record.target and not chain.from_log(target):
+            if target != serving:
+                log.warning("model switch: model-updates does not hold the promotion of %s that the index "
+                            "snapshot's unfinished switch followed (state %s then, serving %s): resuming that "
+                            "switch", target, record.state, serving)
+            else:
+                log.info("model switch: serving %s as the index snapshot records (model-updates does not hold "
+                         "its promotion)", target)
+        elif target != record.target and chain.promoted:
+            log.info("model switch: the index snapshot's target %s is superseded by model-updates (target %s)",
+                     record.target, target)
+        elif target != record.target:
+            log.warning("model switch: the index snapshot's target %s is not restored (see above); serving %s, "
+                        "target %s", record.target, serving, target)
+
+    def record(self) -> SwitchRecord | None:
+        """What an index snapshot keeps of the switch (None until the target is known)."""
+        target = self.target_version()
+        if target is None:
+            return None
+        return SwitchRecord(target, self.state.value, self.registry.recorded_models([self.serving_version, target]))
+
     def serving_encoder(self) -> Encoder:
         """The encoder of the index being served (loads it on first use: off the event loop)."""
         version = self.serving_version
@@ -177,6 +214,7 @@ class ModelSwitch:
         try:
             await self.prepare()
             await self.replica.wait_ready()
+            self._log_restored()
             last_missing = 0.0
             while not should_stop():
                 serving, target = self.serving_version, self.target_version()

@@ -6,6 +6,8 @@ backend (Milvus), where the alias is the active version. Exactly one is *active*
 :meth:`ModelIndexes.try_switch` makes the target active once it holds every listing the active one
 holds, then drops the old index. Deletes apply to every index. Snapshots are crash-consistent:
 ``MODELS.json`` is replaced atomically after every index is written (layout: docs/INTERNALS.md).
+Format 2 of ``MODELS.json`` adds the model switch's record (:mod:`~samestyle.streams.switch.record`);
+format 1 (no ``format`` key, no record) is still read.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 
 from samestyle.index_store import IndexBackend, LiveIndex
 from samestyle.index_store.backend import VersionView
+from samestyle.streams.switch.record import SwitchRecord
 from samestyle.topics.errors import IndexStoreError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,6 +34,11 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 MODELS_FILE = "MODELS.json"
+#: The format ``MODELS.json`` is written in (2: with the switch record); a file without a
+#: ``format`` key is format 1.
+MODELS_FORMAT = 2
+#: The formats of ``MODELS.json`` this code reads.
+MODELS_READ_FORMATS = (1, 2)
 
 
 def _subdir(version: str) -> str:
@@ -67,6 +75,8 @@ class ModelIndexes:
         #: Versions switched away from: their vectors (records still in flight from workers that
         #: had not switched yet, or a replay) are ignored, never a new index.
         self.retired: set[str] = set(retired or ())
+        #: The model switch's record read from the snapshot (None: none, or a format 1 snapshot).
+        self.switch_record: SwitchRecord | None = None
 
     @property
     def active_index(self) -> LiveIndex | None:
@@ -155,15 +165,19 @@ class ModelIndexes:
 
     # ---------------------------------------------------------------- snapshots
 
-    def snapshot(self, root: Path, offsets: Mapping[int, int]) -> None:
+    def snapshot(self, root: Path, offsets: Mapping[int, int], switch: SwitchRecord | None = None) -> None:
+        """Write every index, then ``MODELS.json`` (with ``switch``, the switch's record) atomically."""
         root.mkdir(parents=True, exist_ok=True)
         written = {}
         for version, index in list(self.indexes.items()):
             index.snapshot(root / _subdir(version), offsets)
             written[version] = _subdir(version)
+        meta: dict[str, object] = {"format": MODELS_FORMAT, "active": self.active, "indexes": written,
+                                   "retired": sorted(self.retired)}
+        if switch is not None:
+            meta["switch"] = switch.to_json()
         tmp = root / f".{MODELS_FILE}.tmp"
-        tmp.write_text(json.dumps({"active": self.active, "indexes": written, "retired": sorted(self.retired)},
-                                  indent=1))
+        tmp.write_text(json.dumps(meta, indent=1))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, root / MODELS_FILE)
@@ -174,10 +188,12 @@ class ModelIndexes:
     @classmethod
     def load(cls, root: Path, kind: str, n_views: int,
              vectors: str = "float32") -> tuple[ModelIndexes, dict[int, int]]:
-        """The snapshot set under ``root`` (empty and ``{}`` if there is none).
+        """The snapshot set under ``root`` (empty and ``{}`` if there is none), with the switch's
+        record in ``switch_record``.
 
         The offsets returned are the smallest per partition over the indexes: replaying from
-        there is harmless (the last record per listing wins) and loses nothing.
+        there is harmless (the last record per listing wins) and loses nothing. A switch record
+        that does not parse is logged and ignored (the indexes are intact; the decision log decides).
         """
         path = root / MODELS_FILE
         if not path.is_file():
@@ -185,8 +201,18 @@ class ModelIndexes:
         try:
             meta = json.loads(path.read_text())
             active, subdirs, retired = meta["active"], dict(meta["indexes"]), set(meta.get("retired", ()))
-        except (ValueError, KeyError, TypeError) as e:
+            form = meta.get("format", 1)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise IndexStoreError(f"{path} is not a model index set: {e!r}") from e
+        if form not in MODELS_READ_FORMATS or isinstance(form, bool):
+            raise IndexStoreError(f"{path} has format {form!r}; this code reads formats "
+                                  f"{', '.join(map(str, MODELS_READ_FORMATS))}")
+        switch = None
+        if meta.get("switch") is not None:
+            try:
+                switch = SwitchRecord.from_json(meta["switch"])
+            except ValueError as e:
+                log.error("%s: the model switch record is ignored: %s", path, e)
         indexes: dict[str, LiveIndex] = {}
         offsets: dict[int, int] = {}
         for version, subdir in subdirs.items():
@@ -197,7 +223,9 @@ class ModelIndexes:
             indexes[version] = index
             for p, o in index_offsets.items():
                 offsets[p] = min(o, offsets.get(p, o))
-        return cls(kind, n_views, indexes, active, retired, vectors=vectors), offsets
+        loaded = cls(kind, n_views, indexes, active, retired, vectors=vectors)
+        loaded.switch_record = switch
+        return loaded, offsets
 
 
 def load_active_snapshot(root: Path) -> tuple[LiveIndex, dict[int, int], str]:
@@ -349,4 +377,4 @@ class CollectionIndexes:
         log.info("dropped the collection of model %s", version)
 
 
-__all__ = ["MODELS_FILE", "CollectionIndexes", "ModelIndexes", "load_active_snapshot"]
+__all__ = ["MODELS_FILE", "MODELS_FORMAT", "CollectionIndexes", "ModelIndexes", "load_active_snapshot"]

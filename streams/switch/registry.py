@@ -3,18 +3,21 @@
 :class:`ModelRegistry` holds the configured encoder (``SAMESTYLE_ENCODER``, the fallback) and the
 encoders of promoted models by version, loads them on first use (seconds: callers run it on the
 model thread, never on the event loop) and answers the *target* version: the newest promotion
-that loads, else the configured encoder.
+that loads, else the configured encoder. :meth:`ModelRegistry.restore` takes the promotions an
+index snapshot recorded (:mod:`~samestyle.streams.switch.record`) for a decision log that lost them.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from samestyle.models.encoder import Encoder
 from samestyle.models.factory import encoder_from_spec
 from samestyle.streams.settings import Settings
-from samestyle.streams.switch.watcher import ModelWatcher
+from samestyle.streams.switch.record import RecordedModel, SwitchRecord
+from samestyle.streams.switch.watcher import ModelWatcher, Promotion
 from samestyle.topics.errors import ConfigError, SamestyleError
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,8 @@ class ModelRegistry:
         self._on_load_failure = on_load_failure
         #: Promoted versions whose directory did not load: never the target.
         self.failed_versions: set[str] = set()
+        #: The switch record of the index snapshot this worker started from (None: none).
+        self.restored: SwitchRecord | None = None
 
     def configured_encoder(self) -> Encoder:
         """The encoder of ``settings.encoder`` (loads it on first use: call it off the event loop)."""
@@ -93,6 +98,39 @@ class ModelRegistry:
                 log.error("promoted model %s does not load, ignored: %s", target, exc)
                 self.failed_versions.add(target)
                 self._on_load_failure()
+
+    def restore(self, record: SwitchRecord | None, serving: str | None) -> None:
+        """Put the promotions an index snapshot recorded before any the decision log holds (call
+        before the watcher starts), so a log that lost them still names the snapshot's target.
+
+        A recorded model whose directory no longer exists is logged, counted as a load failure and
+        not restored: the switch to it is abandoned and ``serving`` (the snapshot's active version)
+        stays served. Nothing here raises: a restart must not crash-loop on its own snapshot.
+        """
+        if record is None:
+            return
+        self.restored = record
+        kept = []
+        for model in record.models:
+            if Path(model.model_dir).exists():
+                kept.append(Promotion(model.version, model.model_dir, -1))
+                continue
+            self._on_load_failure()
+            if model.version == record.target and record.target != serving:
+                log.error("model switch: the index snapshot records an unfinished switch to %s, but its model "
+                          "directory %s no longer exists: the switch is abandoned, this worker keeps serving %s "
+                          "(unless model-updates promotes another model)", model.version, model.model_dir, serving)
+            else:
+                log.error("model switch: the index snapshot records model %s from %s, which no longer exists: "
+                          "not restored", model.version, model.model_dir)
+        self.watcher.chain.restore(kept)
+
+    def recorded_models(self, versions: Iterable[str | None]) -> tuple[RecordedModel, ...]:
+        """The promoted models of ``versions`` (version and directory), in decision order, for a
+        :class:`SwitchRecord`; versions that were never promoted (the configured one) are not listed."""
+        wanted = {v for v in versions if v is not None}
+        newest = {p.version: (i, p) for i, p in enumerate(self.watcher.chain.promotions) if p.version in wanted}
+        return tuple(RecordedModel(p.version, p.model_dir) for _, p in sorted(newest.values(), key=lambda e: e[0]))
 
     def keep_only(self, versions: Iterable[str | None]) -> None:
         """Forget loaded promoted encoders not in ``versions`` (the configured one stays)."""

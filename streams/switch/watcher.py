@@ -41,11 +41,30 @@ class Promotion:
 
 
 class ModelChain:
-    """The promoted models, in the order of the decision log."""
+    """The promoted models, in the order of the decision log; promotions restored from an index
+    snapshot (``offset`` -1: the log no longer holds them, or not yet) come before the log's."""
 
     def __init__(self) -> None:
         self.promotions: list[Promotion] = []
         self.rejected = 0
+        #: How many of ``promotions`` (the first ones) were restored rather than read.
+        self.restored = 0
+
+    def restore(self, promotions: Iterable[Promotion]) -> None:
+        """Put ``promotions`` (oldest first) before every promotion of the log: any promotion the
+        log holds is newer, so it supersedes them as the target."""
+        restored = list(promotions)
+        self.promotions[self.restored:self.restored] = restored
+        self.restored += len(restored)
+
+    @property
+    def promoted(self) -> int:
+        """Promotions read from the log (the restored ones are not decisions seen)."""
+        return len(self.promotions) - self.restored
+
+    def from_log(self, version: str) -> bool:
+        """True when the log holds a promotion of ``version``."""
+        return any(p.version == version for p in self.promotions[self.restored:])
 
     def add(self, record: dict[str, Any], offset: int) -> Promotion | None:
         """Fold one decoded ModelUpdate in; return it as a :class:`Promotion` if it promotes."""

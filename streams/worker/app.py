@@ -145,11 +145,13 @@ def worker_health(app: faust.App, settings: Settings, replica: IndexReplica | Sh
 
 
 def build_replica(settings: Settings, metrics: Metrics, registry: ModelRegistry) -> IndexReplica:
-    """The worker's index replica, from its snapshot when there is one."""
+    """The worker's index replica, from its snapshot when there is one (whose switch record the
+    registry restores: a decision log that lost it still names the snapshot's target)."""
     spec = topic_specs(settings.topic_prefix, settings.partitions)[LISTING_EMBEDDINGS]
     directory = snapshot_dir(settings)
     indexes, offsets = ModelIndexes.load(directory, kind=settings.index_kind, n_views=len(VIEWS),
                                           vectors=settings.index_vectors)
+    registry.restore(indexes.switch_record, indexes.active)
     replica = IndexReplica(settings, indexes, spec.name, spec.partitions, directory, offsets, metrics=metrics,
                            target_version=registry.target_version, version_order=registry.watcher.chain.order)
     metrics.lag_sources.append(replica.lags)
@@ -291,6 +293,8 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, pairs: boo
                          step, metrics, model_thread.run, lambda out: sinks.send_all(LISTING_EMBEDDINGS, out),
                          lambda: group.assigned(specs[LISTINGS].name), settings.batch_size,
                          fetch_images=images.fetch_for, deadline_seconds=settings.switch_deadline_seconds)
+    if isinstance(replica, IndexReplica):
+        replica.switch_record = switch.record
 
     def health() -> dict[str, Any]:
         return worker_health(app, settings, replica, switch)
@@ -318,7 +322,7 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, pairs: boo
                                          search_routes(settings, search, health, fetcher=images.fetcher),
                                          moderation_routes(alerts, payload_of, send_decision)],
                               client_max_size=search_body_limit(settings.max_image_bytes)))
-    metrics.trainer_decisions = lambda: {"PROMOTED": len(watcher.chain.promotions), "REJECTED": watcher.chain.rejected}
+    metrics.trainer_decisions = lambda: {"PROMOTED": watcher.chain.promoted, "REJECTED": watcher.chain.rejected}
     if pairs:
         from samestyle.streams.pairs.agents import PairsAgents
 

@@ -10,7 +10,9 @@ Two kinds of index, one surface (what the index agent, the model switch, the sea
   replays from there, and idempotent upserts make that exact. The index agent waits on
   :meth:`IndexReplica.is_caught_up_to` before it searches. One index per model version
   (:class:`ModelIndexes`); ``ready`` once the log as of start-up is applied, then it switches to the
-  target model as soon as the target's index is complete.
+  target model as soon as the target's index is complete. Each snapshot also records the model
+  switch (``switch_record``: the target and the promoted models' directories), so a restart whose
+  decision log was lost resumes the switch (streams/switch/record.py).
 * :class:`SharedIndex` (``milvus``): no copy at all. The index agent writes the records it consumes
   into the backend's collections (idempotent upserts by listing id) before it searches them, so
   each record is written by the one worker that owns its partition and read by every worker.
@@ -39,6 +41,7 @@ from samestyle.streams.io.follower import LogFollower
 from samestyle.streams.io.reader import LogReader, LogRecord, every_partition, reader_for
 from samestyle.streams.settings import Settings
 from samestyle.streams.switch.indexes import CollectionIndexes, ModelIndexes
+from samestyle.streams.switch.record import SwitchRecord
 from samestyle.streams.worker.metrics import PartitionLag, partition_lags
 from samestyle.streams.worker.pipeline import AlertedPairs, EmbeddingUpdate, Incoming, decode_embedding, now_ms
 from samestyle.topics import DUPLICATE_ALERTS, TopicSpec, codec_for_topic
@@ -80,6 +83,12 @@ class IndexReplica(Service):
         self._last_snapshot = time.monotonic()
         #: A target version to switch to even though its index is incomplete (a switch's deadline).
         self._forced: str | None = None
+        #: What the model switch wants recorded with each snapshot (None: nothing new to record;
+        #: set by the worker once the switch exists: ``ModelSwitch.record``).
+        self.switch_record: Callable[[], SwitchRecord | None] | None = None
+        #: The record the next snapshot writes: the loaded one until the switch knows its target,
+        #: so a snapshot taken before that does not forget an unfinished switch.
+        self._record: SwitchRecord | None = indexes.switch_record
 
     async def on_start(self) -> None:
         self._reader = await reader_for(self.settings, "replica", fetch_max_wait_ms=50).start()
@@ -240,15 +249,24 @@ class IndexReplica(Service):
                     self._check_models()
                     self._changed.notify_all()
             interval = self.settings.snapshot_interval_seconds
-            if interval > 0 and self._dirty and time.monotonic() - self._last_snapshot >= interval:
+            if (interval > 0 and (self._dirty or self._record_changed())
+                    and time.monotonic() - self._last_snapshot >= interval):
                 await self.snapshot()
+
+    def _record_changed(self) -> bool:
+        """True when the switch's record differs from the one last written (a promotion, a new state)."""
+        current = self.switch_record() if self.switch_record is not None else None
+        return current is not None and current != self._record
 
     async def snapshot(self) -> None:
         offsets = dict(self.applied)
         self._dirty = False
         self._last_snapshot = time.monotonic()
+        current = self.switch_record() if self.switch_record is not None else None
+        if current is not None:
+            self._record = current
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.indexes.snapshot, self.snapshot_dir, offsets)
+        await loop.run_in_executor(None, self.indexes.snapshot, self.snapshot_dir, offsets, self._record)
         if self.metrics is not None:
             self.metrics.index_snapshots.inc()
         log.info("index snapshot: %s at offsets %s -> %s", {v: len(i) for v, i in self.indexes.indexes.items()},

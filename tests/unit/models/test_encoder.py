@@ -162,6 +162,9 @@ def test_text_is_title_description_sorted_attributes() -> None:
     assert listing_text(listing) == "Red mug. Large size. color: red; size: L"
     reordered = ListingInput("a", "Red mug", "Large size", {"color": "red", "size": "L"})
     assert listing_text(reordered) == listing_text(listing)
+    # Where a listing came from is no part of what it is: the source stays out of the text.
+    scraped = ListingInput("a", "Red mug", "Large size", {"color": "red", "size": "L", "source": "abt.com"})
+    assert listing_text(scraped) == listing_text(listing)
 
 
 def test_text_truncated_to_max_tokens(tiny: Encoder) -> None:

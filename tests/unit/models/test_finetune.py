@@ -14,7 +14,7 @@ from samestyle.models.encoder import ListingInput, PairCandidate
 from samestyle.models.factory import create_encoder
 from samestyle.models.finetuned import FinetunedEncoder
 from samestyle.models.matcher import FEATURES, PairFeaturizer, load_matcher
-from samestyle.models.text import parse_price, serialize
+from samestyle.models.text import match_text, parse_price, serialize, split_source
 from samestyle.models.train import finetune
 from samestyle.models.train.finetune import TrainConfig, augment, candidates_for, load_products, train
 from samestyle.topics.errors import ConfigError
@@ -52,9 +52,14 @@ def test_serialisation_is_the_same_at_training_and_serving(tmp_path: Path) -> No
     config = TrainConfig(listings=folder / "listings.csv", out=tmp_path / "m", clusters=folder / "clusters.csv")
     data = load_products(config)
     record = data.records["l3_1"]
-    served = FinetunedEncoder.match_text(None, ListingInput(record.listing_id, record.title,  # type: ignore[arg-type]
-                                                           attributes=dict(record.attributes)))
-    assert data.texts["l3_1"] == served == "ACME k3x121 speaker"  # the title names the brand already
+    listing = ListingInput(record.listing_id, record.title, attributes=dict(record.attributes))
+    embedded = FinetunedEncoder._text(listing)
+    matched = FinetunedEncoder.match_text(None, listing)  # type: ignore[arg-type]
+    assert data.texts["l3_1"] == embedded == "ACME k3x121 speaker"  # the title names the brand already
+    # The matcher's text adds the source after a tab; the embedded text never holds one.
+    assert data.match_texts["l3_1"] == matched == "ACME k3x121 speaker\tsource b"
+    assert split_source(matched) == ("ACME k3x121 speaker", "b")
+    assert split_source(match_text("Speaker X1 | with a tab\tin it", {})) == ("Speaker X1 | with a tab in it", "")
     assert data.texts["l3_0"] == "acme speaker k3x121 | price 13"
     assert serialize("Speaker X1", {"brand": "acme"}) == "Speaker X1 | brand acme"
     assert serialize("Sony TV", {"brand": "sony", "price": "$1,299.00"}) == "Sony TV | price 1299"
@@ -193,6 +198,40 @@ def test_featurizer_sees_codes_and_brands() -> None:
     col = {name: k for k, name in enumerate(FEATURES)}
     assert f[0, col["code_in_other"]] == 1.0 and f[1, col["code_conflict"]] == 1.0
     assert f[0, col["brand_agree"]] > 0.5
+
+
+def test_the_source_is_a_feature_and_no_text_feature_sees_it() -> None:
+    featurizer = PairFeaturizer().fit(["acme speaker k1x100", "zeta lamp z9"])
+    col = {name: k for k, name in enumerate(FEATURES)}
+    pairs = [PairCandidate(match_text("acme speaker k1x100", {"source": a}), match_text("acme speaker k1x100", {"source": b}),
+                           0.9, 0, 0.5) for a, b in [("shop1", "shop1"), ("shop1", "Shop2"), ("shop1", ""), ("", "")]]
+    f = featurizer.features(pairs)
+    assert list(f[:, col["same_source"]]) == [1.0, 0.0, -1.0, -1.0]
+    # The source never reaches the text features: every pair's texts are the same title.
+    text_columns = [col[n] for n in ("word_full", "word_title", "char_title", "char_full")]
+    assert np.allclose(f[:, text_columns], 1.0, atol=1e-6)
+
+
+def test_a_matcher_saved_with_fewer_features_scores_with_its_own(tmp_path: Path) -> None:
+    import json
+
+    from sklearn.linear_model import LogisticRegression
+
+    from samestyle.models.matcher import Matcher
+
+    featurizer = PairFeaturizer().fit(["acme speaker k1x100", "acme speaker k2x200", "zeta lamp z9"])
+    old = [n for n in FEATURES if n != "same_source"]
+    pairs = [PairCandidate("acme speaker k1x100", "acme k1x100", 0.9, 0, 0.4),
+             PairCandidate("acme speaker k1x100", "zeta lamp z9", 0.2, 5, 0.8)]
+    classifier = LogisticRegression().fit(featurizer.features(pairs, old), [1, 0])
+    Matcher(featurizer, classifier, 0.5, {"classifier": "lr"}, old).save(tmp_path)
+    loaded = load_matcher(tmp_path)
+    assert loaded is not None and loaded.features == tuple(old)
+    assert np.allclose(loaded.probabilities(pairs), classifier.predict_proba(featurizer.features(pairs, old))[:, 1])
+    meta = json.loads((tmp_path / "matcher.json").read_text())
+    (tmp_path / "matcher.json").write_text(json.dumps({**meta, "features": old + ["colour_agree"]}))
+    with pytest.raises(ConfigError, match="refit-matcher"):
+        load_matcher(tmp_path)
 
 
 def test_pairs_run_writes_a_model_whose_threshold_round_trips(tmp_path: Path) -> None:
