@@ -369,6 +369,11 @@ class PairCandidate:
     cosine: float  # image+text cosine of the pair
     rank: int  # b's position among a's neighbours, 0 = nearest
     best_other: float  # best image+text cosine of a's other neighbours (-1.0 when none)
+    # The same two among a's neighbours from b's source only (None: b names no source, and the
+    # overall ones stand in). A shop that lists each product once puts its look-alikes above a
+    # listing's true match from the other shop; among the other shop's listings it is first.
+    source_rank: int | None = None
+    source_best_other: float | None = None
 
 
 class DuplicateScorer(ABC):

@@ -36,6 +36,7 @@ FEATURES = (
     "word_full", "word_title", "char_title", "char_full",
     "code_jaccard", "code_containment", "code_in_other", "code_conflict",
     "num_jaccard", "num_containment", "price_ratio", "brand_agree", "len_ratio", "same_source",
+    "source_rank", "source_margin",
 )
 
 _SPLIT = re.compile(r"[\s,;:()\[\]{}|/\"'!?+]+")
@@ -130,6 +131,10 @@ class PairFeaturizer:
             "dense_cos": np.array([c.cosine for c in candidates]),
             "dense_rank": np.log1p(np.minimum([c.rank for c in candidates], MAX_RANK)),
             "dense_margin": np.array([c.cosine - c.best_other for c in candidates]),
+            "source_rank": np.log1p(np.minimum([c.rank if c.source_rank is None else c.source_rank
+                                                for c in candidates], MAX_RANK)),
+            "source_margin": np.array([c.cosine - (c.best_other if c.source_best_other is None else c.source_best_other)
+                                       for c in candidates]),
             "word_full": self._cosines("word_full", full_a, full_b),
             "word_title": self._cosines("word_title", [_title(t) for t in full_a], [_title(t) for t in full_b]),
             "char_title": self._cosines("char_title", [_title(t) for t in full_a], [_title(t) for t in full_b]),

@@ -42,7 +42,7 @@ from samestyle.models.encoder import PairCandidate
 from samestyle.models.finetuned import DualTower, TowerConfig, save_finetuned, serving_crop_pct
 from samestyle.models.images import ImagePreprocessing, load_image_bytes
 from samestyle.models.matcher import Matcher, PairFeaturizer, fit_classifier
-from samestyle.models.text import match_text, serialize
+from samestyle.models.text import match_text, serialize, split_source
 from samestyle.models.train.metrics import best_threshold, pair_metrics
 from samestyle.topics.errors import ConfigError, ImageError
 
@@ -570,6 +570,7 @@ def candidates_for(pairs: Sequence[tuple[str, str]], vectors: Mapping[str, np.nd
     """
     matrix = np.stack([vectors[i] for i in index_ids])  # [n, dim]
     position = {i: k for k, i in enumerate(index_ids)}
+    source = np.array([split_source(texts[i].lower())[1] for i in index_ids])
     when = None if arrival is None else np.array([arrival[i] for i in index_ids])
     sims_of: dict[str, np.ndarray] = {}  # a's scores against the index, once per anchor
     out: list[PairCandidate] = []
@@ -587,8 +588,17 @@ def candidates_for(pairs: Sequence[tuple[str, str]], vectors: Mapping[str, np.nd
         cos = float(vectors[a] @ vectors[b])
         others = np.delete(sims, position[b]) if b in position else sims
         best = float(others.max()) if others.size else -np.inf
+        b_source = split_source(texts[b].lower())[1]
+        source_rank = source_best = None
+        if b_source:
+            peers = source == b_source
+            if b in position:
+                peers[position[b]] = False
+            source_rank = int((sims[peers] > cos + 1e-6).sum())
+            peer_best = float(sims[peers].max()) if peers.any() else -np.inf
+            source_best = peer_best if np.isfinite(peer_best) else -1.0
         out.append(PairCandidate(texts[a], texts[b], cos, int((sims > cos + 1e-6).sum()),
-                                 best if np.isfinite(best) else -1.0))
+                                 best if np.isfinite(best) else -1.0, source_rank, source_best))
     return out
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from samestyle.index_store import LiveIndex
 from samestyle.models import Embeddings, Encoder, ListingInput
 from samestyle.models.encoder import DuplicateScorer, PairCandidate
+from samestyle.models.text import split_source
 from samestyle.streams.io.images import is_remote, listing_image
 from samestyle.streams.settings import Settings
 from samestyle.topics import (
@@ -617,13 +618,22 @@ class SearchStep:
     @staticmethod
     def _candidates(update: EmbeddingUpdate,
                     found: list[tuple[str, float, dict[str, Any]]]) -> list[_Candidate]:
-        """Every neighbour of ``update`` as a candidate pair (``found``: nearest first)."""
+        """Every neighbour of ``update`` as a candidate pair (``found``: nearest first), with its
+        rank and margin among all neighbours and among the neighbours from its own source."""
         out = []
         text = match_text_of(update.payload) if found else None
+        texts = [match_text_of(payload) for _, _, payload in found]
+        sources = [split_source(t.lower())[1] for t in texts]
         for rank, (other_id, score, payload) in enumerate(found):
             others = [s for k, (_, s, _) in enumerate(found) if k != rank]
-            pair = PairCandidate(text_a=text or "", text_b=match_text_of(payload), cosine=score, rank=rank,
-                                 best_other=max(others) if others else -1.0)
+            source_rank = source_best = None
+            if sources[rank]:
+                peers = [s for k, (_, s, _) in enumerate(found) if k != rank and sources[k] == sources[rank]]
+                source_rank = sum(1 for s in peers if s > score + 1e-6)
+                source_best = max(peers) if peers else -1.0
+            pair = PairCandidate(text_a=text or "", text_b=texts[rank], cosine=score, rank=rank,
+                                 best_other=max(others) if others else -1.0,
+                                 source_rank=source_rank, source_best_other=source_best)
             out.append(_Candidate(update, other_id, score, payload, pair))
         return out
 

@@ -311,6 +311,37 @@ def test_with_a_scorer_the_models_classifier_decides_not_the_cosine() -> None:
         "Red ceramic mug 350 ml", "Blue ceramic mug 350 ml"}
 
 
+def test_the_streams_candidate_pairs_are_the_ones_the_matcher_trained_on() -> None:
+    """Rank and margin, overall and among the neighbour's own source, as training computes them."""
+    from samestyle.models.text import match_text
+    from samestyle.models.train.finetune import candidates_for
+
+    index = LiveIndex(6, n_views=3)
+    older = {"a1": (at_cosine(0.95, 2), "shop-a"), "b1": (at_cosine(0.9, 1), "shop-b"),
+             "a2": (at_cosine(0.8, 3), "shop-a"), "b2": (at_cosine(0.7, 4), "shop-b"), "n1": (at_cosine(0.6, 5), "")}
+    texts = {k: match_text(f"mug {k}", {"source": src} if src else {}) for k, (_, src) in older.items()}
+    texts["q"] = match_text("mug q", {"source": "shop-a"})
+    updates = [update(k, v, event_time=1, text=texts[k]) for k, (v, _) in older.items()]
+    query = update("q", at_cosine(1.0, 1), event_time=2, text=texts["q"])
+    apply_updates(index, updates + [query])
+    scorer = TextScorer()
+    SearchStep(index, Settings(), scorer)([query])
+    streamed = {c.text_b: c for c in scorer.calls[0]}
+    vectors = {u.listing_id: u.views[2] for u in updates + [query]}
+    trained = candidates_for([("q", k) for k in older], vectors, list(older), texts)
+    assert len(streamed) == len(trained) == 5
+    for c in trained:
+        s = streamed[c.text_b]
+        assert (s.rank, s.source_rank) == (c.rank, c.source_rank)
+        assert s.best_other == pytest.approx(c.best_other, abs=1e-5)
+        assert (s.source_best_other is None) == (c.source_best_other is None)
+        if c.source_best_other is not None:
+            assert s.source_best_other == pytest.approx(c.source_best_other, abs=1e-5)
+    b2 = streamed[texts["b2"]]
+    assert (b2.rank, b2.source_rank) == (3, 1) and b2.source_best_other == pytest.approx(0.9, abs=1e-5)
+    assert streamed[texts["n1"]].source_rank is None  # no source: the overall rank stands in
+
+
 def test_with_a_scorer_similar_products_are_in_the_matchers_order() -> None:
     index, query = mug_index()
     # Another supplier's copy: a similar product to recommend, never a duplicate alert.
