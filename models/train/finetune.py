@@ -26,7 +26,7 @@ import logging
 import math
 import random
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -352,6 +352,25 @@ def _tower_config(config: TrainConfig, with_images: bool) -> TowerConfig:
                        seed=config.seed)
 
 
+def epoch_edges(by_product: Mapping[str, Sequence[tuple[str, str]]], listings_of: Mapping[str, int], at_least: int,
+                rng: random.Random | None) -> list[tuple[str, str]]:
+    """One epoch's positive edges (anchor, key), both directions, shuffled by ``rng`` (None: in order).
+
+    A product gives at most ``max(at_least, its listings)`` of them: with that floor each listing is
+    an anchor about once an epoch whatever the catalogue's product sizes (Abt-Buy has 2 listings a
+    product, Grocery about 37), and no product with many edges swamps the epoch.
+    """
+    edges: list[tuple[str, str]] = []
+    for p, es in by_product.items():
+        both = list(es) + [(b, a) for a, b in es]
+        if rng is not None:
+            rng.shuffle(both)
+        edges.extend(both[: max(at_least, listings_of.get(p, 0))])
+    if rng is not None:
+        rng.shuffle(edges)
+    return edges
+
+
 def _batches(edges: list[tuple[str, str]], product: Mapping[str, str], size: int) -> list[list[tuple[str, str]]]:
     """Batches of at most ``size`` edges, no two anchors of one product in a batch."""
     batches, pending = [], edges
@@ -454,6 +473,7 @@ def train_towers(config: TrainConfig, data: Products, product_ids: set[str] | No
     for a, b in positives:
         by_product[data.product[a]].append((a, b))
     pool = sorted(i for i in data.product if keep(i))
+    listings_of = Counter(data.product[i] for i in pool)
     groups = [
         {"params": [p for p in towers.text.model.parameters()], "lr": config.lr},
         {"params": list(towers.text_proj.parameters()) + list(towers.image_proj.parameters()), "lr": config.head_lr},
@@ -466,7 +486,7 @@ def train_towers(config: TrainConfig, data: Products, product_ids: set[str] | No
         for p in towers.image.parameters():
             p.requires_grad_(False)
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-    steps_per_epoch = max(1, sum(min(2 * len(v), config.max_pairs_per_product) for v in by_product.values())
+    steps_per_epoch = max(1, len(epoch_edges(by_product, listings_of, config.max_pairs_per_product, None))
                           // config.batch_size + 1)
     total = steps_per_epoch * config.epochs
     warm = max(1, int(config.warmup_fraction * total))
@@ -487,12 +507,7 @@ def train_towers(config: TrainConfig, data: Products, product_ids: set[str] | No
                 s = np.where(prods == data.product[a], -np.inf, sims[row])
                 top = np.argsort(-s)[:2]
                 mined[a] = pool[int(top[rng.randrange(len(top))])]
-        edges: list[tuple[str, str]] = []
-        for es in by_product.values():
-            both = es + [(b, a) for a, b in es]
-            rng.shuffle(both)
-            edges.extend(both[: config.max_pairs_per_product])
-        rng.shuffle(edges)
+        edges = epoch_edges(by_product, listings_of, config.max_pairs_per_product, rng)
         batches = _batches(edges, data.product, config.batch_size)
         towers.train()
         towers.image.eval()
@@ -891,7 +906,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", choices=("hgb", "lr"), default=TrainConfig.classifier)
     p.add_argument("--max-text-tokens", type=int, default=TrainConfig.max_text_tokens)
     p.add_argument("--pairs-per-product", type=int, default=TrainConfig.max_pairs_per_product,
-                   help="positive edges per product per epoch (raise it for products with many listings)")
+                   help="positive edges per product per epoch, at least (a product with more listings gets one "
+                   "per listing)")
     p.add_argument("--matcher-order", choices=("arrival", "full"), default=TrainConfig.matcher_order,
                    help="how the matcher's training candidates meet the index: as the stream does "
                    "(arrival) or with every listing indexed (full)")

@@ -116,6 +116,18 @@ def test_mined_hard_negatives_exclude_the_anchor_s_product(tmp_path: Path, monke
     assert seen and all(data.product[a] != data.product[n] for a, n in seen)
 
 
+def test_each_listing_of_a_large_product_anchors_about_once_an_epoch() -> None:
+    import random
+
+    small = [("s0", "s1")]
+    large = [(f"l{0}", f"l{k}") for k in range(1, 12)] + [(f"l{k}", f"l{k + 1}") for k in range(1, 11)]
+    edges = finetune.epoch_edges({"small": small, "large": large}, {"small": 2, "large": 12}, 6, random.Random(0))
+    by = {p: [e for e in edges if e[0][0] == p[0]] for p in ("small", "large")}
+    assert sorted(by["small"]) == [("s0", "s1"), ("s1", "s0")]  # both directions, no more than it has
+    assert len(by["large"]) == 12  # one per listing, above the floor of 6
+    assert len(finetune.epoch_edges({"large": large}, {"large": 12}, 30, None)) == 30  # the floor rules
+
+
 def test_augmentation_keeps_shape_and_range() -> None:
     images = torch.rand(4, 3, 32, 32) * 255
     out = augment(images, torch.Generator().manual_seed(0))
