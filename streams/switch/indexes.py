@@ -211,7 +211,7 @@ class ModelIndexes:
         if meta.get("switch") is not None:
             try:
                 switch = SwitchRecord.from_json(meta["switch"])
-            except ValueError as e:
+            except (TypeError, ValueError) as e:
                 log.error("%s: the model switch record is ignored: %s", path, e)
         indexes: dict[str, LiveIndex] = {}
         offsets: dict[int, int] = {}

@@ -45,9 +45,9 @@ class SwitchRecord:
 
     @classmethod
     def from_json(cls, data: Any) -> SwitchRecord:
-        """Parse :meth:`to_json`'s form; ValueError when it is not one."""
+        """Parse :meth:`to_json`'s form; TypeError or ValueError when it is not one."""
         if not isinstance(data, Mapping):
-            raise ValueError(f"a switch record is an object, not {type(data).__name__}")
+            raise TypeError(f"a switch record is an object, not {type(data).__name__}")
         target, state, models = data.get("target"), data.get("state"), data.get("models", [])
         if not isinstance(target, str) or not target or not isinstance(state, str) or not isinstance(models, list):
             raise ValueError(f"malformed switch record {dict(data)!r}")
@@ -55,7 +55,7 @@ class SwitchRecord:
         for model in models:
             if not (isinstance(model, Mapping) and isinstance(model.get("version"), str)
                     and isinstance(model.get("model_dir"), str)):
-                raise ValueError(f"malformed model {model!r} in switch record")
+                raise TypeError(f"malformed model {model!r} in switch record")
             recorded.append(RecordedModel(model["version"], model["model_dir"]))
         return cls(target, state, tuple(recorded))
 

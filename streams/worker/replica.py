@@ -143,7 +143,7 @@ class IndexReplica(Service):
         if self._reader is not None:
             await self._reader.stop()
             self._reader = None
-        if self._dirty:
+        if self._dirty or self._record_changed():
             await self.snapshot()
 
     def lags(self) -> list[PartitionLag]:

@@ -9,6 +9,7 @@ seconds and the fault lands inside it.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from aiohttp import web
 from samestyle.streams.dev.broker import EmbeddedBroker, create_topics, free_port
 from samestyle.streams.io.producer import Outputs
 from samestyle.streams.settings import Settings
-from samestyle.streams.switch.indexes import load_active_snapshot
+from samestyle.streams.switch.indexes import MODELS_FILE, load_active_snapshot
 from samestyle.streams.worker.app import snapshot_dir
 from samestyle.streams.worker.process import WorkerProcess
 from samestyle.topics import topic_specs
@@ -196,10 +197,21 @@ def test_worker_killed_while_reembedding_resumes_and_completes_the_switch(stack:
     check_final_snapshot(stack.settings, every)
 
 
+def snapshot_target(settings: Settings) -> str | None:
+    """The target of the switch record in the worker's snapshot (None: no snapshot or no record yet)."""
+    try:
+        meta = json.loads((snapshot_dir(settings) / MODELS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return (meta.get("switch") or {}).get("target")
+
+
 @pytest.mark.parametrize("logs", ["restored", pytest.param("lost", marks=pytest.mark.xfail(
-    strict=False, reason="known defect, open in #16: when the restarted broker rejects a write and the worker "
-    "exits, its restart with the logs lost (model-updates included) resumes serving the old model from its "
-    "snapshot instead of the switch it had begun; the worker that rides the outage out completes it"))])
+    strict=False, reason="known defects of the worker that rides the outage out (failed 2 of 11 runs): a batch "
+    "read from the old listing-embeddings log waits for the replica to apply offsets the recreated log never "
+    "reaches; a listing re-embedded and acknowledged by the old broker, then lost with it, is still counted in "
+    "its partition's log, so the new index stays one listing short until the switch deadline")),
+    "lost-worker-restarted"])
 def test_broker_restarted_during_a_switch_the_switch_completes(tmp_path: Path, images: SlowImages, logs: str) -> None:
     """Its own broker: this test restarts it. tansu keeps data in memory only (BROKER.md), so the
     restarted broker is empty and the topics are created again.
@@ -211,7 +223,10 @@ def test_broker_restarted_during_a_switch_the_switch_completes(tmp_path: Path, i
     reads the recreated ``listings`` again from 0, and the listings that were not re-embedded yet
     are left out of the new index by the documented rule (``not_in_log``), counted; the switch
     completes all the same (it does not wait for the old log forever), and every listing missing
-    from the new index is one of those.
+    from the new index is one of those. ``lost-worker-restarted``: the same, but the worker is
+    killed while the broker is down and started again on the empty broker, which ``lost`` meets
+    only when the restarted broker rejects a write: ``model-updates`` no longer holds the
+    promotion, and the restart resumes the switch from the record in its index snapshot.
     """
     port = free_port()
     broker = EmbeddedBroker(port=port, log_path=tmp_path / "tansu.log").start()
@@ -235,14 +250,21 @@ def test_broker_restarted_during_a_switch_the_switch_completes(tmp_path: Path, i
         state = wait_reembedding(worker, web)
         assert state["model_version"] == v1
 
+        if logs == "lost-worker-restarted":
+            wait_until(lambda: snapshot_target(settings) == V2, 30, "a snapshot recording the switch", worker)
         broker.stop()
         assert not switch_completed(worker), "the switch completed before the broker stopped: the fault missed it"
         wait_until(lambda: total(scrape(web), "samestyle_broker_up") == 0, 30, "broker_up down to 0", worker)
+        if logs == "lost-worker-restarted":
+            worker.kill()
+            assert not switch_completed(worker), "the switch completed before the kill: the fault missed it"
         broker = EmbeddedBroker(port=port, log_path=tmp_path / "tansu.log").start()
         create_topics(broker.bootstrap, all_specs.values())
         if logs == "restored":
             stack.produce(before)
             promote(stack, V2, model_dir)
+        if logs == "lost-worker-restarted":
+            worker, web = start(stack)
         after = catalogue("new", 12)
         stack.produce(after)
         every = ids_of(before + after)

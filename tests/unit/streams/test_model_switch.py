@@ -236,6 +236,9 @@ class FakeReplica:
 
 
 class FakeRegistry:
+    #: No index snapshot recorded a switch (streams/switch/record.py; tested in test_switch_resume.py).
+    restored = None
+
     def __init__(self, serving: Encoder, target: Encoder) -> None:
         self.encoders = {serving.version: serving, target.version: target}
         self.serving, self.target = serving, target
