@@ -13,6 +13,16 @@ agent already handled since the switch began is skipped here, so an old version 
 never lands after a newer one. A partition taken away by a rebalance is dropped; its new owner
 re-embeds it from the start (the same records again: idempotent).
 
+A log that ends below what was read or planned was recreated (the topic deleted and created again,
+or the embedded broker restarted empty): that partition is planned again from offset 0, whether it
+was still being re-embedded or done already (every planned partition stays assigned to the reader
+for that; a done one is read only to learn its end). A done partition needs it too: its
+re-embedded records may have been acknowledged by the old log of ``listing-embeddings`` and lost
+with it before any replica applied them, and its judgement (below) counted listings as supplied by
+a log that no longer holds them. Planned again, what the new log holds is re-embedded, and what
+the target's index lacks and the new log does not hold is judged as below. Keys the embed agent
+handled before the recreation are forgotten: their records may be lost with the old log too.
+
 What the log cannot supply: once a partition is re-embedded, :meth:`Backfill.unsupplied` names
 the listings of the serving index that belong to it (by Kafka's default partitioner on the
 listing id, the co-partitioning the registry requires) but that its log did not hold (expired
@@ -89,9 +99,11 @@ class Backfill:
             self._reader = await reader_for(self.settings, "reembed").start()
         return self._reader
 
-    async def _assign_pending(self) -> None:
+    async def _assign_planned(self) -> None:
+        """Assign every planned partition: a pending one from where its re-embedding is, a done
+        one at its end (read only to learn its end: see :meth:`_restart_recreated`)."""
         reader = await self._ensure_reader()
-        await reader.assign({(self.topic, p): self.positions[p] for p in self.pending()})
+        await reader.assign({(self.topic, p): self.positions[p] for p in sorted(self.ends)})
 
     async def plan(self, version: str, assigned: Iterable[int]) -> None:
         """Re-embed for ``version`` every partition in ``assigned``; forget partitions not in it."""
@@ -116,7 +128,7 @@ class Backfill:
             self.ends[p] = None
             self.positions[p] = 0
             self.live_seen.setdefault(p, set())
-        await self._assign_pending()
+        await self._assign_planned()
 
     def note_live(self, batch: Sequence[Incoming]) -> None:
         """The embed agent embedded ``batch`` with both models: never re-embed those keys after it."""
@@ -127,14 +139,18 @@ class Backfill:
                 self.live_seen.setdefault(msg.partition, set()).add(msg.key)
 
     async def next_chunk(self, max_records: int) -> list[Incoming]:
-        """The next listings to re-embed (possibly none while fetching); [] when all is done."""
-        pending = self.pending()
-        if not pending:
+        """The next listings to re-embed (possibly none while fetching); [] when all is done. Each
+        call also fetches the partitions re-embedded already, so that one whose log turns out
+        recreated is planned again (and :meth:`pending` is no longer empty)."""
+        if not self.ends:
             return []
         reader = await self._ensure_reader()
-        if self._restart_recreated(reader, pending):
-            await self._assign_pending()
-        records = await reader.fetch(timeout=0.2, max_records=max_records)
+        if self._restart_recreated(reader):
+            await self._assign_planned()
+        pending = self.pending()
+        # With nothing pending the records are only read past (done partitions' new listings,
+        # which the embed agent handles): a large fetch keeps their ends current.
+        records = await reader.fetch(timeout=0.2, max_records=max_records if pending else 10_000)
         chunk: list[Incoming] = []
         for p in pending:
             if self.ends[p] is None:
@@ -152,27 +168,30 @@ class Backfill:
                 self.done.add(p)
                 log.info("model switch to %s: listings partition %d re-embedded (%d records)",
                          self.version, p, end)
-        if self.pending() != pending:
-            await self._assign_pending()
         return chunk
 
-    def _restart_recreated(self, reader: LogReader, pending: list[int]) -> bool:
+    def _restart_recreated(self, reader: LogReader) -> bool:
         """Plan a partition again from offset 0 when its log ends below what was read or planned.
 
         The topic was deleted and created again (or the embedded broker restarted empty). Without
-        this the re-embedding would wait for the new log to grow past the old end, and the switch
-        would never leave REEMBEDDING. What the old log held and the new one does not is then
-        judged by :meth:`unsupplied` like any listing the log lacks.
+        this the re-embedding of a pending partition would wait for the new log to grow past the
+        old end, and the switch would never leave REEMBEDDING; a done partition would keep the
+        judgement of a log that is gone (see the module docstring). What the old log held and the
+        new one does not is then judged by :meth:`unsupplied` like any listing the log lacks.
         """
         restarted = False
-        for p in pending:
+        for p in sorted(self.ends):
             highwater = reader.highwater((self.topic, p))
             read = max(self.positions[p], self.ends[p] or 0)
             if highwater is None or highwater >= read:
                 continue
-            log.warning("model switch to %s: %s[%d] ends at %d but the re-embedding reached %d: the topic was "
-                        "recreated; re-embedding it again from the start", self.version, self.topic, p, highwater, read)
+            log.warning("model switch to %s: %s[%d] ends at %d but the re-embedding %s %d: the topic was "
+                        "recreated; re-embedding it again from the start", self.version, self.topic, p, highwater,
+                        "had re-embedded it up to" if p in self.done else "reached", read)
             self.positions[p], self.ends[p] = 0, None
+            self.done.discard(p)
+            self.settled.discard(p)
+            self.live_seen[p] = set()
             for by_partition in (self.supplied, self.failed, self.misplaced):
                 by_partition.pop(p, None)
             restarted = True
@@ -214,7 +233,8 @@ class Backfill:
         """Of ``lacking`` (listings of the serving index the target's index lacks), those that this
         worker's re-embedded partitions should supply and cannot, by reason (:data:`NOT_IN_LOG`,
         :data:`REEMBED_FAILED`). Call under the embed lock once :meth:`pending` is empty; each
-        partition is judged once (its listings that arrive later are embedded live)."""
+        partition is judged once per plan (its listings that arrive later are embedded live; a
+        partition planned again because its log was recreated is judged again)."""
         partitions = self.done - self.settled
         self.settled |= partitions
         for p in sorted(partitions & set(self.misplaced)):

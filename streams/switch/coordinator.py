@@ -2,7 +2,7 @@
 
 States (``ModelSwitch.state``, also on ``/health`` as ``switch_state``)::
 
-    STARTING ──► SERVING ──(a promotion)──► LOADING ──► REEMBEDDING ──► AWAITING_INDEX ──► SERVING
+    STARTING ──► SERVING ──(a promotion)──► LOADING ──► REEMBEDDING ◄─► AWAITING_INDEX ──► SERVING
                    ▲                          │  (does not load: skipped)      (the replica switched)
                    └──────────────────────────┘
 
@@ -14,7 +14,9 @@ States (``ModelSwitch.state``, also on ``/health`` as ``switch_state``)::
   (:class:`~samestyle.streams.switch.backfill.Backfill`); meanwhile the embed agent embeds new
   listings with both models (:meth:`ModelSwitch.embedding_encoders`).
 * AWAITING_INDEX: its own partitions are done; the replica switches as soon as the target's index
-  holds every listing (other workers may still be re-embedding theirs).
+  holds every listing (other workers may still be re-embedding theirs). A ``listings`` partition
+  whose log turns out recreated (the broker restarted empty) is planned again, back to REEMBEDDING:
+  its re-embedded records may be lost with the old logs (see the Backfill module).
 
 A switch never waits forever. When this worker's partitions are re-embedded, the listings of the
 serving index that those partitions' log cannot supply (their records expired) or that the new

@@ -8,7 +8,8 @@ Two kinds of index, one surface (what the index agent, the model switch, the sea
   index, built from every partition of ``listing-embeddings`` by a manually assigned consumer outside
   the consumer group. Snapshots store the index with the next offset per partition; a restart
   replays from there, and idempotent upserts make that exact. The index agent waits on
-  :meth:`IndexReplica.is_caught_up_to` before it searches. One index per model version
+  :meth:`IndexReplica.is_caught_up_to` before it searches (or until the record turns out lost with
+  a recreated log: :meth:`IndexReplica.wait_applied`). One index per model version
   (:class:`ModelIndexes`); ``ready`` once the log as of start-up is applied, then it switches to the
   target model as soon as the target's index is complete. Each snapshot also records the model
   switch (``switch_record``: the target and the promoted models' directories), so a restart whose
@@ -52,6 +53,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
+#: How long a record the index agent waits for must lie at or beyond the end of its recreated
+#: partition, read to that end, before it counts as lost with the old log (IndexReplica.wait_applied).
+LOST_RECORD_SECONDS = 1.0
+#: Fetches of the replica (each one after the wait began) that must confirm that end first.
+LOST_RECORD_FETCHES = 2
+
 
 class IndexReplica(Service):
     """Keeps ``index`` equal to the state described by the embeddings topic, and snapshots it."""
@@ -80,6 +87,10 @@ class IndexReplica(Service):
         self._changed = asyncio.Condition()
         self._dirty = False
         self._reader: LogReader | None = None
+        #: Partitions whose log was found recreated (shorter than what was applied) since start-up.
+        self._recreated: set[int] = set()
+        #: Fetches the apply loop completed (a wait counts the ones after it began).
+        self._fetches = 0
         self._last_snapshot = time.monotonic()
         #: A target version to switch to even though its index is incomplete (a switch's deadline).
         self._forced: str | None = None
@@ -159,7 +170,8 @@ class IndexReplica(Service):
         A high-water mark below the next offset to apply means the topic was deleted and created
         again (or the embedded broker restarted empty: it keeps data in memory only). tansu then
         answers fetches beyond the end with no error, so without this the replica would wait for
-        the new log to grow past the old offset and silently skip everything before it.
+        the new log to grow past the old offset and silently skip everything before it. Before the
+        replica is ready, the start-up end of that partition is read again from the new log.
         """
         assert self._reader is not None
         for p in range(self.partitions):
@@ -170,6 +182,9 @@ class IndexReplica(Service):
                             "reading it again from the start", self.topic, p, highwater, applied)
                 self._reader.seek((self.topic, p), 0)
                 self.applied[p] = 0
+                self._recreated.add(p)
+                if not self.ready.is_set():
+                    self._start_ends.pop(p, None)
                 if self.metrics is not None:
                     self.metrics.log_resets.labels("replica").inc()
 
@@ -209,12 +224,42 @@ class IndexReplica(Service):
         return len(index) if index is not None else 0
 
     async def wait_applied(self, partition: int, offset: int) -> None:
-        """Return once the record at ``offset`` of ``partition`` is in the index."""
+        """Return once the record at ``offset`` of ``partition`` is in the index, or once it is lost
+        with a recreated log (:meth:`_lost`): then it is searched without being in the index, and a
+        warning names it."""
         if self.is_caught_up_to(partition, offset) and self.ready.is_set():
             return
+        since = (self._fetches, time.monotonic())
         async with self._changed:
             await self._changed.wait_for(
-                lambda: (self.is_caught_up_to(partition, offset) and self.ready.is_set()) or self.should_stop)
+                lambda: (self.ready.is_set() and (self.is_caught_up_to(partition, offset)
+                                                  or self._lost(partition, offset, since))) or self.should_stop)
+        if not self.should_stop and not self.is_caught_up_to(partition, offset):
+            log.warning("replica: %s[%d]@%d lies beyond the end (%s) of the recreated log: the record was lost "
+                        "with the old log; searched without waiting for it", self.topic, partition, offset,
+                        self._reader.highwater((self.topic, partition)) if self._reader is not None else None)
+
+    def _lost(self, partition: int, offset: int, since: tuple[int, float]) -> bool:
+        """Whether the record at ``offset`` of ``partition``, read by the index agent before ``since``
+        (this replica's fetch count and the monotonic time then), belongs to a log that is gone.
+
+        True once ``partition``'s log was found recreated, this replica has read it to its end, that
+        end lies at or below ``offset``, and at least :data:`LOST_RECORD_SECONDS` and
+        :data:`LOST_RECORD_FETCHES` of its fetches have passed since ``since``. A log never ends
+        below a record once read from it, so the record came from the old log (read before the
+        broker restarted empty, or the topic was created again), and the new log, which does not
+        reach it, will never bring it; waiting would hold the index agent, and with it the next
+        rebalance, until the new log grows past it, possibly forever. What the new log does hold is never skipped: a record below its end is
+        waited for as usual. The delays cover a record of the new log that the agent read before
+        this replica's reader heard of the end that holds it.
+        """
+        if partition not in self._recreated or self._reader is None:
+            return False
+        end = self._reader.highwater((self.topic, partition))
+        fetches, began = since
+        return (end is not None and end <= offset and self.applied.get(partition, 0) >= end
+                and self._fetches >= fetches + LOST_RECORD_FETCHES
+                and time.monotonic() - began >= LOST_RECORD_SECONDS)
 
     @Service.task
     async def _apply_loop(self) -> None:
@@ -223,6 +268,7 @@ class IndexReplica(Service):
         while not self.should_stop:
             self._restart_truncated_partitions()
             records = await self._reader.fetch(timeout=0.2, max_records=2000)
+            self._fetches += 1
             if records:
                 updates = []
                 for record in records:
@@ -243,11 +289,12 @@ class IndexReplica(Service):
                     self._dirty = True
                     self._check_models()
                     self._changed.notify_all()
-            elif not self.ready.is_set() or (self.target_version is not None
-                                             and self.target_version() != self.indexes.active):
+            else:
                 async with self._changed:
-                    self._check_models()
-                    self._changed.notify_all()
+                    if not self.ready.is_set() or (self.target_version is not None
+                                                   and self.target_version() != self.indexes.active):
+                        self._check_models()
+                    self._changed.notify_all()  # a wait for a record lost with its log may end now
             interval = self.settings.snapshot_interval_seconds
             if (interval > 0 and (self._dirty or self._record_changed())
                     and time.monotonic() - self._last_snapshot >= interval):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -381,6 +382,58 @@ def test_backfill_reads_a_recreated_partition_again_from_the_start() -> None:
     assert chunks[0] == [b"a", b"b"] and [k for c in chunks[1:] for k in c] == [b"d"]
     assert backfill.done == {0, 1} and backfill.ends[0] == 1
     assert backfill.supplied[0] == {"d"}  # a, b, c left the log: left out like any expired listing
+
+
+def test_a_recreated_listings_log_replans_partitions_already_reembedded(caplog: pytest.LogCaptureFixture) -> None:
+    a, b, lost, new = _in_partition(0, 4)
+    [d] = _in_partition(1, 1)
+    switch, replica, sent = _switch_setup({0: [_listing(a), _listing(b), _listing(lost)], 1: [_listing(d)]},
+                                          [a, b, lost, d])
+    log = switch.backfill._reader
+    listings = codec_for_topic(LISTINGS)
+    dropped: list[str] = []
+
+    async def send(out: list[Outgoing]) -> None:
+        # The re-embedded record of `lost` is acknowledged by the broker, which then restarts empty
+        # before the replica applied it: the new index never gets it from the log.
+        sent.extend(out)
+        kept = []
+        for o in out:
+            update = decode_embedding(o.value)
+            if update.listing_id == lost and update.op != "DELETE":
+                dropped.append(lost)
+            else:
+                kept.append(o)
+        replica.apply(kept)
+
+    switch._send = send  # type: ignore[method-assign]
+
+    async def run() -> None:
+        done = lambda: replica.indexes.active == replica.target and switch.state is SwitchState.SERVING
+        task = asyncio.ensure_future(switch.run(done))
+        try:
+            async with asyncio.timeout(10):
+                while switch.state is not SwitchState.AWAITING_INDEX:
+                    await asyncio.sleep(0.01)
+            # Every partition is re-embedded, and judged against the old log: `lost` is supplied by
+            # it, so nothing is left out, and the new index lacks it.
+            assert dropped == [lost] and replica.indexes.lacking(replica.target) == [lost]
+            # The broker restarted empty: the listings log is recreated, with one new listing.
+            log.records = {0: [LogRecord("listings", 0, 0, new.encode(), listings.encode(_listing(new)), 0)], 1: []}
+            await asyncio.wait_for(asyncio.shield(task), 20)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    with caplog.at_level(logging.INFO, logger="samestyle.streams.switch"):
+        asyncio.run(run())
+
+    assert replica.indexes.active == "tiny-next" and not replica.forced  # by the rule, long before the deadline
+    assert sorted(replica.indexes.active_index.ids()) == sorted([a, b, d, new])
+    assert _left_out(switch) == {"not_in_log": 1.0, "reembed_failed": 0.0, "deadline": 0.0}
+    assert [r.listing_id for r in map(decode_embedding, (o.value for o in sent)) if r.op == "DELETE"] == [lost]
+    assert "had re-embedded it up to 3" in caplog.text and "awaiting_index -> reembedding" in caplog.text
 
 
 def test_unsupplied_skips_listings_embedded_live_and_other_workers_partitions() -> None:
