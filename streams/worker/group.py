@@ -3,7 +3,7 @@
 Faust's consumer runs in its own thread; these are plain reads of its state (a rebalance racing
 a scrape makes the lag metric skip one scrape). Faust exposes no public committed or read
 offsets, so this module is the one place that reads its consumer's ``_committed_offset`` and
-``_read_offset``.
+``_read_offset`` (and, on a recreated topic, clears its acknowledgement bookkeeping).
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ class GroupObserver:
 
         That means the topic was deleted and created again (or the embedded broker restarted
         empty). Faust drops any message below the last offset it read and commits only above the
-        last commit, so both must be forgotten for that partition.
+        last commit, so both must be forgotten for that partition; so must the old log's offsets
+        acknowledged and not committed yet (and its gaps), which Faust would otherwise commit on
+        the new log, skipping the new records below them, as it forgets them on a revocation.
         """
         consumer = self._consumer()
         if consumer is None:
@@ -78,6 +80,8 @@ class GroupObserver:
                 log.warning("%s[%d] ends at %d but %d were consumed: the topic was recreated; "
                             "reading it again from the start", tp.topic, tp.partition, highwater, consumed)
                 consumer._committed_offset[tp] = None
+                for stale in ("_acked", "_acked_index", "_gap"):
+                    getattr(consumer, stale, {}).pop(tp, None)
                 await consumer.seek(tp, 0)
                 self.metrics.log_resets.labels("group").inc()
 
