@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -306,7 +307,12 @@ def _switch_setup(log_rows: dict[int, list[dict[str, object]]], serving_ids: lis
 
 
 async def _run_until_switched(switch: ModelSwitch, replica: FakeReplica, timeout: float = 20.0) -> None:
-    done = lambda: replica.indexes.active == replica.target and switch.state is SwitchState.SERVING
+    await run_switch_until(switch, lambda: replica.indexes.active == replica.target
+                           and switch.state is SwitchState.SERVING, timeout)
+
+
+async def run_switch_until(switch: ModelSwitch, done: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Run the switch's loop until ``done()`` (asyncio.TimeoutError after ``timeout`` seconds)."""
     task = asyncio.ensure_future(switch.run(done))
     try:
         await asyncio.wait_for(asyncio.shield(task), timeout)

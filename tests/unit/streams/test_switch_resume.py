@@ -10,7 +10,6 @@ abandoned without a crash, a promotion on the log supersedes the record, and a f
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -35,7 +34,7 @@ from samestyle.streams.worker.pipeline import EmbedStep, Incoming, Outgoing, dec
 from samestyle.streams.worker.replica import IndexReplica
 from samestyle.topics import LISTINGS, MODEL_UPDATES, codec_for_topic
 from samestyle.topics.errors import IndexStoreError
-from tests.unit.streams.test_model_switch import FakeLog, FakeReplica, _in_partition, _listing
+from tests.unit.streams.test_model_switch import FakeLog, FakeReplica, _in_partition, _listing, run_switch_until
 
 V2 = "promoted-v2"
 SETTINGS = Settings(allow_random_weights=True, device="cpu")
@@ -114,16 +113,7 @@ class Restarted:
                                   deadline_seconds=60)
 
     def run_until(self, done: Callable[[], bool], timeout: float = 20.0) -> None:
-        async def go() -> None:
-            task = asyncio.ensure_future(self.switch.run(done))
-            try:
-                await asyncio.wait_for(asyncio.shield(task), timeout)
-            finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-
-        asyncio.run(go())
+        asyncio.run(run_switch_until(self.switch, done, timeout))
 
     def metric(self, name: str, **labels: str) -> float:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
