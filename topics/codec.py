@@ -107,26 +107,40 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _problem(value: Any, schema: Any, named: Mapping[str, Any], path: str) -> str | None:
-    """Why ``value`` does not fit the (parsed) ``schema``, or None when it fits.
+#: Why a value does not fit: where below it (``.field``, ``[index]``) and what is wrong there.
+_Why = tuple[str, str]
+
+
+def _record_problem(value: Any, schema: Mapping[str, Any], named: Mapping[str, Any],
+                    path: str) -> str | None:
+    """Why ``value`` does not fit the (parsed) record ``schema``, or None when it fits; the
+    message starts with where (``path``, then ``.field`` and ``[index]`` below it).
 
     fastavro's own validator is not used: its writer does not call it, and it formats an error
     message (JSON of the whole value) for every union branch it tries, which made encoding
     vectors slower than the pure-Python ``avro`` package.
     """
+    why = _record_why(value, schema, named)
+    return None if why is None else f"{path}{why[0]}: {why[1]}"
+
+
+def _why(value: Any, schema: Any, named: Mapping[str, Any]) -> _Why | None:
+    """Why ``value`` does not fit the (parsed) ``schema``, or None when it fits. The path is left
+    to the caller, so nothing is formatted for a value that fits (every record encoded) nor for a
+    union branch it does not."""
     if isinstance(schema, list):  # union: the first branch that fits is the one fastavro writes
         for branch in schema:
-            if branch == "null":  # cheap, and spares building a message for every non-null value
+            if branch == "null":  # cheap
                 if value is None:
                     return None
-            elif _problem(value, branch, named, path) is None:
+            elif _why(value, branch, named) is None:
                 return None
-        return f"{path}: {_short(value)} fits none of {_type_names(schema)}"
+        return "", f"{_short(value)} fits none of {_type_names(schema)}"
     if isinstance(schema, str) and schema in named:
         schema = named[schema]
     kind = schema["type"] if isinstance(schema, dict) else schema
     if isinstance(kind, (dict, list)) or (isinstance(schema, dict) and kind in named):
-        return _problem(value, kind, named, path)
+        return _why(value, kind, named)
     if kind == "null":
         ok = value is None
     elif kind == "boolean":
@@ -138,13 +152,13 @@ def _problem(value: Any, schema: Any, named: Mapping[str, Any], path: str) -> st
                                   and not isinstance(value, bool)):
             if low <= value <= high:
                 return None
-            return f"{path}: {value} is out of the {kind} range"
+            return "", f"{value} is out of the {kind} range"
         ok = False
     elif kind in ("float", "double"):
         if type(value) is float or (isinstance(value, numbers.Real)
                                     and not isinstance(value, bool)):
             if kind == "float" and math.isfinite(value) and abs(value) > _FLOAT_MAX:
-                return f"{path}: {value} is out of the float32 range"
+                return "", f"{value} is out of the float32 range"
             return None
         ok = False
     elif kind == "string":
@@ -154,46 +168,58 @@ def _problem(value: Any, schema: Any, named: Mapping[str, Any], path: str) -> st
     elif kind == "enum":
         if isinstance(value, str) and value in schema["symbols"]:
             return None
-        return f"{path}: {_short(value)} is not one of {schema['symbols']}"
+        return "", f"{_short(value)} is not one of {schema['symbols']}"
     elif kind == "array":
-        if not isinstance(value, Sequence) or isinstance(value, (str, bytes, bytearray)):
-            return f"{path}: expected a list, got {type(value).__name__}"
+        if type(value) is not list and (not isinstance(value, Sequence)
+                                        or isinstance(value, (str, bytes, bytearray))):
+            return "", f"expected a list, got {type(value).__name__}"
+        items = schema["items"]
         for i, item in enumerate(value):
-            if (why := _problem(item, schema["items"], named, f"{path}[{i}]")) is not None:
-                return why
+            if (why := _why(item, items, named)) is not None:
+                return f"[{i}]{why[0]}", why[1]
         return None
     elif kind == "map":
-        if not isinstance(value, Mapping):
-            return f"{path}: expected a mapping, got {type(value).__name__}"
+        if type(value) is not dict and not isinstance(value, Mapping):
+            return "", f"expected a mapping, got {type(value).__name__}"
+        values = schema["values"]
         for key, item in value.items():
             if not isinstance(key, str):
-                return f"{path}: map key {_short(key)} is not a string"
-            if (why := _problem(item, schema["values"], named, f"{path}[{key!r}]")) is not None:
-                return why
+                return "", f"map key {_short(key)} is not a string"
+            if (why := _why(item, values, named)) is not None:
+                return f"[{key!r}]{why[0]}", why[1]
         return None
     elif kind == "record":
-        return _record_problem(value, schema, named, path)
+        return _record_why(value, schema, named)
     else:  # fixed and anything else: not used by our schemas
-        return f"{path}: schema type {kind!r} is not supported by topics.codec"
-    return None if ok else f"{path}: expected {kind}, got {type(value).__name__} {_short(value)}"
+        return "", f"schema type {kind!r} is not supported by topics.codec"
+    return None if ok else ("", f"expected {kind}, got {type(value).__name__} {_short(value)}")
 
 
-def _record_problem(value: Any, schema: Mapping[str, Any], named: Mapping[str, Any],
-                    path: str) -> str | None:
-    if not isinstance(value, Mapping):
-        return f"{path}: expected a record (mapping), got {type(value).__name__}"
-    fields = schema["fields"]
-    unknown = value.keys() - {f["name"] for f in fields}
+#: id(record schema) -> (that schema, its field names); the schema is kept so the id stays its own.
+_field_names: dict[int, tuple[Mapping[str, Any], frozenset[str]]] = {}
+
+
+def _names_of(schema: Mapping[str, Any]) -> frozenset[str]:
+    entry = _field_names.get(id(schema))
+    if entry is None or entry[0] is not schema:
+        entry = _field_names[id(schema)] = (schema, frozenset(f["name"] for f in schema["fields"]))
+    return entry[1]
+
+
+def _record_why(value: Any, schema: Mapping[str, Any], named: Mapping[str, Any]) -> _Why | None:
+    if type(value) is not dict and not isinstance(value, Mapping):  # the ABC check is slow
+        return "", f"expected a record (mapping), got {type(value).__name__}"
+    unknown = value.keys() - _names_of(schema)
     if unknown:
-        return f"{path}: unknown field(s) {sorted(map(str, unknown))}"
-    for field in fields:
+        return "", f"unknown field(s) {sorted(map(str, unknown))}"
+    for field in schema["fields"]:
         name = field["name"]
         if name not in value:
             if "default" in field:
                 continue  # the writer fills it in
-            return f"{path}.{name}: missing required field"
-        if (why := _problem(value[name], field["type"], named, f"{path}.{name}")) is not None:
-            return why
+            return f".{name}", "missing required field"
+        if (why := _why(value[name], field["type"], named)) is not None:
+            return f".{name}{why[0]}", why[1]
     return None
 
 
@@ -331,12 +357,19 @@ def codec(schema_name: str) -> Codec:
     return Codec(schema_name)
 
 
+@functools.cache
+def _topic_schemas() -> dict[str, str | None]:
+    """Logical topic key -> schema name (prefix and partitions do not change it)."""
+    return {key: spec.schema for key, spec in topic_specs().items()}
+
+
 def codec_for_topic(key: str) -> Codec:
     """The codec of a topic by its logical key, e.g. ``codec_for_topic("listings")``."""
-    specs = topic_specs()
-    if key not in specs:
-        raise ConfigError(f"unknown topic key {key!r}; known: {', '.join(specs)}")
-    return codec(specs[key].schema)
+    # Called once per decoded record on the worker's hot paths: two dict lookups, no spec building.
+    schemas_by_key = _topic_schemas()
+    if key not in schemas_by_key:
+        raise ConfigError(f"unknown topic key {key!r}; known: {', '.join(schemas_by_key)}")
+    return codec(schemas_by_key[key])
 
 
 def vector_to_bytes(v: np.ndarray) -> bytes:

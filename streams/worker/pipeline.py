@@ -395,6 +395,8 @@ class EmbeddingUpdate:
 
 
 def decode_embedding(value: bytes | None) -> EmbeddingUpdate:
+    """The update a listing-embeddings record describes; raises BadInputError (DecodeError for
+    bytes that are not one, InvalidListingError for an upsert without its vectors)."""
     if value is None:
         raise InvalidListingError("empty message (null value)")
     record = codec_for_topic(LISTING_EMBEDDINGS).decode(value)
@@ -425,6 +427,25 @@ def decode_embedding(value: bytes | None) -> EmbeddingUpdate:
 
 def _views(record: dict[str, Any], listing_id: str) -> np.ndarray:
     """``[3, dim]`` image / text / image_text of one model's vectors (zeros for a missing image)."""
+    dim, image, text, image_text = (record["dim"], record["vector_image"], record["vector_text"],
+                                    record["vector_image_text"])
+    size = 4 * dim if type(dim) is int and dim > 0 else -1
+    if (text and image_text and len(text) == size and len(image_text) == size
+            and (not image or len(image) == size) and type(text) is bytes and type(image_text) is bytes
+            and (not image or type(image) is bytes)):
+        # The common case in one buffer: one array, one finiteness check (bytes_to_vector's
+        # checks, each vector's, are the slow path below, which also words the errors).
+        buf = bytearray(image) if image else bytearray(size)
+        buf += text
+        buf += image_text
+        views = np.frombuffer(buf, dtype="<f4").reshape(3, dim)  # [3, dim], writable (a bytearray's)
+        if np.isfinite(views).all():
+            return views.astype(np.float32, copy=False)  # native order: no copy on little-endian
+    return _views_checked(record, listing_id)
+
+
+def _views_checked(record: dict[str, Any], listing_id: str) -> np.ndarray:
+    """:func:`_views` one vector at a time, raising the first problem found."""
     dim = record["dim"]
     text = bytes_to_vector(record["vector_text"], dim) if record["vector_text"] else None
     image_text = bytes_to_vector(record["vector_image_text"], dim) if record["vector_image_text"] else None
