@@ -60,7 +60,22 @@ LOST_RECORD_SECONDS = 1.0
 LOST_RECORD_FETCHES = 2
 
 
-class IndexReplica(Service):
+class _Readiness:
+    """``wait_ready`` for a service that sets ``ready`` and notifies ``_changed`` when it does."""
+
+    ready: asyncio.Event
+    _changed: asyncio.Condition
+    should_stop: bool
+
+    async def wait_ready(self) -> None:
+        """Return once the index serves from a chosen version (or the worker stops)."""
+        if self.ready.is_set():
+            return
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.ready.is_set() or self.should_stop)
+
+
+class IndexReplica(_Readiness, Service):
     """Keeps ``index`` equal to the state described by the embeddings topic, and snapshots it."""
 
     def __init__(self, settings: Settings, indexes: ModelIndexes, topic: str, partitions: int,
@@ -196,13 +211,6 @@ class IndexReplica(Service):
     def is_caught_up_to(self, partition: int, offset: int) -> bool:
         return self.applied.get(partition, 0) > offset
 
-    async def wait_ready(self) -> None:
-        """Return once the replica serves from a chosen index (or the worker stops)."""
-        if self.ready.is_set():
-            return
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.ready.is_set() or self.should_stop)
-
     async def make_searchable(self, messages: Sequence[Incoming], updates: Sequence[EmbeddingUpdate]) -> None:
         """Return once every message of the index agent's batch is in the replica."""
         for msg in messages:
@@ -329,7 +337,7 @@ RETIRED_DROP_SECONDS = 60.0
 RETRY_MAX_PAUSE_SECONDS = 5.0
 
 
-class SharedIndex(Service):
+class SharedIndex(_Readiness, Service):
     """The index of a worker that holds no replica: the per-version collections of a shared backend.
 
     ``make_backend`` opens the backend (``create_backend`` for Milvus). Everything that talks to it
@@ -382,12 +390,6 @@ class SharedIndex(Service):
     def force_switch(self, target: str) -> None:
         """Switch to ``target`` at the next check even if its collection lacks listings of the active one."""
         self._forced = target
-
-    async def wait_ready(self) -> None:
-        if self.ready.is_set():
-            return
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.ready.is_set() or self.should_stop)
 
     async def make_searchable(self, messages: Sequence[Incoming], updates: Sequence[EmbeddingUpdate]) -> None:
         """Write the index agent's batch into the collections (the re-embedding's records too), so

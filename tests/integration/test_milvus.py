@@ -22,7 +22,7 @@ from samestyle.streams.dev.broker import free_port
 from samestyle.streams.io.producer import Outputs
 from tests.integration.conftest import Stack, text_listing
 from tests.integration.test_faults import group_committed_and_ends, scrape, total
-from tests.integration.test_model_switch import health, make_model_dir, promote, versions_by_listing
+from tests.integration.test_model_switch import health, switch_during_traffic, versions_by_listing
 
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
@@ -138,24 +138,7 @@ def test_a_promoted_model_gets_its_own_collection_and_the_alias_moves_when_it_is
     for name, port in zip(("w1", "w2"), ports):
         stack.start_worker(name, web_port=port, state_dir=tmp_path / f"state-{name}").wait_for_log(
             "web server listening", timeout=90)
-    before = [text_listing(f"old-{i:03d}", f"walnut chopping board {i}") for i in range(30)]
-    stack.produce(before)
-    first = stack.collect(lambda o: len(o.indexed_ids) >= 30)
-    [v1] = {m["model_version"] for m in first.similar}
-    v2 = "promoted-v2"
-    promote(stack, v2, make_model_dir(tmp_path / "v2", v2))
-    during = [text_listing(f"new-{i}", f"oak serving tray {i}") for i in range(12)]
-    for i in range(0, 12, 3):
-        stack.produce(during[i:i + 3])
-        time.sleep(0.3)
-    every = {x["listing_id"] for x in before + during}
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        states = [health(p) for p in ports]
-        if all(s["model_version"] == v2 and s["index_vectors"] == len(every) for s in states):
-            break
-        time.sleep(1)
-    assert [(s["model_version"], s["index_vectors"]) for s in states] == [(v2, len(every))] * 2
+    v1, v2, every = switch_during_traffic(stack, tmp_path, ports, timeout=120)
     client = MilvusBackend(uri, n_views=3, prefix=stack.settings.milvus_prefix)
     try:
         assert client.active == v2 and sorted(client.ids(v2)) == sorted(every)

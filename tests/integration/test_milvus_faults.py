@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from samestyle.streams.dev.broker import die_with_parent, free_port
+from samestyle.streams.io.producer import Outputs
 from tests.integration.conftest import Stack
 from tests.integration.test_faults import scrape, total
 from tests.integration.test_milvus import (
@@ -48,6 +49,17 @@ def held(uri: str, prefix: str) -> list[str]:
         client.close()
 
 
+def all_answered_and_alerted_once(stack: Stack, every: set[str], copies: list[dict], timeout: float) -> Outputs:
+    """The outputs once every listing of ``every`` was answered and each planted copy alerted, after
+    every consumer committed; asserts no pair was alerted twice."""
+    stack.collect(lambda o: every <= o.indexed_ids and len({(a["listing_id"], a["duplicate_of"])
+                                                            for a in o.alerts}) >= len(copies), timeout=timeout)
+    wait_all_processed(stack)
+    out = stack.collect(lambda o: every <= o.indexed_ids)
+    assert_every_pair_alerted_once(out, planted(copies))
+    return out
+
+
 def test_a_worker_killed_mid_batch_loses_no_listing_and_alerts_no_pair_twice(
         stack: Stack, milvus: tuple[str, Any]) -> None:  # noqa: F811
     uri, _ = milvus
@@ -74,12 +86,7 @@ def test_a_worker_killed_mid_batch_loses_no_listing_and_alerts_no_pair_twice(
         assert "alert(s) acknowledged; SIGKILL" in log_path.read_text(errors="replace")
         every = {x["listing_id"] for x in originals + copies}
         # The survivor takes the dead worker's partitions over and replays what it had not committed.
-        out = stack.collect(lambda o: every <= o.indexed_ids and len({(a["listing_id"], a["duplicate_of"])
-                                                                       for a in o.alerts}) >= len(copies),
-                            timeout=120)
-        wait_all_processed(stack)
-        out = stack.collect(lambda o: every <= o.indexed_ids)
-        assert_every_pair_alerted_once(out, planted(copies))
+        out = all_answered_and_alerted_once(stack, every, copies, timeout=120)
         # The replay really happened: the killed batch's listings were answered again.
         assert len(out.similar) > len(every)
         assert held(uri, stack.settings.milvus_prefix) == sorted(every)
@@ -125,12 +132,7 @@ def test_a_killed_and_restarted_milvus_lite_server_loses_no_listing_and_alerts_n
         thread.join(60)
         every = {x["listing_id"] for x in originals + [x for wave in waves for x in wave]}
         copies = [x for wave in waves for x in wave if x["listing_id"].startswith("copy-")]
-        out = stack.collect(lambda o: every <= o.indexed_ids and len({(a["listing_id"], a["duplicate_of"])
-                                                                       for a in o.alerts}) >= len(copies),
-                            timeout=180)
-        wait_all_processed(stack)
-        out = stack.collect(lambda o: every <= o.indexed_ids)
-        assert_every_pair_alerted_once(out, planted(copies))
+        all_answered_and_alerted_once(stack, every, copies, timeout=180)
         assert held(uri, stack.settings.milvus_prefix) == sorted(every)
         worker.check_alive()  # it waited for the server: no crash, no restart
         assert total(scrape(web), "samestyle_index_vectors") == len(every)

@@ -128,13 +128,14 @@ def test_a_worker_started_after_a_promotion_serves_the_promoted_model(stack: Sta
     assert {m["model_version"] for m in outputs.similar} == {v2}
 
 
-def test_two_workers_split_the_reembedding_and_both_switch(stack: Stack, tmp_path: Path) -> None:
-    ports = [free_port(), free_port()]
-    for name, port in zip(("w1", "w2"), ports):
-        stack.start_worker(name, web_port=port, state_dir=tmp_path / f"state-{name}")
+def switch_during_traffic(stack: Stack, tmp_path: Path, ports: list[int],
+                          timeout: float) -> tuple[str, str, set[str]]:
+    """30 listings indexed, then ``promoted-v2`` promoted while 12 more arrive in bursts; returns
+    ``(v1, v2, every listing id)`` once every worker (web ``ports``) serves v2 with all of them."""
     before = [text_listing(f"old-{i:03d}", f"walnut chopping board {i}") for i in range(30)]
     stack.produce(before)
-    stack.collect(lambda o: len(o.indexed_ids) >= 30)
+    first = stack.collect(lambda o: len(o.indexed_ids) >= 30)
+    [v1] = {m["model_version"] for m in first.similar}
     v2 = "promoted-v2"
     promote(stack, v2, make_model_dir(tmp_path / "v2", v2))
     during = [text_listing(f"new-{i}", f"oak serving tray {i}") for i in range(12)]
@@ -142,13 +143,21 @@ def test_two_workers_split_the_reembedding_and_both_switch(stack: Stack, tmp_pat
         stack.produce(during[i:i + 3])
         time.sleep(0.3)
     every = {x["listing_id"] for x in before + during}
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         states = [health(p) for p in ports]
         if all(s["model_version"] == v2 and s["index_vectors"] == len(every) for s in states):
             break
         time.sleep(1)
-    assert [(s["model_version"], s["index_vectors"]) for s in states] == [(v2, len(every))] * 2
+    assert [(s["model_version"], s["index_vectors"]) for s in states] == [(v2, len(every))] * len(ports)
+    return v1, v2, every
+
+
+def test_two_workers_split_the_reembedding_and_both_switch(stack: Stack, tmp_path: Path) -> None:
+    ports = [free_port(), free_port()]
+    for name, port in zip(("w1", "w2"), ports):
+        stack.start_worker(name, web_port=port, state_dir=tmp_path / f"state-{name}")
+    _, v2, every = switch_during_traffic(stack, tmp_path, ports, timeout=90)
     copy = text_listing("copy-7", "walnut chopping board 7")
     stack.produce([copy])
     outputs = stack.collect(lambda o: (every | {"copy-7"}) <= o.indexed_ids)
