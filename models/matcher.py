@@ -3,7 +3,8 @@
 :class:`PairFeaturizer` turns :class:`~samestyle.models.encoder.PairCandidate` s into a feature
 matrix (dense cosine, rank and margin among the query's neighbours; word and character-trigram
 TF-IDF cosines with the idf of the training listings; model-code, number, price and brand
-agreement; whether both listings come from the same source, where both name one: a clean
+agreement; the rarest title words one listing has and the other lacks (a colour, a kit, a size
+told apart by one word); whether both listings come from the same source, where both name one: a clean
 shop lists each product once, and the classifier learns from the training labels what a shared
 source means). :class:`Matcher` is that featurizer, a scikit-learn classifier with calibrated
 probabilities and the threshold chosen on a valid split; it is stored in the model directory
@@ -36,7 +37,7 @@ FEATURES = (
     "word_full", "word_title", "char_title", "char_full",
     "code_jaccard", "code_containment", "code_in_other", "code_conflict",
     "num_jaccard", "num_containment", "price_ratio", "brand_agree", "len_ratio", "same_source",
-    "source_rank", "source_margin",
+    "source_rank", "source_margin", "title_diff_max", "title_diff_min", "title_diff_mass",
 )
 
 _SPLIT = re.compile(r"[\s,;:()\[\]{}|/\"'!?+]+")
@@ -116,6 +117,29 @@ class PairFeaturizer:
         ma, mb = vec.transform(a), vec.transform(b)  # rows are L2-normalised
         return np.asarray(ma.multiply(mb).sum(axis=1)).ravel()
 
+    def _title_differences(self, titles_a: Sequence[str], titles_b: Sequence[str]) -> np.ndarray:
+        """``[n, 3]``: per pair, the larger and the smaller of the two sides' rarest unshared title
+        word (its idf over the training titles; 0 when a side has none unshared), and the idf mass
+        of the unshared words over that of all the pair's words. Words the training titles never
+        had count as the rarest there are."""
+        vec = self._vectorizers["word_title"]
+        idf, vocabulary = vec.idf_, vec.vocabulary_
+        unseen = float(idf.max()) if len(idf) else 1.0
+
+        def weight(word: str) -> float:
+            k = vocabulary.get(word)
+            return unseen if k is None else float(idf[k])
+
+        out = np.zeros((len(titles_a), 3))
+        for r, (ta, tb) in enumerate(zip(titles_a, titles_b)):
+            wa, wb = set(_WORD.findall(ta)), set(_WORD.findall(tb))
+            only_a = max((weight(w) for w in wa - wb), default=0.0)
+            only_b = max((weight(w) for w in wb - wa), default=0.0)
+            total = sum(weight(w) for w in wa | wb)
+            out[r] = (max(only_a, only_b), min(only_a, only_b),
+                      sum(weight(w) for w in wa ^ wb) / total if total else -1.0)
+        return out
+
     def features(self, candidates: Sequence[PairCandidate], names: Sequence[str] = FEATURES) -> np.ndarray:
         """``[n, len(names)]`` float32: the ``names`` columns (default :data:`FEATURES`), in that order."""
         if not self._vectorizers:
@@ -164,6 +188,10 @@ class PairFeaturizer:
             cols[name] = lexical[:, k]
         cols["same_source"] = np.array([float(sa == sb) if sa and sb else -1.0
                                         for (_, sa), (_, sb) in zip(split_a, split_b)])
+        if any(n.startswith("title_diff") for n in names):
+            diffs = self._title_differences([_title(t) for t in full_a], [_title(t) for t in full_b])
+            for k, name in enumerate(("title_diff_max", "title_diff_min", "title_diff_mass")):
+                cols[name] = diffs[:, k]
         return np.column_stack([cols[n] for n in names]).astype(np.float32)
 
 

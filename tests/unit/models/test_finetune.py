@@ -237,6 +237,30 @@ def test_the_source_is_a_feature_and_no_text_feature_sees_it() -> None:
     assert np.allclose(f[:, text_columns], 1.0, atol=1e-6)
 
 
+def test_title_differences_weigh_the_rarest_word_one_side_lacks() -> None:
+    featurizer = PairFeaturizer().fit(["acme dishwasher white", "acme dishwasher black", "acme dishwasher steel",
+                                       "acme fridge white", "zeta lamp"])
+    col = {name: k for k, name in enumerate(FEATURES)}
+    pairs = [PairCandidate("acme dishwasher white", "ACME dishwasher white | price 9", 0.9, 0, 0.5),
+             PairCandidate("acme dishwasher white", "acme dishwasher black", 0.9, 0, 0.5),
+             PairCandidate("acme dishwasher white", "acme dishwasher", 0.9, 0, 0.5),
+             PairCandidate("acme dishwasher white", "acme dishwasher qx9", 0.9, 0, 0.5)]
+    f = featurizer.features(pairs)
+    idf = featurizer._vectorizers["word_title"].idf_
+    vocabulary = featurizer._vectorizers["word_title"].vocabulary_
+    # The same title (price aside): nothing unshared.
+    assert list(f[0, [col["title_diff_max"], col["title_diff_min"], col["title_diff_mass"]]]) == [0.0, 0.0, 0.0]
+    # white / black: each side lacks one word; black is the rarer.
+    assert f[1, col["title_diff_max"]] == pytest.approx(idf[vocabulary["black"]])
+    assert f[1, col["title_diff_min"]] == pytest.approx(idf[vocabulary["white"]])
+    total = sum(idf[vocabulary[w]] for w in ("acme", "dishwasher", "white", "black"))
+    assert f[1, col["title_diff_mass"]] == pytest.approx((idf[vocabulary["white"]] + idf[vocabulary["black"]]) / total)
+    # Only one side has an unshared word: the smaller side is 0.
+    assert f[2, col["title_diff_min"]] == 0.0 and f[2, col["title_diff_max"]] == pytest.approx(idf[vocabulary["white"]])
+    # A word the training titles never had weighs as the rarest word they had.
+    assert f[3, col["title_diff_max"]] == pytest.approx(idf.max())
+
+
 def test_a_matcher_saved_with_fewer_features_scores_with_its_own(tmp_path: Path) -> None:
     import json
 
