@@ -393,7 +393,10 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, pairs: boo
         scorers = Scorers(registry, model_thread)
         if alerted_follower is not None:
             await alerted_follower.wait_ready()
-        async for events in stream.take_events(settings.batch_size, within=settings.batch_linger_seconds):
+        async for events in stream.noack_take(settings.batch_size, within=settings.batch_linger_seconds):
+            # Acknowledged by hand at the end, except events of a partition whose log was
+            # recreated meanwhile (the replica releases them as lost; GroupObserver.still_current).
+            resets_then = group.resets_of(events)
             decoded, messages, failures = [], [], []
             for event in events:
                 msg = Incoming.of_event(event)
@@ -428,6 +431,8 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, pairs: boo
             metrics.duplicate_alerts.inc(len(alerts))
             metrics.count("index", len(updates), len(failures))
             await sinks.dead_letter(failures)
+            for event in group.still_current(events, resets_then):
+                await stream.ack(event)
 
     return app
 

@@ -23,6 +23,30 @@ class GroupObserver:
         self.app = app
         self.metrics = metrics
         self._truncated_suspects: set[Any] = set()
+        #: Resets per (topic, partition) so far (:meth:`restart_truncated_partitions`).
+        self._resets: dict[tuple[str, int], int] = {}
+
+    def resets(self, topic: str, partition: int) -> int:
+        """How many times ``topic``'s ``partition`` was read again from 0 (its log recreated)."""
+        return self._resets.get((topic, partition), 0)
+
+    def still_current(self, events: Any, resets_then: dict[tuple[str, int], int]) -> list[Any]:
+        """The Faust ``events`` whose partition was not reset since ``resets_then``
+        (:meth:`resets_of` when they were taken). An event of a partition reset since came from
+        the log that is gone: acknowledging it would let Faust commit its offset on the new log,
+        past new records never read."""
+        out = []
+        for event in events:
+            tp = event.message.tp
+            key = (tp.topic, tp.partition)
+            if self._resets.get(key, 0) == resets_then.get(key, 0):
+                out.append(event)
+        return out
+
+    def resets_of(self, events: Any) -> dict[tuple[str, int], int]:
+        """The reset counts of the partitions ``events`` came from, now."""
+        keys = {(e.message.tp.topic, e.message.tp.partition) for e in events}
+        return {key: self._resets.get(key, 0) for key in keys}
 
     def _consumer(self) -> Any:
         return getattr(self.app, "_consumer", None)  # app.consumer would create it
@@ -83,6 +107,8 @@ class GroupObserver:
                 for stale in ("_acked", "_acked_index", "_gap"):
                     getattr(consumer, stale, {}).pop(tp, None)
                 await consumer.seek(tp, 0)
+                key = (tp.topic, tp.partition)
+                self._resets[key] = self._resets.get(key, 0) + 1
                 self.metrics.log_resets.labels("group").inc()
 
 

@@ -73,3 +73,27 @@ def test_a_partition_that_only_grew_is_left_alone() -> None:
     for _ in range(3):
         asyncio.run(observer.restart_truncated_partitions())
     assert consumer.seeks == [] and resets.value == 0 and consumer._acked[tp] == [73, 74]
+
+
+def event_of(tp: TP, offset: int) -> SimpleNamespace:
+    return SimpleNamespace(message=SimpleNamespace(tp=tp, offset=offset))
+
+
+def test_events_taken_before_their_partition_was_reset_are_not_current() -> None:
+    recreated, other = TP("listing-embeddings", 1), TP("listing-embeddings", 0)
+    consumer = FakeConsumer(recreated, highwater=53, read=76, committed=70, acked=[73, 74, 75, 76])
+    observer, _ = observer_of(consumer)
+    # The index agent took a batch from both partitions, then the broker came back empty.
+    batch = [event_of(recreated, 77), event_of(other, 12), event_of(recreated, 78)]
+    then = observer.resets_of(batch)
+    assert then == {("listing-embeddings", 1): 0, ("listing-embeddings", 0): 0}
+    assert observer.still_current(batch, then) == batch  # nothing reset yet: all acknowledged
+    for _ in range(2):
+        asyncio.run(observer.restart_truncated_partitions())
+    assert observer.resets("listing-embeddings", 1) == 1 and observer.resets("listing-embeddings", 0) == 0
+    # Only the event of the partition that kept its log is acknowledged; the recreated
+    # partition's old-log offsets 77 and 78 would otherwise be committed on the new log.
+    assert observer.still_current(batch, then) == [batch[1]]
+    # A batch taken after the reset is current again.
+    fresh = [event_of(recreated, 3)]
+    assert observer.still_current(fresh, observer.resets_of(fresh)) == fresh
