@@ -151,6 +151,7 @@ class PairFeaturizer:
         split_b = [split_source(c.text_b.lower()) for c in candidates]
         full_a = [text for text, _ in split_a]
         full_b = [text for text, _ in split_b]
+        titles_a, titles_b = [_title(t) for t in full_a], [_title(t) for t in full_b]
         cols: dict[str, np.ndarray] = {
             "dense_cos": np.array([c.cosine for c in candidates]),
             "dense_rank": np.log1p(np.minimum([c.rank for c in candidates], MAX_RANK)),
@@ -160,8 +161,8 @@ class PairFeaturizer:
             "source_margin": np.array([c.cosine - (c.best_other if c.source_best_other is None else c.source_best_other)
                                        for c in candidates]),
             "word_full": self._cosines("word_full", full_a, full_b),
-            "word_title": self._cosines("word_title", [_title(t) for t in full_a], [_title(t) for t in full_b]),
-            "char_title": self._cosines("char_title", [_title(t) for t in full_a], [_title(t) for t in full_b]),
+            "word_title": self._cosines("word_title", titles_a, titles_b),
+            "char_title": self._cosines("char_title", titles_a, titles_b),
             "char_full": self._cosines("char_full", full_a, full_b),
         }
         rows = []
@@ -189,7 +190,7 @@ class PairFeaturizer:
         cols["same_source"] = np.array([float(sa == sb) if sa and sb else -1.0
                                         for (_, sa), (_, sb) in zip(split_a, split_b)])
         if any(n.startswith("title_diff") for n in names):
-            diffs = self._title_differences([_title(t) for t in full_a], [_title(t) for t in full_b])
+            diffs = self._title_differences(titles_a, titles_b)
             for k, name in enumerate(("title_diff_max", "title_diff_min", "title_diff_mass")):
                 cols[name] = diffs[:, k]
         return np.column_stack([cols[n] for n in names]).astype(np.float32)

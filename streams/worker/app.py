@@ -395,7 +395,7 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, pairs: boo
             await alerted_follower.wait_ready()
         async for events in stream.noack_take(settings.batch_size, within=settings.batch_linger_seconds):
             # Acknowledged by hand at the end, except events of a partition whose log was
-            # recreated meanwhile (the replica releases them as lost; GroupObserver.still_current).
+            # recreated meanwhile (the replica releases them as lost; GroupObserver.split_by_reset).
             resets_then = group.resets_of(events)
             decoded, messages, failures = [], [], []
             for event in events:
@@ -431,8 +431,10 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, pairs: boo
             metrics.duplicate_alerts.inc(len(alerts))
             metrics.count("index", len(updates), len(failures))
             await sinks.dead_letter(failures)
-            for event in group.still_current(events, resets_then):
+            current, stale = group.split_by_reset(events, resets_then)
+            for event in current:
                 await stream.ack(event)
+            group.release(stale)
 
     return app
 

@@ -3,7 +3,8 @@
 Faust's consumer runs in its own thread; these are plain reads of its state (a rebalance racing
 a scrape makes the lag metric skip one scrape). Faust exposes no public committed or read
 offsets, so this module is the one place that reads its consumer's ``_committed_offset`` and
-``_read_offset`` (and, on a recreated topic, clears its acknowledgement bookkeeping).
+``_read_offset`` (and, on a recreated topic, clears its acknowledgement bookkeeping and releases
+the old log's messages still in flight).
 """
 
 from __future__ import annotations
@@ -30,23 +31,34 @@ class GroupObserver:
         """How many times ``topic``'s ``partition`` was read again from 0 (its log recreated)."""
         return self._resets.get((topic, partition), 0)
 
-    def still_current(self, events: Any, resets_then: dict[tuple[str, int], int]) -> list[Any]:
-        """The Faust ``events`` whose partition was not reset since ``resets_then``
-        (:meth:`resets_of` when they were taken). An event of a partition reset since came from
-        the log that is gone: acknowledging it would let Faust commit its offset on the new log,
-        past new records never read."""
-        out = []
-        for event in events:
-            tp = event.message.tp
-            key = (tp.topic, tp.partition)
-            if self._resets.get(key, 0) == resets_then.get(key, 0):
-                out.append(event)
-        return out
-
     def resets_of(self, events: Any) -> dict[tuple[str, int], int]:
-        """The reset counts of the partitions ``events`` came from, now."""
-        keys = {(e.message.tp.topic, e.message.tp.partition) for e in events}
-        return {key: self._resets.get(key, 0) for key in keys}
+        """The reset counts of the partitions the Faust ``events`` came from, now."""
+        return {key: self.resets(*key) for key in {(e.message.tp.topic, e.message.tp.partition) for e in events}}
+
+    def split_by_reset(self, events: Any, resets_then: dict[tuple[str, int], int]) -> tuple[list[Any], list[Any]]:
+        """``(current, stale)`` Faust ``events``: stale ones come from a partition reset since
+        ``resets_then`` (:meth:`resets_of` when they were taken), i.e. from the log that is gone.
+        Acknowledging a stale event would let Faust commit its offset on the new log, past new
+        records never read: :meth:`release` it instead."""
+        now = self.resets_of(events)
+        current, stale = [], []
+        for event in events:
+            key = (event.message.tp.topic, event.message.tp.partition)
+            (current if now[key] == resets_then.get(key, 0) else stale).append(event)
+        return current, stale
+
+    def release(self, events: Any) -> None:
+        """Mark the Faust ``events`` handled without recording their offsets for a commit (what
+        ``Consumer.ack`` does, less the offset bookkeeping), so the next rebalance's wait for
+        unacknowledged messages does not wait for them."""
+        from faust.types.tuples import ack_lock
+
+        consumer = self._consumer()
+        with ack_lock:
+            for event in events:
+                event.message.acked = True
+                if consumer is not None:
+                    consumer._unacked_messages.discard(event.message)
 
     def _consumer(self) -> Any:
         return getattr(self.app, "_consumer", None)  # app.consumer would create it

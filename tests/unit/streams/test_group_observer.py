@@ -75,25 +75,39 @@ def test_a_partition_that_only_grew_is_left_alone() -> None:
     assert consumer.seeks == [] and resets.value == 0 and consumer._acked[tp] == [73, 74]
 
 
+class FakeMessage:
+    """Hashable, like Faust's Message (the consumer keeps unacknowledged ones in a WeakSet)."""
+
+    def __init__(self, tp: TP, offset: int) -> None:
+        self.tp, self.offset, self.acked = tp, offset, False
+
+
 def event_of(tp: TP, offset: int) -> SimpleNamespace:
-    return SimpleNamespace(message=SimpleNamespace(tp=tp, offset=offset))
+    return SimpleNamespace(message=FakeMessage(tp, offset))
 
 
-def test_events_taken_before_their_partition_was_reset_are_not_current() -> None:
+def test_events_taken_before_their_partition_was_reset_are_released_not_acknowledged() -> None:
     recreated, other = TP("listing-embeddings", 1), TP("listing-embeddings", 0)
     consumer = FakeConsumer(recreated, highwater=53, read=76, committed=70, acked=[73, 74, 75, 76])
     observer, _ = observer_of(consumer)
     # The index agent took a batch from both partitions, then the broker came back empty.
     batch = [event_of(recreated, 77), event_of(other, 12), event_of(recreated, 78)]
+    consumer._unacked_messages = {e.message for e in batch}
     then = observer.resets_of(batch)
     assert then == {("listing-embeddings", 1): 0, ("listing-embeddings", 0): 0}
-    assert observer.still_current(batch, then) == batch  # nothing reset yet: all acknowledged
+    assert observer.split_by_reset(batch, then) == (batch, [])  # nothing reset yet: all acknowledged
     for _ in range(2):
         asyncio.run(observer.restart_truncated_partitions())
     assert observer.resets("listing-embeddings", 1) == 1 and observer.resets("listing-embeddings", 0) == 0
     # Only the event of the partition that kept its log is acknowledged; the recreated
     # partition's old-log offsets 77 and 78 would otherwise be committed on the new log.
-    assert observer.still_current(batch, then) == [batch[1]]
+    current, stale = observer.split_by_reset(batch, then)
+    assert current == [batch[1]] and stale == [batch[0], batch[2]]
+    observer.release(stale)
+    # Released: no rebalance waits for them, and no offset of theirs is recorded for a commit.
+    assert consumer._unacked_messages == {batch[1].message}
+    assert all(e.message.acked for e in stale) and not batch[1].message.acked
+    assert recreated not in consumer._acked
     # A batch taken after the reset is current again.
     fresh = [event_of(recreated, 3)]
-    assert observer.still_current(fresh, observer.resets_of(fresh)) == fresh
+    assert observer.split_by_reset(fresh, observer.resets_of(fresh)) == (fresh, [])
