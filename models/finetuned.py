@@ -159,7 +159,8 @@ class FinetunedEncoder(Encoder):
             self.runtime = runtime
 
     def match_text(self, listing: ListingInput) -> str:
-        return match_text(listing.title, listing.attributes)
+        words = self._matcher.description_words if self._matcher is not None else 0
+        return match_text(listing.title, listing.attributes, listing.description, words)
 
     @staticmethod
     def _text(listing: ListingInput) -> str:

@@ -14,6 +14,7 @@ probabilities and the threshold chosen on a valid split; it is stored in the mod
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from samestyle.models.encoder import DuplicateScorer, PairCandidate
-from samestyle.models.text import parse_price, split_source
+from samestyle.models.text import DESCRIPTION_FIELD, parse_price, split_source
 from samestyle.topics.errors import ConfigError
 
 __all__ = ["FEATURES", "Matcher", "PairFeaturizer", "fit_classifier", "load_matcher"]
@@ -45,6 +46,14 @@ _WORD = re.compile(r"[a-z0-9]+")
 _NUM = re.compile(r"\d+(?:\.\d+)?")
 _BRAND = re.compile(r"\|\s*brand\s+([^|]+)")
 _PRICE = re.compile(r"\|\s*price\s+([^|]+)")
+
+
+def _tfidf_view(text: str) -> str:
+    """A lowered match text as the TF-IDF features read it: without the ``description`` field name,
+    which every text with a description shares (its character trigrams alone lowered valid F1:
+    docs/MODEL.md, "Description words"). The field name stays for the brand and price fields'
+    parsing, so a description that starts with "brand" or "price" is not read as either."""
+    return text.replace(DESCRIPTION_FIELD, " | ")
 
 
 def _title(text: str) -> str:
@@ -100,7 +109,7 @@ class PairFeaturizer:
     def fit(self, texts: Sequence[str]) -> PairFeaturizer:
         from sklearn.feature_extraction.text import TfidfVectorizer
 
-        full = [t.lower() for t in texts]
+        full = [_tfidf_view(t.lower()) for t in texts]
         titles = [_title(t) for t in full]
         word = dict(token_pattern=r"[a-z0-9]+", sublinear_tf=True)
         char = dict(analyzer="char_wb", ngram_range=(3, 3), sublinear_tf=True)
@@ -135,9 +144,11 @@ class PairFeaturizer:
             wa, wb = set(_WORD.findall(ta)), set(_WORD.findall(tb))
             only_a = max((weight(w) for w in wa - wb), default=0.0)
             only_b = max((weight(w) for w in wb - wa), default=0.0)
-            total = sum(weight(w) for w in wa | wb)
+            # fsum: exact whatever the sets' order (string hashing changes it from run to run, and a
+            # last-bit difference can move a value across one of the classifier's bin edges).
+            total = math.fsum(weight(w) for w in wa | wb)
             out[r] = (max(only_a, only_b), min(only_a, only_b),
-                      sum(weight(w) for w in wa ^ wb) / total if total else -1.0)
+                      math.fsum(weight(w) for w in wa ^ wb) / total if total else -1.0)
         return out
 
     def features(self, candidates: Sequence[PairCandidate], names: Sequence[str] = FEATURES) -> np.ndarray:
@@ -152,6 +163,7 @@ class PairFeaturizer:
         full_a = [text for text, _ in split_a]
         full_b = [text for text, _ in split_b]
         titles_a, titles_b = [_title(t) for t in full_a], [_title(t) for t in full_b]
+        tfidf_a, tfidf_b = [_tfidf_view(t) for t in full_a], [_tfidf_view(t) for t in full_b]
         cols: dict[str, np.ndarray] = {
             "dense_cos": np.array([c.cosine for c in candidates]),
             "dense_rank": np.log1p(np.minimum([c.rank for c in candidates], MAX_RANK)),
@@ -160,10 +172,10 @@ class PairFeaturizer:
                                                 for c in candidates], MAX_RANK)),
             "source_margin": np.array([c.cosine - (c.best_other if c.source_best_other is None else c.source_best_other)
                                        for c in candidates]),
-            "word_full": self._cosines("word_full", full_a, full_b),
+            "word_full": self._cosines("word_full", tfidf_a, tfidf_b),
             "word_title": self._cosines("word_title", titles_a, titles_b),
             "char_title": self._cosines("char_title", titles_a, titles_b),
-            "char_full": self._cosines("char_full", full_a, full_b),
+            "char_full": self._cosines("char_full", tfidf_a, tfidf_b),
         }
         rows = []
         for ta, tb in zip(full_a, full_b):
@@ -236,6 +248,12 @@ class Matcher(DuplicateScorer):
         self.threshold = float(threshold)
         self.meta = dict(meta or {})
         self.features = tuple(features)
+
+    @property
+    def description_words(self) -> int:
+        """How many description words the matcher's texts carry (:func:`~samestyle.models.text.match_text`;
+        0 for matchers fitted before descriptions were read)."""
+        return int(self.meta.get("description_words", 0))
 
     def probabilities(self, candidates: Sequence[PairCandidate]) -> np.ndarray:
         if not candidates:

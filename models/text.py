@@ -4,10 +4,11 @@
 the title does not already name it, the price when one parses; no description, category or
 source (chosen on valid splits: docs/MODEL.md, "Text serialisation").
 
-The duplicate matcher compares :func:`match_text`: the same text plus, where the listing names
-one, its ``source`` (the shop or feed it came from) after a tab. ``serialize`` collapses every
-whitespace run to one space, so the tab cannot occur in the serialised part and
-:func:`split_source` undoes the join exactly.
+The duplicate matcher compares :func:`match_text`: the same text, then the first words of the
+description (``| description <words>``, as many as the matcher was fitted with: its
+``description_words``), then, where the listing names one, its ``source`` (the shop or feed it
+came from) after a tab. ``serialize`` collapses every whitespace run to one space, so the tab
+cannot occur in the serialised part and :func:`split_source` undoes the join exactly.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ __all__ = ["match_text", "parse_price", "serialize", "split_source"]
 _PRICE = re.compile(r"\d+(?:[.,]\d+)?")
 #: Joins a match text's serialised part and its source (never inside the serialised part).
 SOURCE_SEPARATOR = "\tsource "
+#: Opens a match text's description words (after the serialised fields).
+DESCRIPTION_FIELD = " | description "
 
 
 def _clean(value: object) -> str:
@@ -54,10 +57,16 @@ def serialize(title: str | None, attributes: Mapping[str, str] | None = None) ->
     return " | ".join(p for p in parts if p)
 
 
-def match_text(title: str | None, attributes: Mapping[str, str] | None = None) -> str:
-    """What the duplicate matcher compares: :func:`serialize`, then the listing's ``source``."""
+def match_text(title: str | None, attributes: Mapping[str, str] | None = None, description: str | None = None,
+               description_words: int = 0) -> str:
+    """What the duplicate matcher compares: :func:`serialize`, the first ``description_words``
+    words of ``description`` (``|`` dropped from them, so the text's fields stay apart), then
+    the listing's ``source``."""
     source = _clean((attributes or {}).get("source"))
     text = serialize(title, attributes)
+    words = _clean(str(description or "").replace("|", " ")).split(" ")[: max(0, description_words)]
+    if words and words[0]:
+        text = f"{text}{DESCRIPTION_FIELD}{' '.join(words)}"  # no title: the title part stays empty
     return f"{text}{SOURCE_SEPARATOR}{source}" if source else text
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -54,7 +55,7 @@ def test_serialisation_is_the_same_at_training_and_serving(tmp_path: Path) -> No
     record = data.records["l3_1"]
     listing = ListingInput(record.listing_id, record.title, attributes=dict(record.attributes))
     embedded = FinetunedEncoder._text(listing)
-    matched = FinetunedEncoder.match_text(None, listing)  # type: ignore[arg-type]
+    matched = FinetunedEncoder.match_text(SimpleNamespace(_matcher=None), listing)  # type: ignore[arg-type]
     assert data.texts["l3_1"] == embedded == "ACME k3x121 speaker"  # the title names the brand already
     # The matcher's text adds the source after a tab; the embedded text never holds one.
     assert data.match_texts["l3_1"] == matched == "ACME k3x121 speaker\tsource b"
@@ -64,6 +65,36 @@ def test_serialisation_is_the_same_at_training_and_serving(tmp_path: Path) -> No
     assert serialize("Speaker X1", {"brand": "acme"}) == "Speaker X1 | brand acme"
     assert serialize("Sony TV", {"brand": "sony", "price": "$1,299.00"}) == "Sony TV | price 1299"
     assert parse_price("n/a") is None and parse_price("12,5") == 12.5
+
+
+def test_the_matcher_s_text_carries_as_many_description_words_as_it_was_fitted_with(tmp_path: Path) -> None:
+    folder = _catalogue(tmp_path)
+    with open(folder / "listings.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows[7]["description"] = "Brand new | sealed  box, 2 year warranty from acme"
+    with open(folder / "listings.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    config = TrainConfig(listings=folder / "listings.csv", out=tmp_path / "m", clusters=folder / "clusters.csv",
+                         match_description_words=4)
+    data = load_products(config)
+    record = data.records["l3_1"]
+    expected = "ACME k3x121 speaker | description Brand new sealed box,\tsource b"
+    assert data.match_texts["l3_1"] == expected
+    assert data.texts["l3_1"] == "ACME k3x121 speaker"  # the embedded text reads no description
+    # The served model builds the same text from the listing, with its matcher's word count.
+    listing = ListingInput(record.listing_id, record.title, record.description, dict(record.attributes))
+    served = SimpleNamespace(_matcher=SimpleNamespace(description_words=4))
+    assert FinetunedEncoder.match_text(served, listing) == expected  # type: ignore[arg-type]
+    # A matcher fitted before descriptions were read (no description_words) keeps its texts.
+    assert FinetunedEncoder.match_text(SimpleNamespace(_matcher=None), listing) == "ACME k3x121 speaker\tsource b"
+    # A word "brand" or "price" in the description is no field of the text.
+    featurizer = PairFeaturizer().fit([expected, "acme speaker k3x121 | price 13"])
+    assert featurizer.features([PairCandidate(expected, expected, 1.0, 0, 0.5)], ["brand_agree"])[0, 0] != 1.0
+    assert match_text("", {}, "a photo caption", 2) == " | description a photo"
+    with pytest.raises(ConfigError, match="description-words"):
+        load_products(replace(config, match_description_words=-1))
 
 
 def test_products_come_from_positive_pairs_and_test_files_are_refused(tmp_path: Path) -> None:
@@ -151,6 +182,24 @@ def test_augmentation_keeps_shape_and_range() -> None:
     assert torch.equal(out, again)  # seeded: reproducible
 
 
+def test_feature_map_augmentation_flips_and_crops_without_changing_values() -> None:
+    maps = torch.randn(6, 5, 12, 12)
+    out = finetune.augment_feature_maps(maps, torch.Generator().manual_seed(1))
+    side = out.shape[-1]
+    assert out.shape[:2] == (6, 5) and out.shape[-2] == side and 9 <= side <= 12  # sqrt(0.6) of 12 rounds to 9
+    assert torch.equal(out, finetune.augment_feature_maps(maps, torch.Generator().manual_seed(1)))  # seeded
+    flipped = 0
+    for j in range(6):  # each output map is a window of its input map, mirrored or not
+        windows = [m[:, y : y + side, x : x + side] for m in (maps[j], maps[j].flip(-1))
+                   for y in range(13 - side) for x in range(13 - side)]
+        match = [k for k, w in enumerate(windows) if torch.equal(w, out[j])]
+        assert match
+        flipped += match[0] >= len(windows) // 2
+    assert 0 < flipped < 6
+    sizes = {finetune.augment_feature_maps(maps, torch.Generator().manual_seed(k)).shape[-1] for k in range(20)}
+    assert len(sizes) > 1  # the crop's side varies from batch to batch
+
+
 def test_candidates_rank_and_margin_are_the_stream_s() -> None:
     vectors = {k: np.array(v, dtype=np.float32) for k, v in
                {"a": [1, 0], "b": [0.8, 0.6], "c": [0.6, 0.8], "d": [0, 1]}.items()}
@@ -210,6 +259,9 @@ def test_the_matcher_refits_from_the_saved_vectors(tmp_path: Path) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["matcher_refits"][-1]["matcher_order"] == "full"
     assert manifest["config"]["matcher_order"] == "full"
+    assert matcher.description_words == TrainConfig.match_description_words
+    finetune.refit_matcher(out, match_description_words=0)
+    assert load_matcher(out).description_words == 0  # type: ignore[union-attr]
     with pytest.raises(ConfigError, match="cannot be refitted"):
         finetune.refit_matcher(tmp_path)
 
