@@ -55,8 +55,8 @@ from samestyle.topics.errors import ConfigError, ImageError
 logger = logging.getLogger(__name__)
 
 __all__ = ["MatcherData", "PrefixFeatures", "Products", "TrainConfig", "arrival_order", "augment_feature_maps",
-           "candidates_for", "fit_matcher", "load_products", "prefix_features", "read_pair_weights", "refit_matcher", "train",
-           "train_towers"]
+           "candidates_for", "fit_matcher", "load_products", "prefix_features", "read_pair_weights",
+           "refit_matcher", "train", "train_towers"]
 
 #: With a split column, rows of these splits are trained on; every other split is never read.
 TRAINING_SPLITS = ("train", "catalog")
@@ -111,7 +111,7 @@ class TrainConfig:
     #: later listing of a pair queries an index of the listings before it) or "full" (every listing).
     matcher_order: str = "arrival"
     #: The matcher's texts carry this many leading words of the description (the embedded text
-    #: none): valid F1 0.946 -> 0.952 (Abt-Buy DM), 0.725 -> 0.736 (WDC), 0.902 -> 0.910 (Abt-Buy
+    #: none): valid F1 0.946 -> 0.952 (Abt-Buy DM), 0.725 -> 0.736 (WDC), 0.902 -> 0.904 (Abt-Buy
     #: full_gt) at 16, the best mean of 0, 8, 12, 16, 24 and 32 (docs/MODEL.md, "Description words").
     match_description_words: int = 16
     seed: int = 0
