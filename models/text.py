@@ -2,7 +2,7 @@
 
 ``title | brand <b> | price <p>``: the title first (it carries the model codes), the brand when
 the title does not already name it, the price when one parses; no description, category or
-source (chosen on valid splits: docs/MODEL.md, "Text serialisation").
+source in it (chosen on valid splits: docs/MODEL.md, "The model" and "Description words").
 
 The duplicate matcher compares :func:`match_text`: the same text, then the first words of the
 description (``| description <words>``, as many as the matcher was fitted with: its
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from itertools import islice
 
 __all__ = ["match_text", "parse_price", "serialize", "split_source"]
 
@@ -23,6 +24,8 @@ _PRICE = re.compile(r"\d+(?:[.,]\d+)?")
 SOURCE_SEPARATOR = "\tsource "
 #: Opens a match text's description words (after the serialised fields).
 DESCRIPTION_FIELD = " | description "
+#: A description word: a run of characters that are neither whitespace nor the field separator.
+_DESCRIPTION_WORD = re.compile(r"[^\s|]+")
 
 
 def _clean(value: object) -> str:
@@ -64,8 +67,9 @@ def match_text(title: str | None, attributes: Mapping[str, str] | None = None, d
     the listing's ``source``."""
     source = _clean((attributes or {}).get("source"))
     text = serialize(title, attributes)
-    words = _clean(str(description or "").replace("|", " ")).split(" ")[: max(0, description_words)]
-    if words and words[0]:
+    # Scanned lazily: a description can be hundreds of KiB (WDC), the text keeps a few words of it.
+    words = [m.group(0) for m in islice(_DESCRIPTION_WORD.finditer(description or ""), max(0, description_words))]
+    if words:
         text = f"{text}{DESCRIPTION_FIELD}{' '.join(words)}"  # no title: the title part stays empty
     return f"{text}{SOURCE_SEPARATOR}{source}" if source else text
 
