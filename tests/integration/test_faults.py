@@ -7,13 +7,16 @@ Real tansu broker, real worker processes. Fault tests carry the ``faults`` marke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -242,6 +245,16 @@ def test_two_workers_rebalance_under_load_without_skipping(stack: Stack) -> None
     assert sorted(snapshot) == sorted(ids)
 
 
+@contextlib.contextmanager
+def _frozen(pid: int) -> Iterator[None]:
+    """SIGSTOP ``pid`` for the block's duration, SIGCONT after it whatever happens."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -279,8 +292,13 @@ def test_broker_outage_workers_reconnect_and_carry_on(tmp_path: Path) -> None:
         # Not spinning: a reconnecting worker sleeps between attempts (a busy loop burns a core).
         assert cpu < 0.5 * (time.monotonic() - t0), f"{cpu:.1f} CPU seconds during a {outage:.0f} s outage"
 
-        broker = EmbeddedBroker(port=port, log_path=tmp_path / "tansu.log").start()
-        create_topics(broker.bootstrap, all_specs.values())
+        # A real Kafka comes back with its topics; this in-memory one comes back empty and would
+        # auto-create any topic a reconnecting client asks metadata for with 4 partitions
+        # (BROKER.md, trap 2). The worker is frozen while the topics are created again, so it cannot
+        # win that race (CI lost it once: model-updates came back with 4 partitions instead of 1).
+        with _frozen(worker.pid):
+            broker = EmbeddedBroker(port=port, log_path=tmp_path / "tansu.log").start()
+            create_topics(broker.bootstrap, all_specs.values())
         wait_until(lambda: total(scrape(web), "samestyle_broker_up") == 1, 15, "broker_up back to 1", worker)
         # The new broker's logs are shorter than what the worker consumed: it must notice and read
         # them from 0. (A new log that outgrew the old offsets before the worker's first fetch
