@@ -7,6 +7,9 @@ broker never see each other's messages.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,6 +26,22 @@ from samestyle.streams.worker.process import WorkerProcess
 from samestyle.topics import LISTINGS, TopicSpec, topic_specs
 
 pytestmark = pytest.mark.integration
+
+
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """SIGSTOP ``pid`` for the block's duration, SIGCONT after it whatever happens.
+
+    For restarting the in-memory broker under a live worker: a real Kafka comes back with its
+    topics, this one comes back empty and would auto-create any topic a reconnecting client asks
+    metadata for with 4 partitions (BROKER.md, trap 2). Frozen, the worker cannot win that race
+    against ``create_topics``.
+    """
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 @pytest.fixture(scope="session")

@@ -7,14 +7,12 @@ Real tansu broker, real worker processes. Fault tests carry the ``faults`` marke
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import signal
 import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ from samestyle.streams.switch.indexes import load_active_snapshot
 from samestyle.streams.worker.app import snapshot_dir
 from samestyle.streams.worker.process import WorkerProcess
 from samestyle.topics import LISTING_EMBEDDINGS, LISTINGS, codec_for_topic, topic_specs
-from tests.integration.conftest import Stack, text_listing
+from tests.integration.conftest import Stack, frozen, text_listing
 
 pytestmark = pytest.mark.integration
 
@@ -245,16 +243,6 @@ def test_two_workers_rebalance_under_load_without_skipping(stack: Stack) -> None
     assert sorted(snapshot) == sorted(ids)
 
 
-@contextlib.contextmanager
-def _frozen(pid: int) -> Iterator[None]:
-    """SIGSTOP ``pid`` for the block's duration, SIGCONT after it whatever happens."""
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
-
-
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -296,7 +284,7 @@ def test_broker_outage_workers_reconnect_and_carry_on(tmp_path: Path) -> None:
         # auto-create any topic a reconnecting client asks metadata for with 4 partitions
         # (BROKER.md, trap 2). The worker is frozen while the topics are created again, so it cannot
         # win that race (CI lost it once: model-updates came back with 4 partitions instead of 1).
-        with _frozen(worker.pid):
+        with frozen(worker.pid):
             broker = EmbeddedBroker(port=port, log_path=tmp_path / "tansu.log").start()
             create_topics(broker.bootstrap, all_specs.values())
         wait_until(lambda: total(scrape(web), "samestyle_broker_up") == 1, 15, "broker_up back to 1", worker)

@@ -9,6 +9,7 @@ seconds and the fault lands inside it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -26,7 +27,7 @@ from samestyle.streams.switch.indexes import MODELS_FILE, load_active_snapshot
 from samestyle.streams.worker.app import snapshot_dir
 from samestyle.streams.worker.process import WorkerProcess
 from samestyle.topics import topic_specs
-from tests.integration.conftest import Stack, text_listing
+from tests.integration.conftest import Stack, frozen, text_listing
 from tests.integration.test_faults import scrape, total, wait_until
 from tests.integration.test_images_by_url import ImageHost, png
 from tests.integration.test_model_switch import health, make_model_dir, promote, versions_by_listing
@@ -256,8 +257,9 @@ def test_broker_restarted_during_a_switch_the_switch_completes(tmp_path: Path, i
         if logs == "lost-worker-restarted":
             worker.kill()
             assert not switch_completed(worker), "the switch completed before the kill: the fault missed it"
-        broker = EmbeddedBroker(port=port, log_path=tmp_path / "tansu.log").start()
-        create_topics(broker.bootstrap, all_specs.values())
+        with frozen(worker.pid) if worker.alive() else contextlib.nullcontext():
+            broker = EmbeddedBroker(port=port, log_path=tmp_path / "tansu.log").start()
+            create_topics(broker.bootstrap, all_specs.values())
         if logs == "restored":
             stack.produce(before)
             promote(stack, V2, model_dir)
