@@ -170,7 +170,8 @@ def _retrieval(
 def _reranked(model: Encoder, records: Sequence[ListingRecord], emb: Embeddings, q: np.ndarray, g: np.ndarray,
               clusters: np.ndarray, same: np.ndarray, k: int = RERANK_K) -> dict[str, Any]:
     """IT→IT retrieval with the dense top-``k`` of each query re-ordered by the matcher's
-    probability (the stream's one index search plus a re-rank); the rest keep their order."""
+    probability, ties by cosine (the stream's one index search plus a re-rank); the rest keep
+    their order."""
     matcher = model.duplicate_scorer
     assert matcher is not None
     it = emb.image_text
@@ -186,8 +187,12 @@ def _reranked(model: Encoder, records: Sequence[ListingRecord], emb: Embeddings,
         best_other = [float(sim[row, order[1]]) if len(order) > 1 else -1.0] + [float(sim[row, order[0]])] * (len(order) - 1)
         candidates = [PairCandidate(texts[q[row]], texts[g[c]], float(sim[row, c]), r, best_other[r])
                       for r, c in enumerate(order)]
-        # Re-ranked scores sit above every score outside the top-k, ordered by probability.
-        reranked[row, order] = 10.0 + matcher.probabilities(candidates)
+        # The stream's order (streams/worker/pipeline.py): by probability, ties by cosine. The
+        # re-ranked scores sit above every score outside the top-k, distinct, so the rank metric's
+        # tie rule (half of the tied count) does not turn a tie the stream resolves into a miss.
+        probabilities = np.asarray(matcher.probabilities(candidates), dtype=np.float64)
+        served = order[np.lexsort((-sim[row, order], -probabilities))]
+        reranked[row, served] = 10.0 + np.arange(len(served), 0, -1, dtype=np.float64)
     return retrieval_metrics(reranked, clusters[q], clusters[g], same)
 
 

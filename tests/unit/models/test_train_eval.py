@@ -320,3 +320,34 @@ def test_retrieval_ties_are_not_hits() -> None:
     assert flat["recall_at_1"] == 0.0 and flat["mrr"] == pytest.approx(1 / 2.5)
     exact = retrieval_metrics(np.array([[0.9, 0.1], [0.2, 0.8]]), ["a", "b"], ["a", "b"])
     assert exact["recall_at_1"] == 1.0 and exact["mrr"] == 1.0
+
+
+def test_the_re_rank_breaks_probability_ties_by_cosine_as_the_stream_does() -> None:
+    import numpy as np
+
+    from samestyle.models.data import ListingRecord
+    from samestyle.models.encoder import Embeddings
+
+    class Flat:
+        """A matcher without an opinion: every candidate gets the same probability."""
+
+        def probabilities(self, candidates: list) -> np.ndarray:
+            return np.full(len(candidates), 0.5, dtype=np.float32)
+
+    class Model:
+        duplicate_scorer = Flat()
+
+        @staticmethod
+        def match_text(listing: object) -> str:
+            return "text"
+
+    # One query; three gallery items; the query's own cluster "a" holds the most similar one.
+    it = np.array([[1.0, 0.0], [0.9, 0.436], [0.6, 0.8], [0.0, 1.0]], dtype=np.float32)
+    emb = Embeddings(image=np.zeros_like(it), text=it, image_text=it, has_image=np.zeros(4, dtype=bool))
+    records = [ListingRecord(f"l{k}", f"title {k}", "", None, None) for k in range(4)]
+    clusters = np.array(["a", "a", "b", "c"])
+    q, g = np.array([0]), np.array([1, 2, 3])
+    same = np.zeros((1, 3), dtype=bool)
+    result = evaluate._reranked(Model(), records, emb, q, g, clusters, same)
+    # Tied probabilities: the stream lists by cosine, so the hit is first (not a half-counted tie).
+    assert result["recall_at_1"] == 1.0 and result["mrr"] == 1.0
