@@ -382,9 +382,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             meta = getattr(matcher, "meta", {})
             order = meta.get("candidate_order", "full")
-            # Candidates meet the index as they did when the matcher was fitted: in "arrival" order
-            # the later listing of a pair queries an index of the listings that came before it.
-            arrival = arrival_order(ids, int(meta.get("order_seed", 0))) if order == "arrival" else None
+            # Candidates meet the index as they did when the matcher was fitted: in arrival order
+            # the later listing of a pair queries an index of the listings that came before it (the
+            # interleaved order; a pairs file's listings name no source order to replay).
+            arrival = arrival_order(ids, int(meta.get("order_seed", 0))) if order != "full" else None
 
             def probabilities(pairs_: Sequence[tuple[str, str, int]], arrival_: dict[str, int] | None) -> np.ndarray:
                 return matcher.probabilities(candidates_for([(a, b) for a, b, _ in pairs_], vectors, ids, texts_by_id,
@@ -398,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "served_threshold": {**served, "valid": pair_metrics(valid_p, vy, matcher.threshold)},
                 "threshold_from_these_valid_pairs": _pair_result(valid_p, vy, test_p, ty),
             }
-            if order == "arrival":  # for reference: the same matcher with every listing indexed
+            if arrival is not None:  # for reference: the same matcher with every listing indexed
                 full_p = probabilities(test, None)
                 result["matcher"]["full_index_served_threshold"] = pair_metrics(full_p, ty, matcher.threshold)
             main_result = served

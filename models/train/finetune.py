@@ -108,7 +108,9 @@ class TrainConfig:
     classifier: str = "hgb"
     mined_k: int = 20
     #: How the matcher's training candidates meet the index: "arrival" (as the stream does: the
-    #: later listing of a pair queries an index of the listings before it) or "full" (every listing).
+    #: later listing of a pair queries an index of the listings before it; in a seeded random
+    #: order, and where listings name 2 or more sources also source by source: :func:`arrival_orders`),
+    #: "interleaved" (the random order only) or "full" (every listing indexed).
     matcher_order: str = "arrival"
     #: The matcher's texts carry this many leading words of the description (the embedded text
     #: none): valid F1 0.946 -> 0.952 (Abt-Buy DM), 0.725 -> 0.736 (WDC), 0.902 -> 0.904 (Abt-Buy
@@ -616,6 +618,36 @@ def arrival_order(ids: Sequence[str], seed: int) -> dict[str, int]:
     return {i: k for k, i in enumerate(order)}
 
 
+#: How the matcher's training candidates may meet the index (:attr:`TrainConfig.matcher_order`).
+MATCHER_ORDERS = ("arrival", "interleaved", "full")
+#: Source-by-source orders: one per source taking the lead, for at most this many of the largest.
+MAX_LEADING_SOURCES = 4
+
+
+def arrival_orders(ids: Sequence[str], texts: Mapping[str, str], seed: int, grouped: bool = True,
+                   leaders: Sequence[str] | None = None) -> dict[str, dict[str, int]]:
+    """The arrival orders the matcher learns from, by name: ``"interleaved"`` (:func:`arrival_order`)
+    and, with ``grouped`` and listings naming 2 or more sources, ``"<source> first"`` for each of
+    the :data:`MAX_LEADING_SOURCES` largest: that source's listings first (a shop's catalogue
+    uploaded at once), then the others', each source in the interleaved order. ``leaders``
+    (default ``ids``) are the listings whose sources count: those the matcher's index can hold.
+
+    A stream meets both: listings of many shops interleaved, and a whole catalogue at once (a
+    shop joining, a bulk import, ``samestyle demo`` replaying a file shop by shop).
+    """
+    interleaved = arrival_order(ids, seed)
+    orders = {"interleaved": interleaved}
+    source = {i: split_source(texts[i].lower())[1] for i in ids}
+    sizes = Counter(source[i] for i in (ids if leaders is None else leaders))
+    if not grouped or len([s for s in sizes if s]) < 2:
+        return orders
+    for lead, _ in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))[:MAX_LEADING_SOURCES]:
+        if lead:
+            ranked = sorted(ids, key=lambda i: (source[i] != lead, interleaved[i]))
+            orders[f"{lead} first"] = {i: k for k, i in enumerate(ranked)}
+    return orders
+
+
 def candidates_for(pairs: Sequence[tuple[str, str]], vectors: Mapping[str, np.ndarray], index_ids: Sequence[str],
                    texts: Mapping[str, str], arrival: Mapping[str, int] | None = None) -> list[PairCandidate]:
     """PairCandidates as the stream would see them: rank and margin of b among a's neighbours in
@@ -716,52 +748,84 @@ MATCHER_VECTORS = "matcher_vectors.npz"
 
 def fit_matcher(config: TrainConfig, data: Products, vectors: MatcherData,
                 log: Callable[[str], None] = logger.info) -> tuple[Matcher, dict[str, Any]]:
-    """Fit the calibrated classifier and choose its threshold on valid; returns it and the valid info."""
-    if config.matcher_order not in ("arrival", "full"):
-        raise ConfigError(f"unknown matcher order {config.matcher_order!r}: arrival or full")
+    """Fit the calibrated classifier and choose its threshold on valid; returns it and the valid info.
+
+    In arrival order the classifier learns from every order of :func:`arrival_orders` (each
+    pair once per order, the features as that order's stream would compute them), and the
+    threshold is chosen on the valid pairs of every order together.
+    """
+    if config.matcher_order not in MATCHER_ORDERS:
+        raise ConfigError(f"unknown matcher order {config.matcher_order!r}: {', '.join(MATCHER_ORDERS)}")
     all_ids = vectors.ids
     oof, final = vectors.oof, vectors.final
     train_ids = sorted(data.product)
-    arrival = arrival_order(all_ids, config.seed) if config.matcher_order == "arrival" else None
-    featurizer = PairFeaturizer().fit([data.match_texts[i] for i in all_ids])
-    valid_info: dict[str, Any]
     # A weighted file (the trainer's) may hold negatives without a valid set: mined pairs below.
-    if any(y == 0 for _, _, y in data.train_pairs) and (config.valid_pairs is not None or not data.weighted):
-        fit_pairs = [(a, b, y) for a, b, y in data.train_pairs]
-        x_fit = featurizer.features(candidates_for([(a, b) for a, b, _ in fit_pairs], oof, all_ids, data.match_texts,
-                                                   arrival))
-        y_fit = np.array([y for _, _, y in fit_pairs])
-        classifier = fit_classifier(x_fit, y_fit, config.classifier, config.seed,
-                                    sample_weight=_sample_weights(fit_pairs, data))
+    labelled = any(y == 0 for _, _, y in data.train_pairs) and (config.valid_pairs is not None or not data.weighted)
+    orders: dict[str, dict[str, int] | None] = {"full": None}
+    if config.matcher_order != "full":
+        # A pairs file's candidates meet every listing; mined ones the training listings only.
+        orders = dict(arrival_orders(all_ids, data.match_texts, config.seed, grouped=config.matcher_order == "arrival",
+                                     leaders=all_ids if labelled else train_ids))
+    featurizer = PairFeaturizer().fit([data.match_texts[i] for i in all_ids])
+
+    def features(pairs: Sequence[tuple[str, str, int]], vecs: Mapping[str, np.ndarray], index_ids: Sequence[str],
+                 arrival: Mapping[str, int] | None) -> np.ndarray:
+        return featurizer.features(candidates_for([(a, b) for a, b, _ in pairs], vecs, index_ids, data.match_texts,
+                                                  arrival))
+
+    valid_info: dict[str, Any]
+    x_fit, y_fit, w_fit, x_valid, y_valid = [], [], [], [], []
+    if labelled:
         if config.valid_pairs is None:
             raise ConfigError("--pairs needs --valid-pairs: the matcher's threshold is chosen on valid")
+        fit_pairs = [(a, b, y) for a, b, y in data.train_pairs]
         valid = [(a, b, y) for a, b, y in read_pairs(config.valid_pairs) if a in data.records and b in data.records]
-        x_valid = featurizer.features(candidates_for([(a, b) for a, b, _ in valid], final, all_ids, data.match_texts,
-                                                     arrival))
-        y_valid = np.array([y for _, _, y in valid])
+        weights = _sample_weights(fit_pairs, data)
+        for arrival in orders.values():
+            x_fit.append(features(fit_pairs, oof, all_ids, arrival))
+            y_fit.append(np.array([y for _, _, y in fit_pairs]))
+            w_fit.append(weights)
+            x_valid.append(features(valid, final, all_ids, arrival))
+            y_valid.append(np.array([y for _, _, y in valid]))
         valid_info = {"pairs": len(valid), "source": str(config.valid_pairs)}
     else:  # clusters, or positive pairs only (mined clicks): the matcher learns from mined pairs
         products = sorted(set(data.product.values()))
         shuffled = products[:]
         random.Random(config.seed).shuffle(shuffled)
         valid_products = set(shuffled[: max(1, int(round(config.valid_fraction * len(shuffled))))])
-        mined = _mined_pairs(train_ids, oof, data.product, config.mined_k, arrival)
-        if data.weighted:
-            mined = _with_labelled_negatives(mined, data)
-        is_fit = np.array([data.product[a] not in valid_products for a, _, _ in mined])
-        x_all = featurizer.features(candidates_for([(a, b) for a, b, _ in mined], oof, train_ids, data.match_texts,
-                                                   arrival))
-        y_all = np.array([y for _, _, y in mined])
-        weights = _sample_weights(mined, data)
-        classifier = fit_classifier(x_all[is_fit], y_all[is_fit], config.classifier, config.seed,
-                                    sample_weight=None if weights is None else weights[is_fit])
-        x_valid, y_valid = x_all[~is_fit], y_all[~is_fit]
-        valid_info = {"pairs": int((~is_fit).sum()), "source": "mined pairs of held-back training products"}
-    probabilities = classifier.predict_proba(x_valid)[:, 1]
-    threshold = best_threshold(probabilities, y_valid)
-    valid_info.update(pair_metrics(probabilities, y_valid, threshold))
+        n_valid = 0
+        for arrival in orders.values():
+            mined = _mined_pairs(train_ids, oof, data.product, config.mined_k, arrival)
+            if data.weighted:
+                mined = _with_labelled_negatives(mined, data)
+            is_fit = np.array([data.product[a] not in valid_products for a, _, _ in mined])
+            x_all = features(mined, oof, train_ids, arrival)
+            y_all = np.array([y for _, _, y in mined])
+            weights = _sample_weights(mined, data)
+            x_fit.append(x_all[is_fit])
+            y_fit.append(y_all[is_fit])
+            w_fit.append(None if weights is None else weights[is_fit])
+            x_valid.append(x_all[~is_fit])
+            y_valid.append(y_all[~is_fit])
+            n_valid += int((~is_fit).sum())
+        valid_info = {"pairs": n_valid, "source": "mined pairs of held-back training products"}
+    sample_weight = None if all(w is None for w in w_fit) else np.concatenate(
+        [np.ones(len(y)) if w is None else w for w, y in zip(w_fit, y_fit)])
+    classifier = fit_classifier(np.vstack(x_fit), np.concatenate(y_fit), config.classifier, config.seed,
+                                sample_weight=sample_weight)
+    x_v, y_v = np.vstack(x_valid), np.concatenate(y_valid)
+    probabilities = classifier.predict_proba(x_v)[:, 1]
+    threshold = best_threshold(probabilities, y_v)
+    valid_info.update(pair_metrics(probabilities, y_v, threshold))
+    valid_info["orders"] = list(orders)
+    if len(orders) > 1:
+        start = 0
+        for name, y in zip(orders, y_valid):
+            part = slice(start, start + len(y))
+            valid_info.setdefault("by_order", {})[name] = pair_metrics(probabilities[part], y, threshold)
+            start += len(y)
     log(f"matcher: valid F1 {valid_info['f1']:.4f} at p >= {threshold:.3f} ({valid_info['pairs']} pairs, "
-        f"{config.matcher_order} order)")
+        f"{config.matcher_order} order: {', '.join(orders)})")
     meta = {"classifier": config.classifier, "candidate_order": config.matcher_order, "order_seed": config.seed,
             "description_words": data.description_words, "valid": valid_info}
     return Matcher(featurizer, classifier, threshold, meta), valid_info
@@ -954,9 +1018,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs-per-product", type=int, default=TrainConfig.max_pairs_per_product,
                    help="positive edges per product per epoch, at least (a product with more listings gets one "
                    "per listing)")
-    p.add_argument("--matcher-order", choices=("arrival", "full"), default=TrainConfig.matcher_order,
-                   help="how the matcher's training candidates meet the index: as the stream does "
-                   "(arrival) or with every listing indexed (full)")
+    p.add_argument("--matcher-order", choices=MATCHER_ORDERS, default=TrainConfig.matcher_order,
+                   help="how the matcher's training candidates meet the index: as the stream does, interleaved "
+                   "and source by source (arrival), interleaved only, or with every listing indexed (full)")
     p.add_argument("--match-description-words", type=int, default=TrainConfig.match_description_words,
                    help="leading description words in the matcher's texts (0: none; default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
@@ -1006,7 +1070,7 @@ def _refit_main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="samestyle train --refit-matcher",
                                 description="refit a model directory's matcher from its saved training vectors")
     p.add_argument("--refit-matcher", required=True, type=Path, metavar="MODEL_DIR")
-    p.add_argument("--matcher-order", choices=("arrival", "full"), default=None)
+    p.add_argument("--matcher-order", choices=MATCHER_ORDERS, default=None)
     p.add_argument("--classifier", choices=("hgb", "lr"), default=None)
     p.add_argument("--match-description-words", type=int, default=None,
                    help="leading description words in the matcher's texts (default: the model's training "

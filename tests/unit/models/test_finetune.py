@@ -243,6 +243,30 @@ def test_mined_pairs_in_arrival_order_never_look_ahead() -> None:
     assert not any(a == first for a, _, _ in mined)  # the first listing meets an empty index
 
 
+def test_arrival_orders_add_one_source_by_source_order_per_leading_source() -> None:
+    from samestyle.models.text import SOURCE_SEPARATOR
+
+    ids = [f"l{k}" for k in range(12)]
+    texts = {i: f"title {k}{SOURCE_SEPARATOR}{'shop-a' if k % 3 else 'shop-b'}" for k, i in enumerate(ids)}
+    orders = finetune.arrival_orders(ids, texts, seed=1)
+    assert list(orders) == ["interleaved", "shop-a first", "shop-b first"]  # the larger shop leads first
+    interleaved = orders["interleaved"]
+    assert interleaved == finetune.arrival_order(ids, seed=1)
+    for lead in ("shop-a", "shop-b"):
+        order = orders[f"{lead} first"]
+        assert sorted(order.values()) == list(range(12))
+        by_arrival = sorted(ids, key=order.__getitem__)
+        leading = [i for i in by_arrival if texts[i].endswith(lead)]
+        assert by_arrival[: len(leading)] == leading  # the whole catalogue of the lead first
+        for part in (by_arrival[: len(leading)], by_arrival[len(leading):]):
+            assert part == sorted(part, key=interleaved.__getitem__)  # each part in the interleaved order
+    assert list(finetune.arrival_orders(ids, texts, seed=1, grouped=False)) == ["interleaved"]
+    one_shop = {i: f"title{SOURCE_SEPARATOR}shop-a" for i in ids}
+    assert list(finetune.arrival_orders(ids, one_shop, seed=1)) == ["interleaved"]
+    no_source = {i: "title" for i in ids}
+    assert list(finetune.arrival_orders(ids, no_source, seed=1)) == ["interleaved"]
+
+
 def test_the_matcher_refits_from_the_saved_vectors(tmp_path: Path) -> None:
     import json
 
@@ -253,6 +277,7 @@ def test_the_matcher_refits_from_the_saved_vectors(tmp_path: Path) -> None:
     assert (out / finetune.MATCHER_VECTORS).is_file()
     assert load_matcher(out).meta["candidate_order"] == "arrival"  # type: ignore[union-attr]
     info = finetune.refit_matcher(out, matcher_order="full")
+    assert info["orders"] == ["full"]
     matcher = load_matcher(out)
     assert matcher is not None and matcher.meta["candidate_order"] == "full"
     assert matcher.threshold == pytest.approx(info["threshold"])
