@@ -108,7 +108,7 @@ class ModelIndexes:
             if upserts:
                 views = np.stack([u.vectors[version] for u in upserts])  # [n, 3, dim]
                 self.index_for(version, views.shape[2]).upsert(
-                    [u.listing_id for u in upserts], views[:, -1], payloads=[u.payload for u in upserts],
+                    [u.listing_id for u in upserts], views[:, -1], payloads=[u.payload_for(version) for u in upserts],
                     views=views)
 
     def lacking(self, target: str) -> list[str]:
@@ -297,7 +297,7 @@ class CollectionIndexes:
             if upserts:
                 views = np.stack([u.vectors[version] for u in upserts])  # [n, 3, dim]
                 self.backend.upsert(version, [u.listing_id for u in upserts], views[:, -1],
-                                    payloads=[u.payload for u in upserts], views=views)
+                                    payloads=[u.payload_for(version) for u in upserts], views=views)
                 if version not in self.indexes:
                     self.indexes[version] = VersionView(self.backend, version)
         if self._pending is not None and self._pending in self.indexes:

@@ -296,12 +296,13 @@ class EmbedStep:
             embedded_at = now_ms()
             for row, (i, record, listing) in enumerate(upserts):
                 out = self._upsert_record(record, encoders[0], embedded[0], row, embedded_at, prepared.reembed)
-                # The first model's match text: a record carries one, and during a switch both
-                # encoders use the same text serialisation in practice, so the next model's
-                # index (searched with these records too) compares the same text.
                 out["match_text"] = encoders[0].match_text(listing)
                 if len(encoders) == 2:
-                    out["next_model"] = self._vectors(encoders[1], embedded[1], row)
+                    # The next model's index compares the next model's text: its matcher may read
+                    # more or fewer description words than the serving one's.
+                    text = encoders[1].match_text(listing)
+                    out["next_model"] = {**self._vectors(encoders[1], embedded[1], row),
+                                         "match_text": None if text == out["match_text"] else text}
                 slots[i] = out
         out = []
         for record in slots:
@@ -381,17 +382,24 @@ class EmbeddingUpdate:
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     #: Written by a model switch's re-embedding: apply it, emit nothing for it.
     reembed: bool = False
+    #: model version -> its matcher's text of the listing, where it differs from ``payload``'s.
+    match_texts: dict[str, str] = field(default_factory=dict)
 
     @property
     def vector(self) -> np.ndarray:
         assert self.views is not None
         return self.views[2]
 
+    def payload_for(self, version: str) -> dict[str, Any]:
+        """The payload ``version``'s index keeps: :attr:`payload` with that model's match text."""
+        text = self.match_texts.get(version)
+        return self.payload if text is None else {**self.payload, "match_text": text}
+
     def for_version(self, version: str) -> EmbeddingUpdate:
-        """This update as seen by ``version``'s index (its vectors, its version on the outputs)."""
+        """This update as seen by ``version``'s index (its vectors, payload and version on the outputs)."""
         if version == self.model_version:
             return self
-        return replace(self, model_version=version, views=self.vectors[version])
+        return replace(self, model_version=version, views=self.vectors[version], payload=self.payload_for(version))
 
 
 def decode_embedding(value: bytes | None) -> EmbeddingUpdate:
@@ -402,12 +410,15 @@ def decode_embedding(value: bytes | None) -> EmbeddingUpdate:
     record = codec_for_topic(LISTING_EMBEDDINGS).decode(value)
     views = None
     vectors: dict[str, np.ndarray] = {}
+    match_texts: dict[str, str] = {}
     if record["op"] != "DELETE":
         views = _views(record, record["listing_id"])
         vectors[record["model_version"]] = views
         other = record.get("next_model")
         if other is not None and other["model_version"] != record["model_version"]:
             vectors[other["model_version"]] = _views(other, record["listing_id"])
+            if isinstance(other.get("match_text"), str):
+                match_texts[other["model_version"]] = other["match_text"]
     return EmbeddingUpdate(
         listing_id=record["listing_id"],
         supplier_id=record["supplier_id"],
@@ -422,6 +433,7 @@ def decode_embedding(value: bytes | None) -> EmbeddingUpdate:
                  "match_text": record.get("match_text")},
         vectors=vectors,
         reembed=bool(record.get("reembed")),
+        match_texts=match_texts,
     )
 
 

@@ -99,3 +99,17 @@ def test_errors_are_the_vector_by_vector_ones(broken: dict) -> None:
 def test_null_value_is_invalid() -> None:
     with pytest.raises(InvalidListingError):
         decode_embedding(None)
+
+
+def test_the_next_model_s_own_match_text_reaches_its_index_only() -> None:
+    rec = record(next_model=True, seed=4)
+    rec["next_model"]["match_text"] = "Red mug | description ceramic 350 ml"
+    update = decode_embedding(encode(rec))
+    assert update.match_texts == {"v2": "Red mug | description ceramic 350 ml"}
+    assert update.payload["match_text"] == update.payload_for("v1")["match_text"] == "Red mug"
+    assert update.payload_for("v2")["match_text"] == "Red mug | description ceramic 350 ml"
+    assert update.for_version("v2").payload == update.payload_for("v2")
+    assert update.for_version("v1").payload["match_text"] == "Red mug"
+    # Null (the same text, or a record written before the field): every index keeps the top-level one.
+    same = decode_embedding(encode(record(next_model=True, seed=4)))
+    assert same.match_texts == {} and same.payload_for("v2") == same.payload

@@ -241,6 +241,24 @@ def test_a_switch_between_prepare_and_embed_prepares_for_the_new_encoders(encode
     assert [g["next_model"]["vector_image_text"] for g in got] == [w["next_model"]["vector_image_text"] for w in want]
 
 
+def test_during_a_switch_the_next_model_s_match_text_travels_where_it_differs(encoder: Any) -> None:
+    other = create_encoder({"name": "tiny2", "text_backbone": "tiny", "image_backbone": "tiny", "seed": 3,
+                            "max_text_tokens": 64, "image_size": 32, "image_crop_pct": 1.0},
+                           "cpu", allow_random_weights=True)
+    step = EmbedStep(encoder, Settings())
+    [batch] = batches(1, 3)
+    codec = codec_for_topic("listing-embeddings")
+    out, _ = step(batch, [encoder, other])
+    same = [codec.decode(o.value) for o in out]
+    # The same serialisation (these two tiny models): null, the top-level text serves both.
+    assert same and all(r["next_model"]["match_text"] is None and r["match_text"] for r in same)
+    other.match_text = lambda listing: "next: " + encoder.match_text(listing)  # reads more of the listing
+    out, _ = step(batch, [encoder, other])
+    differs = [codec.decode(o.value) for o in out]
+    assert [r["match_text"] for r in differs] == [r["match_text"] for r in same]
+    assert [r["next_model"]["match_text"] for r in differs] == ["next: " + r["match_text"] for r in same]
+
+
 def test_a_failed_stage_is_raised_and_reported(encoder: Any) -> None:
     async def run() -> Harness:
         h = Harness(encoder, fail_enqueue=True)

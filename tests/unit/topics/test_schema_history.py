@@ -35,6 +35,7 @@ RELEASED = {
     ("listing_embedding", 2): "97a1392e80e43945",  # + image_uri
     ("listing_embedding", 3): "54dc615ed304c28c",  # + reembed, next_model
     ("listing_embedding", 4): "b6a68b15d00b4baa",  # + match_text
+    ("listing_embedding", 5): "f2e83e5a421d766b",  # + next_model.match_text
     ("model_update", 1): "e97b21bacff2c6e8",
     ("moderation_decision", 1): "8a051d291f8d5d3e",
     ("positive_pair", 1): "92ff14dae254b491",
@@ -73,10 +74,23 @@ def _read(body: bytes, writer: dict[str, Any], reader: dict[str, Any]) -> dict[s
     return record
 
 
+def _record_type(field_type: Any) -> dict[str, Any] | None:
+    """The record schema a field holds (alone or in a union), if any."""
+    for t in field_type if isinstance(field_type, list) else [field_type]:
+        if isinstance(t, dict) and t.get("type") == "record":
+            return t
+    return None
+
+
 def _assert_resolved(resolved: dict[str, Any], written: dict[str, Any], reader: dict[str, Any]) -> None:
-    """Fields both versions have keep the written value; fields only the reader has get their default."""
+    """Fields both versions have keep the written value (nested records field by field); fields
+    only the reader has get their default."""
     for field in reader["fields"]:
         name = field["name"]
+        nested = _record_type(field["type"])
+        if name in written and nested is not None and isinstance(written[name], dict):
+            _assert_resolved(resolved[name], written[name], nested)
+            continue
         expected = written[name] if name in written else field["default"]
         assert resolved[name] == expected, name
     assert set(resolved) == {f["name"] for f in reader["fields"]}
