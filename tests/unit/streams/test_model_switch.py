@@ -58,6 +58,18 @@ def test_apply_fills_each_version_and_deletes_everywhere() -> None:
     assert indexes.indexes["v1"].ids() == [] and indexes.indexes["v2"].ids() == ["a"]
 
 
+def test_each_version_s_index_keeps_its_own_model_s_match_text() -> None:
+    from dataclasses import replace
+
+    indexes = ModelIndexes("flat", 3)
+    both = upsert("b", {"v1": _views(2, 8), "v2": _views(3, 4)})
+    both = replace(both, payload={**both.payload, "match_text": "mug"},
+                   match_texts={"v2": "mug | description red stoneware"})
+    indexes.apply([both])
+    assert indexes.indexes["v1"].payload("b")["match_text"] == "mug"
+    assert indexes.indexes["v2"].payload("b")["match_text"] == "mug | description red stoneware"
+
+
 def test_switch_waits_for_a_complete_index_then_drops_the_old_one() -> None:
     indexes = ModelIndexes("flat", 3, active="v1")
     indexes.apply([upsert(x, {"v1": _views(i, 8)}) for i, x in enumerate("abc")])
