@@ -781,12 +781,13 @@ def fit_matcher(config: TrainConfig, data: Products, vectors: MatcherData,
         fit_pairs = [(a, b, y) for a, b, y in data.train_pairs]
         valid = [(a, b, y) for a, b, y in read_pairs(config.valid_pairs) if a in data.records and b in data.records]
         weights = _sample_weights(fit_pairs, data)
+        y_pairs, y_valid_pairs = np.array([y for _, _, y in fit_pairs]), np.array([y for _, _, y in valid])
         for arrival in orders.values():
             x_fit.append(features(fit_pairs, oof, all_ids, arrival))
-            y_fit.append(np.array([y for _, _, y in fit_pairs]))
-            w_fit.append(weights)
+            y_fit.append(y_pairs)
+            w_fit.append(np.ones(len(y_pairs)) if weights is None else weights)
             x_valid.append(features(valid, final, all_ids, arrival))
-            y_valid.append(np.array([y for _, _, y in valid]))
+            y_valid.append(y_valid_pairs)
         valid_info = {"pairs": len(valid), "source": str(config.valid_pairs)}
     else:  # clusters, or positive pairs only (mined clicks): the matcher learns from mined pairs
         products = sorted(set(data.product.values()))
@@ -804,26 +805,22 @@ def fit_matcher(config: TrainConfig, data: Products, vectors: MatcherData,
             weights = _sample_weights(mined, data)
             x_fit.append(x_all[is_fit])
             y_fit.append(y_all[is_fit])
-            w_fit.append(None if weights is None else weights[is_fit])
+            w_fit.append(np.ones(int(is_fit.sum())) if weights is None else weights[is_fit])
             x_valid.append(x_all[~is_fit])
             y_valid.append(y_all[~is_fit])
             n_valid += int((~is_fit).sum())
         valid_info = {"pairs": n_valid, "source": "mined pairs of held-back training products"}
-    sample_weight = None if all(w is None for w in w_fit) else np.concatenate(
-        [np.ones(len(y)) if w is None else w for w, y in zip(w_fit, y_fit)])
+    sample_weight = np.concatenate(w_fit)
     classifier = fit_classifier(np.vstack(x_fit), np.concatenate(y_fit), config.classifier, config.seed,
-                                sample_weight=sample_weight)
+                                sample_weight=sample_weight if bool((sample_weight != 1.0).any()) else None)
     x_v, y_v = np.vstack(x_valid), np.concatenate(y_valid)
     probabilities = classifier.predict_proba(x_v)[:, 1]
     threshold = best_threshold(probabilities, y_v)
     valid_info.update(pair_metrics(probabilities, y_v, threshold))
     valid_info["orders"] = list(orders)
     if len(orders) > 1:
-        start = 0
-        for name, y in zip(orders, y_valid):
-            part = slice(start, start + len(y))
-            valid_info.setdefault("by_order", {})[name] = pair_metrics(probabilities[part], y, threshold)
-            start += len(y)
+        parts = np.split(probabilities, np.cumsum([len(y) for y in y_valid])[:-1])
+        valid_info["by_order"] = {name: pair_metrics(p, y, threshold) for name, p, y in zip(orders, parts, y_valid)}
     log(f"matcher: valid F1 {valid_info['f1']:.4f} at p >= {threshold:.3f} ({valid_info['pairs']} pairs, "
         f"{config.matcher_order} order: {', '.join(orders)})")
     meta = {"classifier": config.classifier, "candidate_order": config.matcher_order, "order_seed": config.seed,
@@ -1042,7 +1039,8 @@ def config_from_args(args: Any) -> TrainConfig:
                        hard_negatives=not args.no_hard_negatives, classifier=args.classifier,
                        max_text_tokens=args.max_text_tokens, images=not args.no_images, seed=args.seed,
                        max_pairs_per_product=args.pairs_per_product, matcher_order=args.matcher_order,
-                       match_description_words=args.match_description_words, device=args.device, progress=not args.no_progress, name=args.name,
+                       match_description_words=args.match_description_words, device=args.device,
+                       progress=not args.no_progress, name=args.name,
                        allow_random_weights=args.allow_random_weights, overwrite=args.overwrite)
 
 
