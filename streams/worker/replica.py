@@ -368,6 +368,8 @@ class SharedIndex(_Readiness, Service):
         #: version -> when it was first seen ranked below the active one (for RETIRED_DROP_SECONDS).
         self._older_since: dict[str, float] = {}
         self._changed = asyncio.Condition()
+        # Held by each check and by on_stop: the backend is never closed under a check in flight.
+        self._checking = asyncio.Lock()
 
     # ------------------------------------------------------------------ the surface
 
@@ -438,7 +440,8 @@ class SharedIndex(_Readiness, Service):
         log.info("shared index on %r (no replica in this worker)", self.backend)
 
     async def on_stop(self) -> None:
-        backend, self.backend = self.backend, None
+        async with self._checking:
+            backend, self.backend = self.backend, None
         if backend is not None:
             await asyncio.get_running_loop().run_in_executor(self._thread, backend.close)
         self._thread.shutdown(wait=False)
@@ -458,6 +461,11 @@ class SharedIndex(_Readiness, Service):
             raise
 
     async def _check(self) -> None:
+        async with self._checking:
+            if self.backend is not None:  # None: stopped, its backend closed
+                await self._check_backend()
+
+    async def _check_backend(self) -> None:
         assert self.indexes is not None
         target = self.target_version()
         if not self.ready.is_set():

@@ -39,6 +39,16 @@ def chromium_driver(user_data_dir: Path) -> Any:
     return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
 
 
+def page_wait(browser: Any, seconds: float = 30.0) -> Any:
+    """A WebDriverWait that polls through page changes: an element found just before the page
+    re-renders or navigates (the sign-in form posting) raises StaleElementReferenceException,
+    which is a reason to look again, not a failure."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(browser, seconds, ignored_exceptions=(StaleElementReferenceException,))
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[dev]')")
@@ -63,9 +73,8 @@ def test_page_runs_a_text_search_and_an_image_plus_modifier_search(browser: Any,
                                                                    tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    wait = WebDriverWait(browser, 30)
+    wait = page_wait(browser)
     browser.get(served.base + "/")
     # Live counters come from /stats.
     wait.until(ec.text_to_be_present_in_element((By.ID, "stat-index"), str(len(served.messages))))
@@ -107,14 +116,13 @@ def test_page_runs_a_text_search_and_an_image_plus_modifier_search(browser: Any,
 
 def test_page_shows_api_errors(browser: Any, served: Served, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"this is not a picture")
     browser.get(served.base + "/")
     browser.find_element(By.ID, "q-image").send_keys(str(broken))
     browser.find_element(By.ID, "q-submit").click()
-    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "error").is_displayed())
+    page_wait(browser).until(lambda d: d.find_element(By.ID, "error").is_displayed())
     assert "cannot use this query" in browser.find_element(By.ID, "error").text
 
 
@@ -129,10 +137,9 @@ def served_with_token(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathF
 def test_page_behind_a_token_signs_in_then_searches(browser: Any, served_with_token: Served) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
 
     served = served_with_token
-    wait = WebDriverWait(browser, 30)
+    wait = page_wait(browser)
     browser.delete_all_cookies()
     browser.get(served.base + "/")
     assert browser.find_elements(By.ID, "search-form") == []  # the sign-in form, not the page
@@ -178,7 +185,6 @@ def read_decisions(served: Served, wanted: Callable[[dict[str, Any]], bool], tim
 
 def test_moderation_page_shows_an_alert_and_writes_the_confirmation(browser: Any, served: Served) -> None:
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     # A listing and an exact copy by the same (fresh) supplier, images under the image base dir so
     # both sides get thumbnails: image+text cosine 1, an alert under any threshold.
@@ -197,7 +203,7 @@ def test_moderation_page_shows_an_alert_and_writes_the_confirmation(browser: Any
     [alert] = [a for a in outputs.alerts if a["listing_id"] == "mod-copy"]
     assert alert["duplicate_of"] == "mod-original"
 
-    wait = WebDriverWait(browser, 30)
+    wait = page_wait(browser)
     browser.get(served.base + "/#moderation")
     browser.execute_script("localStorage.clear()")
     browser.refresh()
