@@ -217,3 +217,41 @@ def test_milvus_lite_gets_its_segments_sealed_a_milvus_server_seals_its_own(back
     explicit = MilvusBackend(backend.uri, flush_rows=0)
     assert explicit.flush_rows == 0
     explicit.close()
+
+
+def test_stopping_waits_for_a_check_in_flight_before_closing_the_backend() -> None:
+    """A fresh-clone run met it: on_stop closed (and dropped) the backend while the watch task's
+    check was still using it, and the worker exited 1 on its way down."""
+    import asyncio
+
+    from samestyle.streams.worker.replica import SharedIndex
+
+    events: list[str] = []
+
+    class Backend:
+        def close(self) -> None:
+            events.append("closed")
+
+    async def run() -> None:
+        shared = SharedIndex(Settings(), make_backend=Backend, target_version=lambda: None, version_order=dict)
+        shared.backend = Backend()  # type: ignore[assignment]
+        started, release = asyncio.Event(), asyncio.Event()
+
+        async def check_in_flight() -> None:
+            started.set()
+            await release.wait()
+            events.append("checked with a backend" if shared.backend is not None else "checked without one")
+
+        shared._check_backend = check_in_flight  # type: ignore[method-assign]
+        check = asyncio.ensure_future(shared._check())
+        await asyncio.wait_for(started.wait(), 5)  # the check runs under the stop's lock
+        stop = asyncio.ensure_future(shared.on_stop())
+        await asyncio.sleep(0.05)
+        assert events == [] and not stop.done()  # the stop waits for the check
+        release.set()
+        await asyncio.wait_for(asyncio.gather(check, stop), 5)
+        await shared._check()  # after the stop: nothing runs against the closed backend
+        assert shared.backend is None
+
+    asyncio.run(run())
+    assert events == ["checked with a backend", "closed"]
