@@ -374,6 +374,12 @@ class PairCandidate:
     # listing's true match from the other shop; among the other shop's listings it is first.
     source_rank: int | None = None
     source_best_other: float | None = None
+    # The two listings' ids and image+text vectors, for a scorer that reads them
+    # (:attr:`DuplicateScorer.uses_vectors`); None where the caller has none.
+    id_a: str | None = None
+    id_b: str | None = None
+    vector_a: np.ndarray | None = field(default=None, compare=False, repr=False)
+    vector_b: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 class DuplicateScorer(ABC):
@@ -381,6 +387,11 @@ class DuplicateScorer(ABC):
 
     #: Probability at or above which a pair is a duplicate (chosen on a valid split).
     threshold: float
+
+    @property
+    def uses_vectors(self) -> bool:
+        """Whether :meth:`probabilities` reads the candidates' ids and vectors (then callers fill them)."""
+        return False
 
     @abstractmethod
     def probabilities(self, candidates: Sequence[PairCandidate]) -> np.ndarray:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from samestyle.models.encoder import DuplicateScorer, PairCandidate
 from samestyle.models.text import DESCRIPTION_FIELD, parse_price, split_source
 from samestyle.topics.errors import ConfigError
 
-__all__ = ["FEATURES", "Matcher", "PairFeaturizer", "fit_classifier", "load_matcher"]
+__all__ = ["FEATURES", "MEMORY_FEATURES", "Matcher", "PairFeaturizer", "ProductMemory", "fit_classifier", "load_matcher"]
 
 MATCHER_FILE = "matcher.joblib"
 MATCHER_META = "matcher.json"
@@ -39,7 +40,17 @@ FEATURES = (
     "code_jaccard", "code_containment", "code_in_other", "code_conflict",
     "num_jaccard", "num_containment", "price_ratio", "brand_agree", "len_ratio", "same_source",
     "source_rank", "source_margin", "title_diff_max", "title_diff_min", "title_diff_mass",
+    "memory_same", "memory_agree", "memory_known",
+    "memory_word_same", "memory_word_agree", "memory_word_known",
 )
+#: The features read off the matcher's :class:`ProductMemory` by image+text cosine ...
+DENSE_MEMORY_FEATURES = ("memory_same", "memory_agree", "memory_known")
+#: ... and by the match texts' TF-IDF cosine (:meth:`PairFeaturizer.memory_rows`).
+LEXICAL_MEMORY_FEATURES = ("memory_word_same", "memory_word_agree", "memory_word_known")
+#: All of them: they need a memory and the pair's vectors.
+MEMORY_FEATURES = DENSE_MEMORY_FEATURES + LEXICAL_MEMORY_FEATURES
+#: Softmax temperature over a listing's per-product cosines: the bi-encoder's training temperature.
+MEMORY_TEMPERATURE = 0.05
 
 _SPLIT = re.compile(r"[\s,;:()\[\]{}|/\"'!?+]+")
 _WORD = re.compile(r"[a-z0-9]+")
@@ -100,6 +111,113 @@ class _Side:
         self.tokens = max(1, len(_WORD.findall(self.title)))
 
 
+class ProductMemory:
+    """The training listings' image+text vectors with their products: what the model knows.
+
+    For a candidate pair, each listing's *profile* is its best cosine to each known product's
+    listings, the pair's own two listings left out wherever they are known: the memory answers
+    whether the *other* listings the model learnt from put both in one product, the same question
+    at fit time (training pairs) as in the stream (where either may be a known listing). From the
+    profiles come three features: how likely both are one known product (the dot product of the
+    profiles' softmaxes at :data:`MEMORY_TEMPERATURE`), whether their nearest known product is the
+    same, and how well the memory knows the less known of the two (the lower of their best
+    cosines). New listings of products the model trained on (WDC's seen offers, a shop re-listing a
+    known product) are placed by that product's listings; for unknown products the profile spreads
+    over look-alikes, and the classifier learns from the fit pairs how far to trust it.
+    """
+
+    #: Candidate pairs scored per block (bounds the [2 * block, listings] similarity matrix).
+    BLOCK = 256
+
+    def __init__(self, ids: Sequence[str], vectors: np.ndarray, products: Sequence[str],
+                 texts: Sequence[str] | None = None) -> None:
+        if not (len(ids) == len(vectors) == len(products)) or not len(ids):
+            raise ConfigError(f"ProductMemory: {len(ids)} ids, {len(vectors)} vectors, {len(products)} products")
+        order = np.argsort(np.asarray(products), kind="stable")
+        ranked = np.asarray(products)[order]
+        self.matrix = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32)[order])  # [n, dim]
+        self.ids = [str(ids[k]) for k in order]
+        self.row_of = {i: r for r, i in enumerate(self.ids)}
+        #: Rows are grouped by product: each product's first row, and each row's product.
+        self.starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+        self._product = np.cumsum(np.r_[True, ranked[1:] != ranked[:-1]]) - 1
+        self._ends = np.r_[self.starts[1:], len(ranked)]
+        #: The known listings' match texts (row order), and their TF-IDF rows once asked for.
+        self.texts = None if texts is None else [texts[k] for k in order]
+        self._lexical: Any = None
+
+    def __len__(self) -> int:
+        return len(self.row_of)
+
+    @property
+    def products(self) -> int:
+        return len(self.starts)
+
+    def left_out(self, id_a: str | None, id_b: str | None) -> list[int]:
+        """The memory rows a pair's profiles leave out: each known listing of the pair and, unless
+        both are known listings of one product, one more listing of its product (a seeded choice by
+        the pair). A matching pair of known listings takes two of its product's listings away, so
+        each product of a non-matching pair loses two as well: how much of a pair's products the
+        memory still knows then depends on their sizes, never on the pair's label (left alone, a
+        product of two listings would be unknown exactly when the pair is a match)."""
+        rows = [self.row_of.get(i, -1) if i is not None else -1 for i in (id_a, id_b)]
+        drop = [r for r in rows if r >= 0]
+        if len(drop) == 2 and self._product[drop[0]] == self._product[drop[1]]:
+            return drop
+        key = zlib.crc32("\x00".join(sorted(str(i) for i in (id_a, id_b))).encode())
+        for r in list(drop):
+            p = self._product[r]
+            others = [x for x in range(self.starts[p], self._ends[p]) if x not in drop]
+            if others:
+                drop.append(others[key % len(others)])
+        return drop
+
+    def pair_features(self, candidates: Sequence[PairCandidate],
+                      lexical: Callable[[Sequence[str]], Any] | None = None) -> np.ndarray:
+        """``[n, 3]``: the :data:`DENSE_MEMORY_FEATURES` of each candidate (which must carry vectors);
+        with ``lexical`` (texts -> L2-normalised sparse rows), ``[n, 6]``: the same three again from
+        the match texts' TF-IDF cosines to the known listings' (:data:`LEXICAL_MEMORY_FEATURES`)."""
+        width = len(DENSE_MEMORY_FEATURES) + (len(LEXICAL_MEMORY_FEATURES) if lexical is not None else 0)
+        out = np.zeros((len(candidates), width), dtype=np.float32)
+        if lexical is not None and self._lexical is None:
+            if self.texts is None:
+                raise ConfigError("this product memory keeps no texts: it has no lexical features")
+            self._lexical = lexical(self.texts)
+        for s in range(0, len(candidates), self.BLOCK):
+            block = candidates[s : s + self.BLOCK]
+            drops = [self.left_out(c.id_a, c.id_b) for c in block]
+            vecs = []
+            for c in block:
+                if c.vector_a is None or c.vector_b is None:
+                    raise ConfigError("this matcher reads the pair's vectors (its product memory): "
+                                      "the candidates carry none")
+                vecs += [c.vector_a, c.vector_b]
+            out[s : s + len(block), :3] = self._profile_features(np.stack(vecs).astype(np.float32) @ self.matrix.T, drops)
+            if lexical is not None:
+                texts = [t for c in block for t in (c.text_a, c.text_b)]
+                sims = np.asarray((lexical(texts) @ self._lexical.T).todense(), dtype=np.float32)
+                out[s : s + len(block), 3:] = self._profile_features(sims, drops)
+        return out
+
+    def _profile_features(self, sims: np.ndarray, drops: Sequence[list[int]]) -> np.ndarray:
+        """The three features of each pair from ``sims`` ``[2n, rows]`` (a, b, a, b, ...)."""
+        for k, drop in enumerate(drops):
+            if drop:
+                sims[2 * k, drop] = sims[2 * k + 1, drop] = -np.inf
+        best = np.maximum.reduceat(sims, self.starts, axis=1)  # [2n, products]
+        top = best.max(axis=1)
+        known = np.isfinite(top)
+        shifted = np.where(known[:, None], (best - np.where(known, top, 0.0)[:, None]) / MEMORY_TEMPERATURE, -np.inf)
+        soft = np.exp(shifted)
+        soft /= np.maximum(soft.sum(axis=1, keepdims=True), 1e-30)
+        nearest = np.where(known, best.argmax(axis=1), -1)
+        a, b = slice(0, None, 2), slice(1, None, 2)
+        same = np.einsum("ij,ij->i", soft[a], soft[b])
+        agree = (nearest[a] == nearest[b]) & (nearest[a] >= 0)
+        lowest = np.where(known[a] & known[b], np.minimum(top[a], top[b]), -1.0)
+        return np.column_stack([same, agree, lowest])
+
+
 class PairFeaturizer:
     """Fitted on the texts of the training listings (unsupervised idf); then scores any pair."""
 
@@ -120,6 +238,11 @@ class PairFeaturizer:
             "char_full": TfidfVectorizer(**char).fit(full),
         }
         return self
+
+    def memory_rows(self, texts: Sequence[str]) -> Any:
+        """The match texts' rows for the memory's lexical features: character-trigram TF-IDF of the
+        whole text (the ``char_full`` view), L2-normalised, sparse."""
+        return self._vectorizers["char_title"].transform([_title(_tfidf_view(split_source(t.lower())[0])) for t in texts])
 
     def _cosines(self, name: str, a: Sequence[str], b: Sequence[str]) -> np.ndarray:
         vec = self._vectorizers[name]
@@ -151,13 +274,21 @@ class PairFeaturizer:
                       math.fsum(weight(w) for w in wa ^ wb) / total if total else -1.0)
         return out
 
-    def features(self, candidates: Sequence[PairCandidate], names: Sequence[str] = FEATURES) -> np.ndarray:
-        """``[n, len(names)]`` float32: the ``names`` columns (default :data:`FEATURES`), in that order."""
+    def features(self, candidates: Sequence[PairCandidate], names: Sequence[str] | None = None,
+                 memory: ProductMemory | None = None) -> np.ndarray:
+        """``[n, len(names)]`` float32: the ``names`` columns in that order (default: :data:`FEATURES`,
+        less the :data:`MEMORY_FEATURES` without a ``memory`` ). Those need ``memory`` and
+        candidates that carry their vectors."""
+        if names is None:
+            names = FEATURES if memory is not None else tuple(n for n in FEATURES if n not in MEMORY_FEATURES)
         if not self._vectorizers:
             raise ConfigError("PairFeaturizer is not fitted")
         unknown = [n for n in names if n not in FEATURES]
         if unknown:
             raise ConfigError(f"unknown matcher feature(s) {unknown}: this code computes {list(FEATURES)}")
+        wants_memory = any(n in MEMORY_FEATURES for n in names)
+        if wants_memory and memory is None:
+            raise ConfigError(f"matcher features {[n for n in names if n in MEMORY_FEATURES]} need a product memory")
         split_a = [split_source(c.text_a.lower()) for c in candidates]
         split_b = [split_source(c.text_b.lower()) for c in candidates]
         full_a = [text for text, _ in split_a]
@@ -201,6 +332,12 @@ class PairFeaturizer:
             cols[name] = lexical[:, k]
         cols["same_source"] = np.array([float(sa == sb) if sa and sb else -1.0
                                         for (_, sa), (_, sb) in zip(split_a, split_b)])
+        if wants_memory:
+            assert memory is not None
+            lexical = any(n in LEXICAL_MEMORY_FEATURES for n in names)
+            columns = memory.pair_features(candidates, self.memory_rows if lexical else None).T
+            for name, column in zip(DENSE_MEMORY_FEATURES + (LEXICAL_MEMORY_FEATURES if lexical else ()), columns):
+                cols[name] = column
         if any(n.startswith("title_diff") for n in names):
             diffs = self._title_differences(titles_a, titles_b)
             for k, name in enumerate(("title_diff_max", "title_diff_min", "title_diff_mass")):
@@ -242,12 +379,21 @@ class Matcher(DuplicateScorer):
     """
 
     def __init__(self, featurizer: PairFeaturizer, classifier: Any, threshold: float,
-                 meta: dict[str, Any] | None = None, features: Sequence[str] = FEATURES) -> None:
+                 meta: dict[str, Any] | None = None, features: Sequence[str] = FEATURES,
+                 memory: ProductMemory | None = None) -> None:
         self.featurizer = featurizer
         self.classifier = classifier
         self.threshold = float(threshold)
         self.meta = dict(meta or {})
         self.features = tuple(features)
+        #: The served model's vectors of its training listings (the memory features), or None.
+        self.memory = memory
+        if self.uses_vectors and memory is None:
+            raise ConfigError("the matcher's features include the product memory's, and it has none")
+
+    @property
+    def uses_vectors(self) -> bool:
+        return any(n in MEMORY_FEATURES for n in self.features)
 
     @property
     def description_words(self) -> int:
@@ -258,13 +404,14 @@ class Matcher(DuplicateScorer):
     def probabilities(self, candidates: Sequence[PairCandidate]) -> np.ndarray:
         if not candidates:
             return np.zeros(0, dtype=np.float32)
-        x = self.featurizer.features(candidates, self.features)
+        x = self.featurizer.features(candidates, self.features, self.memory)
         return self.classifier.predict_proba(x)[:, 1].astype(np.float32)
 
     def save(self, directory: Path) -> None:
         import joblib
 
-        joblib.dump({"featurizer": self.featurizer, "classifier": self.classifier}, directory / MATCHER_FILE)
+        joblib.dump({"featurizer": self.featurizer, "classifier": self.classifier, "memory": self.memory},
+                    directory / MATCHER_FILE)
         (directory / MATCHER_META).write_text(json.dumps(
             {"threshold": self.threshold, "features": list(self.features), **self.meta}, indent=2, default=float) + "\n")
 
@@ -287,4 +434,4 @@ def load_matcher(directory: Path) -> Matcher | None:
                           f"`samestyle train --refit-matcher {directory}`")
     parts = joblib.load(directory / MATCHER_FILE)
     threshold = meta.pop("threshold")
-    return Matcher(parts["featurizer"], parts["classifier"], threshold, meta, features)
+    return Matcher(parts["featurizer"], parts["classifier"], threshold, meta, features, parts.get("memory"))

@@ -185,7 +185,9 @@ def _reranked(model: Encoder, records: Sequence[ListingRecord], emb: Embeddings,
         if len(order) == 0:
             continue
         best_other = [float(sim[row, order[1]]) if len(order) > 1 else -1.0] + [float(sim[row, order[0]])] * (len(order) - 1)
-        candidates = [PairCandidate(texts[q[row]], texts[g[c]], float(sim[row, c]), r, best_other[r])
+        candidates = [PairCandidate(texts[q[row]], texts[g[c]], float(sim[row, c]), r, best_other[r],
+                                    id_a=records[q[row]].listing_id, id_b=records[g[c]].listing_id,
+                                    vector_a=it[q[row]], vector_b=it[g[c]])
                       for r, c in enumerate(order)]
         # The stream's order (streams/worker/pipeline.py): by probability, ties by cosine. The
         # re-ranked scores sit above every score outside the top-k, distinct, so the rank metric's

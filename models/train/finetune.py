@@ -47,7 +47,7 @@ from samestyle.models.data import ListingRecord, UnionFind, read_clusters, read_
 from samestyle.models.encoder import PairCandidate
 from samestyle.models.finetuned import DualTower, TowerConfig, save_finetuned, serving_crop_pct
 from samestyle.models.images import ImagePreprocessing, load_image_bytes
-from samestyle.models.matcher import Matcher, PairFeaturizer, fit_classifier
+from samestyle.models.matcher import FEATURES, MEMORY_FEATURES, Matcher, PairFeaturizer, ProductMemory, fit_classifier
 from samestyle.models.text import match_text, serialize, split_source
 from samestyle.models.train.metrics import best_threshold, pair_metrics
 from samestyle.topics.errors import ConfigError, ImageError
@@ -112,6 +112,8 @@ class TrainConfig:
     #: order, and where listings name 2 or more sources also source by source: :func:`arrival_orders`),
     #: "interleaved" (the random order only) or "full" (every listing indexed).
     matcher_order: str = "arrival"
+    #: The matcher reads a memory of the training listings' products (:class:`ProductMemory`).
+    product_memory: bool = True
     #: The matcher's texts carry this many leading words of the description (the embedded text
     #: none): valid F1 0.946 -> 0.952 (Abt-Buy DM), 0.725 -> 0.736 (WDC), 0.902 -> 0.904 (Abt-Buy
     #: full_gt) at 16, the best mean of 0, 8, 12, 16, 24 and 32 (docs/MODEL.md, "Description words").
@@ -687,7 +689,8 @@ def candidates_for(pairs: Sequence[tuple[str, str]], vectors: Mapping[str, np.nd
             peer_best = float(sims[peers].max()) if peers.any() else -np.inf
             source_best = peer_best if np.isfinite(peer_best) else -1.0
         out.append(PairCandidate(texts[a], texts[b], cos, int((sims > cos + 1e-6).sum()),
-                                 best if np.isfinite(best) else -1.0, source_rank, source_best))
+                                 best if np.isfinite(best) else -1.0, source_rank, source_best,
+                                 id_a=a, id_b=b, vector_a=vectors[a], vector_b=vectors[b]))
     return out
 
 
@@ -767,11 +770,20 @@ def fit_matcher(config: TrainConfig, data: Products, vectors: MatcherData,
         orders = dict(arrival_orders(all_ids, data.match_texts, config.seed, grouped=config.matcher_order == "arrival",
                                      leaders=all_ids if labelled else train_ids))
     featurizer = PairFeaturizer().fit([data.match_texts[i] for i in all_ids])
+    names = FEATURES if config.product_memory else tuple(n for n in FEATURES if n not in MEMORY_FEATURES)
+
+    def memory_of(vecs: Mapping[str, np.ndarray], ids: Sequence[str]) -> ProductMemory:
+        """The memory of the listings ``ids``' products, in the space of ``vecs``: the fold models'
+        for the fit pairs (as their other features), the served model's for serving."""
+        return ProductMemory(ids, np.stack([vecs[i] for i in ids]), [data.product[i] for i in ids],
+                             [data.match_texts[i] for i in ids])
+
+    served_memory = memory_of(final, train_ids)
 
     def features(pairs: Sequence[tuple[str, str, int]], vecs: Mapping[str, np.ndarray], index_ids: Sequence[str],
-                 arrival: Mapping[str, int] | None) -> np.ndarray:
+                 arrival: Mapping[str, int] | None, memory: ProductMemory) -> np.ndarray:
         return featurizer.features(candidates_for([(a, b) for a, b, _ in pairs], vecs, index_ids, data.match_texts,
-                                                  arrival))
+                                                  arrival), names, memory)
 
     valid_info: dict[str, Any]
     x_fit, y_fit, w_fit, x_valid, y_valid = [], [], [], [], []
@@ -782,11 +794,12 @@ def fit_matcher(config: TrainConfig, data: Products, vectors: MatcherData,
         valid = [(a, b, y) for a, b, y in read_pairs(config.valid_pairs) if a in data.records and b in data.records]
         weights = _sample_weights(fit_pairs, data)
         y_pairs, y_valid_pairs = np.array([y for _, _, y in fit_pairs]), np.array([y for _, _, y in valid])
+        fit_memory = memory_of(oof, train_ids)
         for arrival in orders.values():
-            x_fit.append(features(fit_pairs, oof, all_ids, arrival))
+            x_fit.append(features(fit_pairs, oof, all_ids, arrival, fit_memory))
             y_fit.append(y_pairs)
             w_fit.append(np.ones(len(y_pairs)) if weights is None else weights)
-            x_valid.append(features(valid, final, all_ids, arrival))
+            x_valid.append(features(valid, final, all_ids, arrival, served_memory))
             y_valid.append(y_valid_pairs)
         valid_info = {"pairs": len(valid), "source": str(config.valid_pairs)}
     else:  # clusters, or positive pairs only (mined clicks): the matcher learns from mined pairs
@@ -794,13 +807,16 @@ def fit_matcher(config: TrainConfig, data: Products, vectors: MatcherData,
         shuffled = products[:]
         random.Random(config.seed).shuffle(shuffled)
         valid_products = set(shuffled[: max(1, int(round(config.valid_fraction * len(shuffled))))])
+        # The held-back products stand for products the model never saw: the memory the matcher
+        # is fitted and chosen with does not know them either.
+        fit_memory = memory_of(oof, [i for i in train_ids if data.product[i] not in valid_products])
         n_valid = 0
         for arrival in orders.values():
             mined = _mined_pairs(train_ids, oof, data.product, config.mined_k, arrival)
             if data.weighted:
                 mined = _with_labelled_negatives(mined, data)
             is_fit = np.array([data.product[a] not in valid_products for a, _, _ in mined])
-            x_all = features(mined, oof, train_ids, arrival)
+            x_all = features(mined, oof, train_ids, arrival, fit_memory)
             y_all = np.array([y for _, _, y in mined])
             weights = _sample_weights(mined, data)
             x_fit.append(x_all[is_fit])
@@ -811,21 +827,41 @@ def fit_matcher(config: TrainConfig, data: Products, vectors: MatcherData,
             n_valid += int((~is_fit).sum())
         valid_info = {"pairs": n_valid, "source": "mined pairs of held-back training products"}
     sample_weight = np.concatenate(w_fit)
-    classifier = fit_classifier(np.vstack(x_fit), np.concatenate(y_fit), config.classifier, config.seed,
-                                sample_weight=sample_weight if bool((sample_weight != 1.0).any()) else None)
+    x_all, y_all_fit = np.vstack(x_fit), np.concatenate(y_fit)
     x_v, y_v = np.vstack(x_valid), np.concatenate(y_valid)
-    probabilities = classifier.predict_proba(x_v)[:, 1]
-    threshold = best_threshold(probabilities, y_v)
-    valid_info.update(pair_metrics(probabilities, y_v, threshold))
+    # With the product memory the classifier is fitted twice, with and without its features, and
+    # the one with the better valid F1 is kept (ties: without): the memory pays where new listings
+    # are of products the training listings know, and can cost where they are not.
+    variants = {"without": [k for k, n in enumerate(names) if n not in MEMORY_FEATURES]}
+    if config.product_memory:
+        variants["with"] = list(range(len(names)))
+    fitted: dict[str, tuple[Any, np.ndarray, float, dict[str, Any]]] = {}
+    for variant, columns in variants.items():
+        classifier = fit_classifier(x_all[:, columns], y_all_fit, config.classifier, config.seed,
+                                    sample_weight=sample_weight if bool((sample_weight != 1.0).any()) else None)
+        probabilities = classifier.predict_proba(x_v[:, columns])[:, 1]
+        threshold = best_threshold(probabilities, y_v)
+        fitted[variant] = (classifier, probabilities, threshold, pair_metrics(probabilities, y_v, threshold))
+    chosen = max(fitted, key=lambda v: (fitted[v][3]["f1"], v == "without"))
+    classifier, probabilities, threshold, metrics = fitted[chosen]
+    valid_info.update(metrics)
     valid_info["orders"] = list(orders)
+    if config.product_memory:
+        valid_info["product_memory"] = {"chosen": chosen, **{f"valid_f1_{v}": fitted[v][3]["f1"] for v in fitted}}
     if len(orders) > 1:
         parts = np.split(probabilities, np.cumsum([len(y) for y in y_valid])[:-1])
         valid_info["by_order"] = {name: pair_metrics(p, y, threshold) for name, p, y in zip(orders, parts, y_valid)}
+    memory_note = (f"; product memory: valid F1 {fitted['with'][3]['f1']:.4f} with, {fitted['without'][3]['f1']:.4f} "
+                   f"without, kept {chosen}" if config.product_memory else "")
     log(f"matcher: valid F1 {valid_info['f1']:.4f} at p >= {threshold:.3f} ({valid_info['pairs']} pairs, "
-        f"{config.matcher_order} order: {', '.join(orders)})")
+        f"{config.matcher_order} order: {', '.join(orders)}{memory_note})")
     meta = {"classifier": config.classifier, "candidate_order": config.matcher_order, "order_seed": config.seed,
             "description_words": data.description_words, "valid": valid_info}
-    return Matcher(featurizer, classifier, threshold, meta), valid_info
+    memory = served_memory if chosen == "with" else None
+    if memory is not None:
+        meta["memory"] = {"listings": len(memory), "products": memory.products}
+    kept = tuple(names[k] for k in variants[chosen])
+    return Matcher(featurizer, classifier, threshold, meta, kept, memory), valid_info
 
 
 def _with_labelled_negatives(mined: list[tuple[str, str, int]], data: Products) -> list[tuple[str, str, int]]:
@@ -946,7 +982,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = logger.info) -> Path
 
 
 def refit_matcher(model_dir: Path, *, matcher_order: str | None = None, classifier: str | None = None,
-                  match_description_words: int | None = None,
+                  match_description_words: int | None = None, product_memory: bool | None = None,
                   log: Callable[[str], None] = logger.info) -> dict[str, Any]:
     """Refit a model directory's matcher from its saved training vectors (no backbone training).
 
@@ -967,7 +1003,8 @@ def refit_matcher(model_dir: Path, *, matcher_order: str | None = None, classifi
             raw[key] = Path(raw[key])
     config = TrainConfig(**raw)
     overrides = {k: v for k, v in (("matcher_order", matcher_order), ("classifier", classifier),
-                                   ("match_description_words", match_description_words)) if v is not None}
+                                   ("match_description_words", match_description_words),
+                                   ("product_memory", product_memory)) if v is not None}
     config = replace(config, **overrides)
     data = load_products(config)
     matcher, valid_info = fit_matcher(config, data, MatcherData.load(model_dir / MATCHER_VECTORS), log)
@@ -1020,6 +1057,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "and source by source (arrival), interleaved only, or with every listing indexed (full)")
     p.add_argument("--match-description-words", type=int, default=TrainConfig.match_description_words,
                    help="leading description words in the matcher's texts (0: none; default %(default)s)")
+    p.add_argument("--no-product-memory", action="store_true",
+                   help="ablation: the matcher reads no memory of the training listings' products")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
     p.add_argument("--allow-random-weights", action="store_true", help="tests only (--base tiny)")
@@ -1039,7 +1078,8 @@ def config_from_args(args: Any) -> TrainConfig:
                        hard_negatives=not args.no_hard_negatives, classifier=args.classifier,
                        max_text_tokens=args.max_text_tokens, images=not args.no_images, seed=args.seed,
                        max_pairs_per_product=args.pairs_per_product, matcher_order=args.matcher_order,
-                       match_description_words=args.match_description_words, device=args.device,
+                       match_description_words=args.match_description_words,
+                       product_memory=not args.no_product_memory, device=args.device,
                        progress=not args.no_progress, name=args.name,
                        allow_random_weights=args.allow_random_weights, overwrite=args.overwrite)
 
@@ -1073,9 +1113,12 @@ def _refit_main(argv: Sequence[str]) -> int:
     p.add_argument("--match-description-words", type=int, default=None,
                    help="leading description words in the matcher's texts (default: the model's training "
                    f"config, {TrainConfig.match_description_words} where it names none)")
+    p.add_argument("--no-product-memory", action="store_true",
+                   help="ablation: the matcher reads no memory of the training listings' products")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     info = refit_matcher(args.refit_matcher, matcher_order=args.matcher_order, classifier=args.classifier,
-                         match_description_words=args.match_description_words, log=lambda m: print(m, flush=True))
+                         match_description_words=args.match_description_words,
+                         product_memory=False if args.no_product_memory else None, log=lambda m: print(m, flush=True))
     print(json.dumps(info, default=float))
     return 0

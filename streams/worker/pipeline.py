@@ -36,7 +36,7 @@ from samestyle.topics import (
     codec_for_topic,
     vector_to_bytes,
 )
-from samestyle.topics.errors import BadInputError, DecodeError, ImageError, InvalidListingError
+from samestyle.topics.errors import BadInputError, DecodeError, ImageError, IndexStoreError, InvalidListingError
 
 log = logging.getLogger(__name__)
 
@@ -618,6 +618,8 @@ class SearchStep:
                     continue
                 found.append((hit.listing_id, float(hit.score), payload))
             per_update.append(self._candidates(update, found))
+        if decision.scorer is not None and decision.scorer.uses_vectors:
+            per_update = self._with_vectors(per_update)
         everyone = [c for cs in per_update for c in cs]
         if decision.scorer is not None and everyone:
             # One call scores every neighbour of the batch: the same-supplier ones for the
@@ -647,6 +649,25 @@ class SearchStep:
         same_supplier = [c for c in everyone if c.payload["supplier_id"] == c.update.supplier_id]
         alerts = [self._alert(c, decision, emitted_at) for c in self._decide(same_supplier, decision)]
         return similar, alerts
+
+    def _with_vectors(self, per_update: list[list[_Candidate]]) -> list[list[_Candidate]]:
+        """The candidates with both listings' ids and image+text vectors, for a scorer that reads
+        them; a neighbour deleted since the search is left out, as one without a payload is."""
+        ids = list(dict.fromkeys(c.other_id for cs in per_update for c in cs))
+        found: dict[str, np.ndarray] = {}
+        if ids:
+            try:
+                views = self.index.views(ids)
+                found = {i: views[k, 2] for k, i in enumerate(ids)}
+            except IndexStoreError:  # one was deleted since the search: the others one by one
+                for i in ids:
+                    try:
+                        found[i] = self.index.views([i])[0, 2]
+                    except IndexStoreError:
+                        pass
+        return [[replace(c, pair=replace(c.pair, id_a=c.update.listing_id, id_b=c.other_id,
+                                         vector_a=c.update.vector, vector_b=found[c.other_id]))
+                 for c in cs if c.other_id in found] for cs in per_update]
 
     @staticmethod
     def _candidates(update: EmbeddingUpdate,

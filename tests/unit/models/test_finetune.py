@@ -14,7 +14,7 @@ import torch
 from samestyle.models.encoder import ListingInput, PairCandidate
 from samestyle.models.factory import create_encoder
 from samestyle.models.finetuned import FinetunedEncoder
-from samestyle.models.matcher import FEATURES, PairFeaturizer, load_matcher
+from samestyle.models.matcher import FEATURES, MEMORY_FEATURES, PairFeaturizer, ProductMemory, load_matcher
 from samestyle.models.text import match_text, parse_price, serialize, split_source
 from samestyle.models.train import finetune
 from samestyle.models.train.finetune import TrainConfig, augment, candidates_for, load_products, train
@@ -287,6 +287,18 @@ def test_the_matcher_refits_from_the_saved_vectors(tmp_path: Path) -> None:
     assert matcher.description_words == TrainConfig.match_description_words
     finetune.refit_matcher(out, match_description_words=0)
     assert load_matcher(out).description_words == 0  # type: ignore[union-attr]
+    # The product memory: the served model's vectors of every training listing, saved with the
+    # matcher; the ablation fits without it and its features.
+    assert matcher.memory is not None and set(MEMORY_FEATURES) <= set(matcher.features)
+    data = finetune.load_products(TrainConfig(listings=folder / "listings.csv", out=out, clusters=folder / "clusters.csv"))
+    saved = finetune.MatcherData.load(out / finetune.MATCHER_VECTORS)
+    assert set(matcher.memory.row_of) == set(data.product) and matcher.meta["memory"]["listings"] == len(data.product)
+    some = sorted(data.product)[0]
+    assert np.allclose(matcher.memory.matrix[matcher.memory.row_of[some]], saved.final[some])
+    finetune.refit_matcher(out, product_memory=False)
+    plain = load_matcher(out)
+    assert plain is not None and plain.memory is None and not plain.uses_vectors
+    assert not set(MEMORY_FEATURES) & set(plain.features)
     with pytest.raises(ConfigError, match="cannot be refitted"):
         finetune.refit_matcher(tmp_path)
 
@@ -296,8 +308,9 @@ def test_featurizer_sees_codes_and_brands() -> None:
     same = PairCandidate("acme speaker k1x100 | price 10", "ACME k1-x100 speaker | brand acme", 0.9, 0, 0.5)
     other = PairCandidate("acme speaker k1x100", "acme speaker k2x200", 0.9, 0, 0.5)
     f = featurizer.features([same, other])
-    assert f.shape == (2, len(FEATURES)) and f.dtype == np.float32
-    col = {name: k for k, name in enumerate(FEATURES)}
+    text_features = [n for n in FEATURES if n not in MEMORY_FEATURES]  # without a product memory
+    assert f.shape == (2, len(text_features)) and f.dtype == np.float32
+    col = {name: k for k, name in enumerate(text_features)}
     assert f[0, col["code_in_other"]] == 1.0 and f[1, col["code_conflict"]] == 1.0
     assert f[0, col["brand_agree"]] > 0.5
 
@@ -346,7 +359,7 @@ def test_a_matcher_saved_with_fewer_features_scores_with_its_own(tmp_path: Path)
     from samestyle.models.matcher import Matcher
 
     featurizer = PairFeaturizer().fit(["acme speaker k1x100", "acme speaker k2x200", "zeta lamp z9"])
-    old = [n for n in FEATURES if n != "same_source"]
+    old = [n for n in FEATURES if n != "same_source" and n not in MEMORY_FEATURES]
     pairs = [PairCandidate("acme speaker k1x100", "acme k1x100", 0.9, 0, 0.4),
              PairCandidate("acme speaker k1x100", "zeta lamp z9", 0.2, 5, 0.8)]
     classifier = LogisticRegression().fit(featurizer.features(pairs, old), [1, 0])
@@ -377,8 +390,13 @@ def test_pairs_run_writes_a_model_whose_threshold_round_trips(tmp_path: Path) ->
     assert emb.image_text.shape == (2, 32)
     assert np.allclose(np.linalg.norm(emb.image_text, axis=1), 1.0, atol=1e-5)
     assert np.allclose(emb.image_text, emb.text, atol=1e-6)  # no image: IT is T
-    p = encoder.duplicate_scorer.probabilities([PairCandidate("a", "a", 0.9, 0, 0.1)])
+    # The matcher reads its product memory: the candidates carry both listings' ids and vectors.
+    assert encoder.duplicate_scorer.uses_vectors and matcher.memory is not None
+    p = encoder.duplicate_scorer.probabilities([PairCandidate("a", "a", 0.9, 0, 0.1, id_a="x", id_b="y",
+                                                              vector_a=emb.image_text[0], vector_b=emb.image_text[1])])
     assert p.shape == (1,) and 0.0 <= float(p[0]) <= 1.0
+    with pytest.raises(ConfigError, match="carry none"):
+        encoder.duplicate_scorer.probabilities([PairCandidate("a", "a", 0.9, 0, 0.1)])
     with pytest.raises(ConfigError, match="not empty"):
         train(TrainConfig(listings=folder / "listings.csv", out=out, pairs=folder / "pairs_train.csv",
                           valid_pairs=folder / "pairs_valid.csv", base="tiny", allow_random_weights=True))

@@ -431,6 +431,51 @@ def test_the_scorer_sees_rank_and_best_other_among_the_querys_neighbours() -> No
     assert len(scorer.calls) == 1 and len(scorer.calls[0]) == 6  # both queries' three neighbours
 
 
+class VectorScorer(TextScorer):
+    """A scorer that reads the candidates' ids and vectors (as a matcher with a product memory)."""
+
+    @property
+    def uses_vectors(self) -> bool:
+        return True
+
+
+def test_a_scorer_that_reads_vectors_gets_both_listings_ids_and_image_text_vectors() -> None:
+    index = LiveIndex(6, n_views=3)
+    near, far = at_cosine(0.95, 1), at_cosine(0.5, 3)
+    apply_updates(index, [update("near", near, text="a"), update("far", far, text="c")])
+    query = update("query", at_cosine(1.0, 4), text="q")
+    scorer = VectorScorer()
+    SearchStep(index, Settings(top_k=3), scorer)([query])
+    [call] = scorer.calls
+    got = {c.id_b: c for c in call}
+    assert set(got) == {"near", "far"} and {c.id_a for c in call} == {"query"}
+    for other, vector in (("near", near), ("far", far)):
+        assert np.allclose(got[other].vector_b, index.views([other])[0, 2])
+        assert np.allclose(got[other].vector_b, vector / np.linalg.norm(vector), atol=1e-6)
+        assert np.allclose(got[other].vector_a, query.vector)
+    # A scorer that does not read them is not given them (no index lookup for it).
+    plain = TextScorer()
+    SearchStep(index, Settings(top_k=3), plain)([query])
+    assert all(c.vector_b is None and c.id_b is None for c in plain.calls[0])
+
+
+def test_a_neighbour_deleted_before_its_vector_is_read_is_left_out() -> None:
+    index = LiveIndex(6, n_views=3)
+    apply_updates(index, [update("near", at_cosine(0.95, 1), text="a"), update("far", at_cosine(0.5, 3), text="c")])
+    step = SearchStep(index, Settings(top_k=3), VectorScorer())
+    real_views = index.views
+
+    def views_after_a_delete(ids):  # "far" goes between the search and the vector lookup
+        if "far" in index.ids():
+            index.delete(["far"])
+        return real_views(ids)
+
+    index.views = views_after_a_delete  # type: ignore[method-assign]
+    similar, _ = step([update("query", at_cosine(1.0, 4), text="q")])
+    record = codec_for_topic(SIMILAR_PRODUCTS).decode(similar[0].value)
+    assert [n["listing_id"] for n in record["neighbours"]] == ["near"]
+
+
 def test_match_text_travels_from_the_embed_step_into_the_index(encoder, monkeypatch) -> None:
     step = EmbedStep(encoder, Settings())
     out, failures = step(incoming([listing("a", title="  Red   ceramic mug "), listing("a", op="DELETE", title=None)]))
