@@ -112,8 +112,9 @@ class TrainConfig:
     #: order, and where listings name 2 or more sources also source by source: :func:`arrival_orders`),
     #: "interleaved" (the random order only) or "full" (every listing indexed).
     matcher_order: str = "arrival"
-    #: The matcher reads a memory of the training listings' products (:class:`ProductMemory`).
-    product_memory: bool = True
+    #: The matcher's memory of the training listings' products (:class:`ProductMemory`): "auto"
+    #: fits the classifier with and without it and keeps the better on valid; "on", "off" force it.
+    product_memory: str = "auto"
     #: The matcher's texts carry this many leading words of the description (the embedded text
     #: none): valid F1 0.946 -> 0.952 (Abt-Buy DM), 0.725 -> 0.736 (WDC), 0.902 -> 0.904 (Abt-Buy
     #: full_gt) at 16, the best mean of 0, 8, 12, 16, 24 and 32 (docs/MODEL.md, "Description words").
@@ -622,6 +623,8 @@ def arrival_order(ids: Sequence[str], seed: int) -> dict[str, int]:
 
 #: How the matcher's training candidates may meet the index (:attr:`TrainConfig.matcher_order`).
 MATCHER_ORDERS = ("arrival", "interleaved", "full")
+#: :attr:`TrainConfig.product_memory` settings.
+PRODUCT_MEMORY = ("auto", "on", "off")
 #: Source-by-source orders: one per source taking the lead, for at most this many of the largest.
 MAX_LEADING_SOURCES = 4
 
@@ -770,7 +773,9 @@ def fit_matcher(config: TrainConfig, data: Products, vectors: MatcherData,
         orders = dict(arrival_orders(all_ids, data.match_texts, config.seed, grouped=config.matcher_order == "arrival",
                                      leaders=all_ids if labelled else train_ids))
     featurizer = PairFeaturizer().fit([data.match_texts[i] for i in all_ids])
-    names = FEATURES if config.product_memory else tuple(n for n in FEATURES if n not in MEMORY_FEATURES)
+    if config.product_memory not in PRODUCT_MEMORY:
+        raise ConfigError(f"unknown product memory setting {config.product_memory!r}: {', '.join(PRODUCT_MEMORY)}")
+    names = FEATURES if config.product_memory != "off" else tuple(n for n in FEATURES if n not in MEMORY_FEATURES)
 
     def memory_of(vecs: Mapping[str, np.ndarray], ids: Sequence[str]) -> ProductMemory:
         """The memory of the listings ``ids``' products, in the space of ``vecs``: the fold models'
@@ -832,8 +837,10 @@ def fit_matcher(config: TrainConfig, data: Products, vectors: MatcherData,
     # With the product memory the classifier is fitted twice, with and without its features, and
     # the one with the better valid F1 is kept (ties: without): the memory pays where new listings
     # are of products the training listings know, and can cost where they are not.
-    variants = {"without": [k for k, n in enumerate(names) if n not in MEMORY_FEATURES]}
-    if config.product_memory:
+    variants: dict[str, list[int]] = {}
+    if config.product_memory != "on":
+        variants["without"] = [k for k, n in enumerate(names) if n not in MEMORY_FEATURES]
+    if config.product_memory != "off":
         variants["with"] = list(range(len(names)))
     fitted: dict[str, tuple[Any, np.ndarray, float, dict[str, Any]]] = {}
     for variant, columns in variants.items():
@@ -846,13 +853,13 @@ def fit_matcher(config: TrainConfig, data: Products, vectors: MatcherData,
     classifier, probabilities, threshold, metrics = fitted[chosen]
     valid_info.update(metrics)
     valid_info["orders"] = list(orders)
-    if config.product_memory:
+    if len(fitted) > 1:
         valid_info["product_memory"] = {"chosen": chosen, **{f"valid_f1_{v}": fitted[v][3]["f1"] for v in fitted}}
     if len(orders) > 1:
         parts = np.split(probabilities, np.cumsum([len(y) for y in y_valid])[:-1])
         valid_info["by_order"] = {name: pair_metrics(p, y, threshold) for name, p, y in zip(orders, parts, y_valid)}
     memory_note = (f"; product memory: valid F1 {fitted['with'][3]['f1']:.4f} with, {fitted['without'][3]['f1']:.4f} "
-                   f"without, kept {chosen}" if config.product_memory else "")
+                   f"without, kept {chosen}" if len(fitted) > 1 else f"; product memory {config.product_memory}")
     log(f"matcher: valid F1 {valid_info['f1']:.4f} at p >= {threshold:.3f} ({valid_info['pairs']} pairs, "
         f"{config.matcher_order} order: {', '.join(orders)}{memory_note})")
     meta = {"classifier": config.classifier, "candidate_order": config.matcher_order, "order_seed": config.seed,
@@ -982,7 +989,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = logger.info) -> Path
 
 
 def refit_matcher(model_dir: Path, *, matcher_order: str | None = None, classifier: str | None = None,
-                  match_description_words: int | None = None, product_memory: bool | None = None,
+                  match_description_words: int | None = None, product_memory: str | None = None,
                   log: Callable[[str], None] = logger.info) -> dict[str, Any]:
     """Refit a model directory's matcher from its saved training vectors (no backbone training).
 
@@ -1001,6 +1008,8 @@ def refit_matcher(model_dir: Path, *, matcher_order: str | None = None, classifi
     for key in ("listings", "out", "pairs", "clusters", "valid_pairs"):
         if raw.get(key) is not None:
             raw[key] = Path(raw[key])
+    if isinstance(raw.get("product_memory"), bool):  # written as a flag by an earlier build
+        raw["product_memory"] = "auto" if raw["product_memory"] else "off"
     config = TrainConfig(**raw)
     overrides = {k: v for k, v in (("matcher_order", matcher_order), ("classifier", classifier),
                                    ("match_description_words", match_description_words),
@@ -1057,8 +1066,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "and source by source (arrival), interleaved only, or with every listing indexed (full)")
     p.add_argument("--match-description-words", type=int, default=TrainConfig.match_description_words,
                    help="leading description words in the matcher's texts (0: none; default %(default)s)")
-    p.add_argument("--no-product-memory", action="store_true",
-                   help="ablation: the matcher reads no memory of the training listings' products")
+    p.add_argument("--product-memory", choices=PRODUCT_MEMORY, default=TrainConfig.product_memory,
+                   help="the matcher's memory of the training listings' products: kept where it raises valid F1 "
+                   "(auto, the default), always (on), never (off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
     p.add_argument("--allow-random-weights", action="store_true", help="tests only (--base tiny)")
@@ -1079,7 +1089,7 @@ def config_from_args(args: Any) -> TrainConfig:
                        max_text_tokens=args.max_text_tokens, images=not args.no_images, seed=args.seed,
                        max_pairs_per_product=args.pairs_per_product, matcher_order=args.matcher_order,
                        match_description_words=args.match_description_words,
-                       product_memory=not args.no_product_memory, device=args.device,
+                       product_memory=args.product_memory, device=args.device,
                        progress=not args.no_progress, name=args.name,
                        allow_random_weights=args.allow_random_weights, overwrite=args.overwrite)
 
@@ -1113,12 +1123,12 @@ def _refit_main(argv: Sequence[str]) -> int:
     p.add_argument("--match-description-words", type=int, default=None,
                    help="leading description words in the matcher's texts (default: the model's training "
                    f"config, {TrainConfig.match_description_words} where it names none)")
-    p.add_argument("--no-product-memory", action="store_true",
-                   help="ablation: the matcher reads no memory of the training listings' products")
+    p.add_argument("--product-memory", choices=PRODUCT_MEMORY, default=None,
+                   help="auto (kept where it raises valid F1), on, off (default: the model's training config)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     info = refit_matcher(args.refit_matcher, matcher_order=args.matcher_order, classifier=args.classifier,
                          match_description_words=args.match_description_words,
-                         product_memory=False if args.no_product_memory else None, log=lambda m: print(m, flush=True))
+                         product_memory=args.product_memory, log=lambda m: print(m, flush=True))
     print(json.dumps(info, default=float))
     return 0

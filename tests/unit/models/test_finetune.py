@@ -287,15 +287,19 @@ def test_the_matcher_refits_from_the_saved_vectors(tmp_path: Path) -> None:
     assert matcher.description_words == TrainConfig.match_description_words
     finetune.refit_matcher(out, match_description_words=0)
     assert load_matcher(out).description_words == 0  # type: ignore[union-attr]
-    # The product memory: the served model's vectors of every training listing, saved with the
-    # matcher; the ablation fits without it and its features.
-    assert matcher.memory is not None and set(MEMORY_FEATURES) <= set(matcher.features)
+    # The product memory: by default fitted with and without, the better on valid kept.
+    auto = load_matcher(out).meta["valid"]["product_memory"]  # type: ignore[union-attr]
+    assert auto["chosen"] in ("with", "without") and {"valid_f1_with", "valid_f1_without"} <= set(auto)
+    # Forced on: the served model's vectors of every training listing, saved with the matcher.
+    finetune.refit_matcher(out, product_memory="on")
+    matcher = load_matcher(out)
+    assert matcher is not None and matcher.memory is not None and set(MEMORY_FEATURES) <= set(matcher.features)
     data = finetune.load_products(TrainConfig(listings=folder / "listings.csv", out=out, clusters=folder / "clusters.csv"))
     saved = finetune.MatcherData.load(out / finetune.MATCHER_VECTORS)
     assert set(matcher.memory.row_of) == set(data.product) and matcher.meta["memory"]["listings"] == len(data.product)
     some = sorted(data.product)[0]
     assert np.allclose(matcher.memory.matrix[matcher.memory.row_of[some]], saved.final[some])
-    finetune.refit_matcher(out, product_memory=False)
+    finetune.refit_matcher(out, product_memory="off")
     plain = load_matcher(out)
     assert plain is not None and plain.memory is None and not plain.uses_vectors
     assert not set(MEMORY_FEATURES) & set(plain.features)
@@ -377,7 +381,7 @@ def test_pairs_run_writes_a_model_whose_threshold_round_trips(tmp_path: Path) ->
     folder = _catalogue(tmp_path)
     out = train(TrainConfig(listings=folder / "listings.csv", out=tmp_path / "model", pairs=folder / "pairs_train.csv",
                             valid_pairs=folder / "pairs_valid.csv", base="tiny", epochs=1, batch_size=4,
-                            allow_random_weights=True, progress=False, folds=2))
+                            allow_random_weights=True, progress=False, folds=2, product_memory="on"))
     matcher = load_matcher(out)
     assert matcher is not None
     encoder = create_encoder(str(out), "cpu", allow_random_weights=True)
