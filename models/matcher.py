@@ -173,16 +173,21 @@ class ProductMemory:
         return drop
 
     def pair_features(self, candidates: Sequence[PairCandidate],
-                      lexical: Callable[[Sequence[str]], Any] | None = None) -> np.ndarray:
+                      lexical: Callable[[Sequence[str]], Any] | None = None,
+                      rows: tuple[Any, Any] | None = None) -> np.ndarray:
         """``[n, 3]``: the :data:`DENSE_MEMORY_FEATURES` of each candidate (which must carry vectors);
-        with ``lexical`` (texts -> L2-normalised sparse rows), ``[n, 6]``: the same three again from
-        the match texts' TF-IDF cosines to the known listings' (:data:`LEXICAL_MEMORY_FEATURES`)."""
+        with ``lexical`` (match texts -> L2-normalised sparse rows), ``[n, 6]``: the same three again
+        from those rows' cosines to the known listings' (:data:`LEXICAL_MEMORY_FEATURES`).
+        ``rows``: the candidates' a and b rows when the caller has them (default: ``lexical`` of
+        their texts)."""
         width = len(DENSE_MEMORY_FEATURES) + (len(LEXICAL_MEMORY_FEATURES) if lexical is not None else 0)
         out = np.zeros((len(candidates), width), dtype=np.float32)
         if lexical is not None and self._lexical is None:
             if self.texts is None:
                 raise ConfigError("this product memory keeps no texts: it has no lexical features")
             self._lexical = lexical(self.texts)
+        if lexical is not None and rows is None:
+            rows = (lexical([c.text_a for c in candidates]), lexical([c.text_b for c in candidates]))
         for s in range(0, len(candidates), self.BLOCK):
             block = candidates[s : s + self.BLOCK]
             drops = [self.left_out(c.id_a, c.id_b) for c in block]
@@ -193,9 +198,10 @@ class ProductMemory:
                                       "the candidates carry none")
                 vecs += [c.vector_a, c.vector_b]
             out[s : s + len(block), :3] = self._profile_features(np.stack(vecs).astype(np.float32) @ self.matrix.T, drops)
-            if lexical is not None:
-                texts = [t for c in block for t in (c.text_a, c.text_b)]
-                sims = np.asarray((lexical(texts) @ self._lexical.T).todense(), dtype=np.float32)
+            if rows is not None:
+                sims = np.empty((2 * len(block), len(self)), dtype=np.float32)
+                sims[0::2] = (rows[0][s : s + len(block)] @ self._lexical.T).toarray()
+                sims[1::2] = (rows[1][s : s + len(block)] @ self._lexical.T).toarray()
                 out[s : s + len(block), 3:] = self._profile_features(sims, drops)
         return out
 
@@ -240,13 +246,16 @@ class PairFeaturizer:
         return self
 
     def memory_rows(self, texts: Sequence[str]) -> Any:
-        """The match texts' rows for the memory's lexical features: character-trigram TF-IDF of the
-        whole text (the ``char_full`` view), L2-normalised, sparse."""
-        return self._vectorizers["char_title"].transform([_title(_tfidf_view(split_source(t.lower())[0])) for t in texts])
+        """Match texts' rows for the memory's lexical features: the title's character-trigram TF-IDF
+        (the ``char_title`` view), L2-normalised, sparse."""
+        return self._vectorizers["char_title"].transform([_title(split_source(t.lower())[0]) for t in texts])
 
-    def _cosines(self, name: str, a: Sequence[str], b: Sequence[str]) -> np.ndarray:
+    def _rows(self, name: str, a: Sequence[str], b: Sequence[str]) -> tuple[Any, Any]:
         vec = self._vectorizers[name]
-        ma, mb = vec.transform(a), vec.transform(b)  # rows are L2-normalised
+        return vec.transform(a), vec.transform(b)  # rows are L2-normalised
+
+    def _cosines(self, name: str, a: Sequence[str], b: Sequence[str], rows: tuple[Any, Any] | None = None) -> np.ndarray:
+        ma, mb = rows if rows is not None else self._rows(name, a, b)
         return np.asarray(ma.multiply(mb).sum(axis=1)).ravel()
 
     def _title_differences(self, titles_a: Sequence[str], titles_b: Sequence[str]) -> np.ndarray:
@@ -295,6 +304,8 @@ class PairFeaturizer:
         full_b = [text for text, _ in split_b]
         titles_a, titles_b = [_title(t) for t in full_a], [_title(t) for t in full_b]
         tfidf_a, tfidf_b = [_tfidf_view(t) for t in full_a], [_tfidf_view(t) for t in full_b]
+        # The titles' trigram rows serve the char_title cosine and the lexical memory alike.
+        title_rows = self._rows("char_title", titles_a, titles_b)
         cols: dict[str, np.ndarray] = {
             "dense_cos": np.array([c.cosine for c in candidates]),
             "dense_rank": np.log1p(np.minimum([c.rank for c in candidates], MAX_RANK)),
@@ -305,7 +316,7 @@ class PairFeaturizer:
                                        for c in candidates]),
             "word_full": self._cosines("word_full", tfidf_a, tfidf_b),
             "word_title": self._cosines("word_title", titles_a, titles_b),
-            "char_title": self._cosines("char_title", titles_a, titles_b),
+            "char_title": self._cosines("char_title", titles_a, titles_b, title_rows),
             "char_full": self._cosines("char_full", tfidf_a, tfidf_b),
         }
         rows = []
@@ -335,7 +346,8 @@ class PairFeaturizer:
         if wants_memory:
             assert memory is not None
             lexical = any(n in LEXICAL_MEMORY_FEATURES for n in names)
-            columns = memory.pair_features(candidates, self.memory_rows if lexical else None).T
+            columns = memory.pair_features(candidates, self.memory_rows if lexical else None,
+                                           title_rows if lexical else None).T
             for name, column in zip(DENSE_MEMORY_FEATURES + (LEXICAL_MEMORY_FEATURES if lexical else ()), columns):
                 cols[name] = column
         if any(n.startswith("title_diff") for n in names):
