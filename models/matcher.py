@@ -126,8 +126,10 @@ class ProductMemory:
     over look-alikes, and the classifier learns from the fit pairs how far to trust it.
     """
 
-    #: Candidate pairs scored per block (bounds the [2 * block, listings] similarity matrix).
+    #: Candidate pairs scored per block, at most (bounds the [2 * block, listings] similarity matrix) ...
     BLOCK = 256
+    #: ... and fewer for a large memory: at most this many similarities (float32) at once.
+    MAX_BLOCK_CELLS = 4_000_000
 
     def __init__(self, ids: Sequence[str], vectors: np.ndarray, products: Sequence[str],
                  texts: Sequence[str] | None = None) -> None:
@@ -188,8 +190,9 @@ class ProductMemory:
             self._lexical = lexical(self.texts)
         if lexical is not None and rows is None:
             rows = (lexical([c.text_a for c in candidates]), lexical([c.text_b for c in candidates]))
-        for s in range(0, len(candidates), self.BLOCK):
-            block = candidates[s : s + self.BLOCK]
+        size = max(1, min(self.BLOCK, self.MAX_BLOCK_CELLS // (2 * len(self))))
+        for s in range(0, len(candidates), size):
+            block = candidates[s : s + size]
             drops = [self.left_out(c.id_a, c.id_b) for c in block]
             vecs = []
             for c in block:

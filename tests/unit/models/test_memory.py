@@ -92,6 +92,9 @@ def test_many_pairs_are_scored_in_blocks_as_one_at_a_time() -> None:
     together = mem.pair_features(pairs)
     alone = np.vstack([mem.pair_features([p]) for p in pairs])
     assert np.allclose(together, alone, atol=1e-6)
+    # A memory too large for full blocks scores in smaller ones, to the same values.
+    mem.MAX_BLOCK_CELLS = 2 * len(mem) * 5  # blocks of 5 pairs
+    assert np.allclose(mem.pair_features(pairs), together, atol=1e-6)
 
 
 def test_the_lexical_memory_places_listings_by_their_titles_trigrams() -> None:
