@@ -6,9 +6,11 @@ TF-IDF cosines with the idf of the training listings; model-code, number, price 
 agreement; the rarest title words one listing has and the other lacks (a colour, a kit, a size
 told apart by one word); whether both listings come from the same source, where both name one: a clean
 shop lists each product once, and the classifier learns from the training labels what a shared
-source means). :class:`Matcher` is that featurizer, a scikit-learn classifier with calibrated
-probabilities and the threshold chosen on a valid split; it is stored in the model directory
-(``matcher.joblib`` + ``matcher.json``) and is the served model's ``duplicate_scorer``.
+source means); with a :class:`ProductMemory` of the training listings, whether the listings the
+model learnt from put both sides in one known product. :class:`Matcher` is that featurizer, a
+scikit-learn classifier with calibrated probabilities, the memory where it kept one, and the
+threshold chosen on a valid split; it is stored in the model directory (``matcher.joblib`` +
+``matcher.json``) and is the served model's ``duplicate_scorer``.
 """
 
 from __future__ import annotations
@@ -112,18 +114,21 @@ class _Side:
 
 
 class ProductMemory:
-    """The training listings' image+text vectors with their products: what the model knows.
+    """The training listings' image+text vectors and match texts with their products: what the
+    model knows.
 
     For a candidate pair, each listing's *profile* is its best cosine to each known product's
-    listings, the pair's own two listings left out wherever they are known: the memory answers
-    whether the *other* listings the model learnt from put both in one product, the same question
-    at fit time (training pairs) as in the stream (where either may be a known listing). From the
-    profiles come three features: how likely both are one known product (the dot product of the
-    profiles' softmaxes at :data:`MEMORY_TEMPERATURE`), whether their nearest known product is the
-    same, and how well the memory knows the less known of the two (the lower of their best
-    cosines). New listings of products the model trained on (WDC's seen offers, a shop re-listing a
-    known product) are placed by that product's listings; for unknown products the profile spreads
-    over look-alikes, and the classifier learns from the fit pairs how far to trust it.
+    listings, with the rows of :meth:`left_out` (the pair's own, and as many of its products'
+    whatever its label) left out: the memory answers whether the *other* listings the model learnt
+    from put both in one product, the same question at fit time (training pairs) as in the stream
+    (where either may be a known listing). From the profiles come three features, once by
+    image+text vector and once by title trigrams (:data:`MEMORY_FEATURES`): how likely both are
+    one known product (the dot product of the profiles' softmaxes at :data:`MEMORY_TEMPERATURE`),
+    whether their nearest known product is the same, and how well the memory knows the less known
+    of the two (the lower of their best cosines; -1 when nothing is left). New listings of products
+    the model trained on (WDC's seen offers, a shop re-listing a known product) are placed by that
+    product's listings; for unknown products the profile spreads over look-alikes, and the
+    classifier learns from the fit pairs how far to trust it.
     """
 
     #: Candidate pairs scored per block, at most (bounds the [2 * block, listings] similarity matrix) ...
