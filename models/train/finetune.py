@@ -190,6 +190,8 @@ def load_products(config: TrainConfig) -> Products:
         raise ConfigError("train on either --pairs or --clusters")
     if config.match_description_words < 0:
         raise ConfigError(f"--match-description-words must be >= 0, got {config.match_description_words}")
+    if config.product_memory not in PRODUCT_MEMORY:
+        raise ConfigError(f"unknown product memory setting {config.product_memory!r}: {', '.join(PRODUCT_MEMORY)}")
     refuse_test(config.pairs)
     refuse_test(config.valid_pairs)
     records = {r.listing_id: r for r in read_listings(config.listings)}
@@ -773,20 +775,20 @@ def fit_matcher(config: TrainConfig, data: Products, vectors: MatcherData,
         orders = dict(arrival_orders(all_ids, data.match_texts, config.seed, grouped=config.matcher_order == "arrival",
                                      leaders=all_ids if labelled else train_ids))
     featurizer = PairFeaturizer().fit([data.match_texts[i] for i in all_ids])
-    if config.product_memory not in PRODUCT_MEMORY:
-        raise ConfigError(f"unknown product memory setting {config.product_memory!r}: {', '.join(PRODUCT_MEMORY)}")
     names = FEATURES if config.product_memory != "off" else tuple(n for n in FEATURES if n not in MEMORY_FEATURES)
 
-    def memory_of(vecs: Mapping[str, np.ndarray], ids: Sequence[str]) -> ProductMemory:
+    def memory_of(vecs: Mapping[str, np.ndarray], ids: Sequence[str]) -> ProductMemory | None:
         """The memory of the listings ``ids``' products, in the space of ``vecs``: the fold models'
-        for the fit pairs (as their other features), the served model's for serving."""
+        for the fit pairs (as their other features), the served model's for serving (None: off)."""
+        if config.product_memory == "off":
+            return None
         return ProductMemory(ids, np.stack([vecs[i] for i in ids]), [data.product[i] for i in ids],
                              [data.match_texts[i] for i in ids])
 
     served_memory = memory_of(final, train_ids)
 
     def features(pairs: Sequence[tuple[str, str, int]], vecs: Mapping[str, np.ndarray], index_ids: Sequence[str],
-                 arrival: Mapping[str, int] | None, memory: ProductMemory) -> np.ndarray:
+                 arrival: Mapping[str, int] | None, memory: ProductMemory | None) -> np.ndarray:
         return featurizer.features(candidates_for([(a, b) for a, b, _ in pairs], vecs, index_ids, data.match_texts,
                                                   arrival), names, memory)
 

@@ -95,6 +95,9 @@ def test_the_matcher_s_text_carries_as_many_description_words_as_it_was_fitted_w
     assert match_text("", {}, "a photo caption", 2) == " | description a photo"
     with pytest.raises(ConfigError, match="description-words"):
         load_products(replace(config, match_description_words=-1))
+    # Settings are refused before any training, not when the matcher is fitted at the end.
+    with pytest.raises(ConfigError, match="product memory setting 'sometimes'"):
+        load_products(replace(config, product_memory="sometimes"))
 
 
 def test_products_come_from_positive_pairs_and_test_files_are_refused(tmp_path: Path) -> None:
