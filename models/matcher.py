@@ -43,14 +43,16 @@ FEATURES = (
     "num_jaccard", "num_containment", "price_ratio", "brand_agree", "len_ratio", "same_source",
     "source_rank", "source_margin", "title_diff_max", "title_diff_min", "title_diff_mass",
     "memory_same", "memory_agree", "memory_known",
-    "memory_word_same", "memory_word_agree", "memory_word_known",
+    "memory_word_same", "memory_word_agree", "memory_word_known", "memory_source_taken",
 )
 #: The features read off the matcher's :class:`ProductMemory` by image+text cosine ...
 DENSE_MEMORY_FEATURES = ("memory_same", "memory_agree", "memory_known")
 #: ... and by the match texts' TF-IDF cosine (:meth:`PairFeaturizer.memory_rows`).
 LEXICAL_MEMORY_FEATURES = ("memory_word_same", "memory_word_agree", "memory_word_known")
-#: All of them: they need a memory and the pair's vectors.
-MEMORY_FEATURES = DENSE_MEMORY_FEATURES + LEXICAL_MEMORY_FEATURES
+#: ... and from the known listings' products and sources (:meth:`ProductMemory.source_taken`).
+SOURCE_MEMORY_FEATURES = ("memory_source_taken",)
+#: All of them: they need a memory (and the first six the pair's vectors).
+MEMORY_FEATURES = DENSE_MEMORY_FEATURES + LEXICAL_MEMORY_FEATURES + SOURCE_MEMORY_FEATURES
 #: Softmax temperature over a listing's per-product cosines: the bi-encoder's training temperature.
 MEMORY_TEMPERATURE = 0.05
 
@@ -178,6 +180,42 @@ class ProductMemory:
             if others:
                 drop.append(others[key % len(others)])
         return drop
+
+    def _product_sources(self) -> dict[tuple[int, str], list[int]]:
+        """The known listings' rows by (product, source); empty without texts or sources."""
+        if getattr(self, "_sources", None) is None:
+            grouped: dict[tuple[int, str], list[int]] = {}
+            for r, text in enumerate(self.texts or []):
+                source = split_source(text.lower())[1]
+                if source:
+                    grouped.setdefault((int(self._product[r]), source), []).append(r)
+            self._sources = grouped
+        return self._sources
+
+    def source_taken(self, candidates: Sequence[PairCandidate]) -> np.ndarray:
+        """``[n]``: whether the known product of one side already has another known listing from
+        the other side's source (1, else 0; -1 when neither side is a known listing with the other
+        naming a source; and for a seeded half of the pairs of two known listings, so that the fit
+        pairs, all of known listings, also teach the classifier what an unknown side means). The pair's
+        own listings do not count, and a memory whose listings name fewer than two sources says -1
+        throughout. Where a source lists each product
+        once (a clean shop), a new listing from it is not a product that source already lists; the
+        classifier learns from the fit pairs what the data's sources mean."""
+        grouped = self._product_sources()
+        out = np.full(len(candidates), -1.0, dtype=np.float32)
+        if len({source for _, source in grouped}) < 2:
+            return out  # one source names every known listing: it tells no shop from another
+        for k, c in enumerate(candidates):
+            rows = [self.row_of.get(i, -1) if i is not None else -1 for i in (c.id_a, c.id_b)]
+            if min(rows) >= 0 and zlib.crc32("\x00".join(sorted((str(c.id_a), str(c.id_b)))).encode()) % 2:
+                continue  # both known: a seeded half reads as unknown, so the fit pairs teach -1 too
+            sources = [split_source(t.lower())[1] for t in (c.text_a, c.text_b)]
+            for known, other in ((rows[1], sources[0]), (rows[0], sources[1])):
+                if known < 0 or not other:
+                    continue
+                taken = [r for r in grouped.get((int(self._product[known]), other), []) if r not in rows]
+                out[k] = max(out[k], float(bool(taken)))
+        return out
 
     def pair_features(self, candidates: Sequence[PairCandidate],
                       lexical: Callable[[Sequence[str]], Any] | None = None,
@@ -351,7 +389,10 @@ class PairFeaturizer:
             cols[name] = lexical[:, k]
         cols["same_source"] = np.array([float(sa == sb) if sa and sb else -1.0
                                         for (_, sa), (_, sb) in zip(split_a, split_b)])
-        if wants_memory:
+        if "memory_source_taken" in names:
+            assert memory is not None
+            cols["memory_source_taken"] = memory.source_taken(candidates)
+        if any(n in DENSE_MEMORY_FEATURES + LEXICAL_MEMORY_FEATURES for n in names):
             assert memory is not None
             lexical = any(n in LEXICAL_MEMORY_FEATURES for n in names)
             columns = memory.pair_features(candidates, self.memory_rows if lexical else None,

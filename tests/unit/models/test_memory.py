@@ -118,3 +118,39 @@ def test_the_lexical_memory_places_listings_by_their_titles_trigrams() -> None:
     # A memory without texts cannot give them.
     with pytest.raises(ConfigError, match="no texts"):
         featurizer.features(pairs, names, memory())
+
+
+def test_a_known_product_already_listed_by_the_other_sides_source_is_told() -> None:
+    import zlib
+
+    from samestyle.models.text import SOURCE_SEPARATOR
+
+    def text(title: str, source: str) -> str:
+        return f"{title}{SOURCE_SEPARATOR}{source}"
+
+    # P is listed once by each shop; Q only by shop-b.
+    ids = ["p_a", "p_b", "q_b"]
+    texts = [text("acme kettle", "shop-a"), text("acme kettle k1", "shop-b"), text("zeta lamp", "shop-b")]
+    mem = ProductMemory(ids, np.eye(3, dtype=np.float32), ["P", "P", "Q"], texts)
+    v = unit(1, 1, 1)
+
+    def pair(id_a: str | None, source_a: str, id_b: str | None, source_b: str) -> PairCandidate:
+        return PairCandidate(text("x", source_a), text("y", source_b), 0.5, 0, -1.0,
+                             id_a=id_a, id_b=id_b, vector_a=v, vector_b=v)
+
+    taken = mem.source_taken([
+        pair("new", "shop-a", "p_b", "shop-b"),  # shop-a already lists P (p_a): taken
+        pair("new", "shop-a", "q_b", "shop-b"),  # nothing of Q from shop-a: not taken
+        pair("new", "shop-b", "p_a", "shop-a"),  # shop-b lists P as p_b: taken
+        pair("new", "shop-a", "other", "shop-b"),  # neither side known: unknown
+        pair("new", "", "p_b", "shop-b"),  # the new listing names no source: unknown
+        pair("p_a", "shop-a", "p_b", "shop-b"),  # the pair's own listings do not count
+    ])
+    hidden = zlib.crc32("\x00".join(sorted(("p_a", "p_b"))).encode()) % 2
+    assert taken.tolist() == [1.0, 0.0, 1.0, -1.0, -1.0, -1.0 if hidden else 0.0]
+    # Two known listings: a seeded half of such pairs reads as unknown, whichever side is searched.
+    shop = {"p_a": "shop-a", "p_b": "shop-b", "q_b": "shop-b"}
+    both = [pair(a, shop[a], b, shop[b]) for a, b in [("p_a", "q_b"), ("q_b", "p_a"), ("p_b", "q_b"), ("q_b", "p_b")]]
+    values = mem.source_taken(both)
+    assert values[0] == values[1] and values[2] == values[3]
+    assert set(values.tolist()) <= {-1.0, 0.0, 1.0}
