@@ -7,7 +7,8 @@ agreement; the rarest title words one listing has and the other lacks (a colour,
 told apart by one word); whether both listings come from the same source, where both name one: a clean
 shop lists each product once, and the classifier learns from the training labels what a shared
 source means); with a :class:`ProductMemory` of the training listings, whether the listings the
-model learnt from put both sides in one known product. :class:`Matcher` is that featurizer, a
+model learnt from put both sides in one known product, and whether a known side's product is
+already listed by the other side's source. :class:`Matcher` is that featurizer, a
 scikit-learn classifier with calibrated probabilities, the memory where it kept one, and the
 threshold chosen on a valid split; it is stored in the model directory (``matcher.joblib`` +
 ``matcher.json``) and is the served model's ``duplicate_scorer``.
