@@ -116,6 +116,11 @@ class _Side:
         self.tokens = max(1, len(_WORD.findall(self.title)))
 
 
+def _pair_key(id_a: str | None, id_b: str | None) -> int:
+    """A seeded number for a pair, the same whichever side is searched."""
+    return zlib.crc32("\x00".join(sorted(str(i) for i in (id_a, id_b))).encode())
+
+
 class ProductMemory:
     """The training listings' image+text vectors and match texts with their products: what the
     model knows.
@@ -174,7 +179,7 @@ class ProductMemory:
         drop = [r for r in rows if r >= 0]
         if len(drop) == 2 and self._product[drop[0]] == self._product[drop[1]]:
             return drop
-        key = zlib.crc32("\x00".join(sorted(str(i) for i in (id_a, id_b))).encode())
+        key = _pair_key(id_a, id_b)
         for r in list(drop):
             p = self._product[r]
             others = [x for x in range(self.starts[p], self._ends[p]) if x not in drop]
@@ -183,35 +188,40 @@ class ProductMemory:
         return drop
 
     def _product_sources(self) -> dict[tuple[int, str], list[int]]:
-        """The known listings' rows by (product, source); empty without texts or sources."""
+        """The known listings' rows by (product, source); empty without texts, and empty too when
+        they name fewer than two sources (one source names every listing: it tells no shop from
+        another)."""
         if getattr(self, "_sources", None) is None:
             grouped: dict[tuple[int, str], list[int]] = {}
             for r, text in enumerate(self.texts or []):
                 source = split_source(text.lower())[1]
                 if source:
                     grouped.setdefault((int(self._product[r]), source), []).append(r)
-            self._sources = grouped
+            self._sources = grouped if len({source for _, source in grouped}) >= 2 else {}
         return self._sources
 
-    def source_taken(self, candidates: Sequence[PairCandidate]) -> np.ndarray:
+    def source_taken(self, candidates: Sequence[PairCandidate],
+                     sources: Sequence[tuple[str, str]] | None = None) -> np.ndarray:
         """``[n]``: whether the known product of one side already has another known listing from
-        the other side's source (1, else 0; -1 when neither side is a known listing with the other
-        naming a source; and for a seeded half of the pairs of two known listings, so that the fit
-        pairs, all of known listings, also teach the classifier what an unknown side means). The pair's
-        own listings do not count, and a memory whose listings name fewer than two sources says -1
-        throughout. Where a source lists each product
-        once (a clean shop), a new listing from it is not a product that source already lists; the
-        classifier learns from the fit pairs what the data's sources mean."""
+        the other side's source: 1, else 0; -1 when neither side is a known listing with the other
+        naming a source, throughout for a memory of fewer than two sources, and for a seeded half
+        of the pairs of two known listings (the fit pairs are all of known listings: so they teach
+        the classifier what an unknown side means too). The pair's own listings do not count.
+        Where a source lists each product once (a clean shop), a new listing from it is not a
+        product that source already lists; the classifier learns from the fit pairs what the
+        data's sources mean. ``sources``: each candidate's (a, b) sources when the caller has them
+        (default: read off their texts)."""
         grouped = self._product_sources()
         out = np.full(len(candidates), -1.0, dtype=np.float32)
-        if len({source for _, source in grouped}) < 2:
-            return out  # one source names every known listing: it tells no shop from another
-        for k, c in enumerate(candidates):
+        if not grouped:
+            return out
+        if sources is None:
+            sources = [(split_source(c.text_a.lower())[1], split_source(c.text_b.lower())[1]) for c in candidates]
+        for k, (c, (source_a, source_b)) in enumerate(zip(candidates, sources)):
             rows = [self.row_of.get(i, -1) if i is not None else -1 for i in (c.id_a, c.id_b)]
-            if min(rows) >= 0 and zlib.crc32("\x00".join(sorted((str(c.id_a), str(c.id_b)))).encode()) % 2:
-                continue  # both known: a seeded half reads as unknown, so the fit pairs teach -1 too
-            sources = [split_source(t.lower())[1] for t in (c.text_a, c.text_b)]
-            for known, other in ((rows[1], sources[0]), (rows[0], sources[1])):
+            if min(rows) >= 0 and _pair_key(c.id_a, c.id_b) % 2:
+                continue  # both known: the seeded half that reads as unknown
+            for known, other in ((rows[1], source_a), (rows[0], source_b)):
                 if known < 0 or not other:
                     continue
                 taken = [r for r in grouped.get((int(self._product[known]), other), []) if r not in rows]
@@ -392,7 +402,7 @@ class PairFeaturizer:
                                         for (_, sa), (_, sb) in zip(split_a, split_b)])
         if "memory_source_taken" in names:
             assert memory is not None
-            cols["memory_source_taken"] = memory.source_taken(candidates)
+            cols["memory_source_taken"] = memory.source_taken(candidates, [(sa, sb) for (_, sa), (_, sb) in zip(split_a, split_b)])
         if any(n in DENSE_MEMORY_FEATURES + LEXICAL_MEMORY_FEATURES for n in names):
             assert memory is not None
             lexical = any(n in LEXICAL_MEMORY_FEATURES for n in names)

@@ -154,3 +154,7 @@ def test_a_known_product_already_listed_by_the_other_sides_source_is_told() -> N
     values = mem.source_taken(both)
     assert values[0] == values[1] and values[2] == values[3]
     assert set(values.tolist()) <= {-1.0, 0.0, 1.0}
+    # A memory whose listings all name one source cannot tell shops apart: -1 throughout.
+    one_shop = ProductMemory(ids, np.eye(3, dtype=np.float32), ["P", "P", "Q"],
+                             [text("acme kettle", "shop-b"), text("acme kettle k1", "shop-b"), text("zeta lamp", "shop-b")])
+    assert one_shop.source_taken([pair("new", "shop-b", "p_b", "shop-b")]).tolist() == [-1.0]
