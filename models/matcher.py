@@ -62,6 +62,10 @@ _WORD = re.compile(r"[a-z0-9]+")
 _NUM = re.compile(r"\d+(?:\.\d+)?")
 _BRAND = re.compile(r"\|\s*brand\s+([^|]+)")
 _PRICE = re.compile(r"\|\s*price\s+([^|]+)")
+_CODE_PUNCT = re.compile(r"[-._#]")
+_LETTER = re.compile(r"[a-z]")
+_DIGIT = re.compile(r"\d")
+_NOT_ALNUM = re.compile(r"[^a-z0-9]")
 
 
 def _tfidf_view(text: str) -> str:
@@ -81,8 +85,8 @@ def _codes(text: str) -> set[str]:
     """Model codes: tokens mixing letters and digits (``-._#`` removed), at least 3 long."""
     out = set()
     for token in _SPLIT.split(text.lower()):
-        token = re.sub(r"[-._#]", "", token)
-        if len(token) >= 3 and re.search(r"[a-z]", token) and re.search(r"\d", token):
+        token = _CODE_PUNCT.sub("", token)
+        if len(token) >= 3 and _LETTER.search(token) and _DIGIT.search(token):
             out.add(token)
     return out
 
@@ -105,9 +109,9 @@ class _Side:
     def __init__(self, text: str) -> None:
         lowered = text.lower()
         self.title = _title(lowered)
-        self.codes = _codes(self.title) or _codes(lowered)
         self.title_codes = _codes(self.title)
-        self.squashed = re.sub(r"[^a-z0-9]", "", lowered)
+        self.codes = self.title_codes or _codes(lowered)
+        self.squashed = _NOT_ALNUM.sub("", lowered)
         self.numbers = _numbers(self.title)
         brand = _BRAND.search(lowered)
         self.brand = brand.group(1).strip() if brand else ""
@@ -307,19 +311,22 @@ class PairFeaturizer:
         (the ``char_title`` view), L2-normalised, sparse."""
         return self._vectorizers["char_title"].transform([_title(split_source(t.lower())[0]) for t in texts])
 
-    def _rows(self, name: str, a: Sequence[str], b: Sequence[str]) -> tuple[Any, Any]:
-        vec = self._vectorizers[name]
-        return vec.transform(a), vec.transform(b)  # rows are L2-normalised
+    def _rows(self, name: str, texts: Sequence[str], a: np.ndarray, b: np.ndarray) -> tuple[Any, Any]:
+        """The ``name`` view's rows (L2-normalised) of each pair's a and b side, ``texts[a]`` and
+        ``texts[b]``: each distinct text is transformed once."""
+        rows = self._vectorizers[name].transform(texts)
+        return rows[a], rows[b]
 
-    def _cosines(self, name: str, a: Sequence[str], b: Sequence[str], rows: tuple[Any, Any] | None = None) -> np.ndarray:
-        ma, mb = rows if rows is not None else self._rows(name, a, b)
+    @staticmethod
+    def _cosines(rows: tuple[Any, Any]) -> np.ndarray:
+        ma, mb = rows
         return np.asarray(ma.multiply(mb).sum(axis=1)).ravel()
 
-    def _title_differences(self, titles_a: Sequence[str], titles_b: Sequence[str]) -> np.ndarray:
-        """``[n, 3]``: per pair, the larger and the smaller of the two sides' rarest unshared title
-        word (its idf over the training titles; 0 when a side has none unshared), and the idf mass
-        of the unshared words over that of all the pair's words. Words the training titles never
-        had count as the rarest there are."""
+    def _title_differences(self, words_a: Sequence[set[str]], words_b: Sequence[set[str]]) -> np.ndarray:
+        """``[n, 3]``: per pair (each side's set of title words), the larger and the smaller of the
+        two sides' rarest unshared title word (its idf over the training titles; 0 when a side has
+        none unshared), and the idf mass of the unshared words over that of all the pair's words.
+        Words the training titles never had count as the rarest there are."""
         vec = self._vectorizers["word_title"]
         idf, vocabulary = vec.idf_, vec.vocabulary_
         unseen = float(idf.max()) if len(idf) else 1.0
@@ -328,9 +335,8 @@ class PairFeaturizer:
             k = vocabulary.get(word)
             return unseen if k is None else float(idf[k])
 
-        out = np.zeros((len(titles_a), 3))
-        for r, (ta, tb) in enumerate(zip(titles_a, titles_b)):
-            wa, wb = set(_WORD.findall(ta)), set(_WORD.findall(tb))
+        out = np.zeros((len(words_a), 3))
+        for r, (wa, wb) in enumerate(zip(words_a, words_b)):
             only_a = max((weight(w) for w in wa - wb), default=0.0)
             only_b = max((weight(w) for w in wb - wa), default=0.0)
             # fsum: exact whatever the sets' order (string hashing changes it from run to run, and a
@@ -355,14 +361,18 @@ class PairFeaturizer:
         wants_memory = any(n in MEMORY_FEATURES for n in names)
         if wants_memory and memory is None:
             raise ConfigError(f"matcher features {[n for n in names if n in MEMORY_FEATURES]} need a product memory")
-        split_a = [split_source(c.text_a.lower()) for c in candidates]
-        split_b = [split_source(c.text_b.lower()) for c in candidates]
-        full_a = [text for text, _ in split_a]
-        full_b = [text for text, _ in split_b]
-        titles_a, titles_b = [_title(t) for t in full_a], [_title(t) for t in full_b]
-        tfidf_a, tfidf_b = [_tfidf_view(t) for t in full_a], [_tfidf_view(t) for t in full_b]
+        # Text work is done once per distinct text: a batch's query text meets each of its k
+        # neighbours, and a neighbour often serves several queries.
+        distinct: dict[str, int] = {}
+        a = np.array([distinct.setdefault(c.text_a.lower(), len(distinct)) for c in candidates], dtype=np.intp)
+        b = np.array([distinct.setdefault(c.text_b.lower(), len(distinct)) for c in candidates], dtype=np.intp)
+        split = [split_source(t) for t in distinct]
+        full = [text for text, _ in split]
+        titles = [_title(t) for t in full]
+        tfidf = [_tfidf_view(t) for t in full]
+        sides = [_Side(t) for t in full]
         # The titles' trigram rows serve the char_title cosine and the lexical memory alike.
-        title_rows = self._rows("char_title", titles_a, titles_b)
+        title_rows = self._rows("char_title", titles, a, b)
         cols: dict[str, np.ndarray] = {
             "dense_cos": np.array([c.cosine for c in candidates]),
             "dense_rank": np.log1p(np.minimum([c.rank for c in candidates], MAX_RANK)),
@@ -371,38 +381,38 @@ class PairFeaturizer:
                                                 for c in candidates], MAX_RANK)),
             "source_margin": np.array([c.cosine - (c.best_other if c.source_best_other is None else c.source_best_other)
                                        for c in candidates]),
-            "word_full": self._cosines("word_full", tfidf_a, tfidf_b),
-            "word_title": self._cosines("word_title", titles_a, titles_b),
-            "char_title": self._cosines("char_title", titles_a, titles_b, title_rows),
-            "char_full": self._cosines("char_full", tfidf_a, tfidf_b),
+            "word_full": self._cosines(self._rows("word_full", tfidf, a, b)),
+            "word_title": self._cosines(self._rows("word_title", titles, a, b)),
+            "char_title": self._cosines(title_rows),
+            "char_full": self._cosines(self._rows("char_full", tfidf, a, b)),
         }
         rows = []
-        for ta, tb in zip(full_a, full_b):
-            a, b = _Side(ta), _Side(tb)
-            found = [c in b.squashed for c in a.title_codes] + [c in a.squashed for c in b.title_codes]
-            conflict = bool(a.title_codes and b.title_codes and not (a.title_codes & b.title_codes) and not any(found))
-            if a.brand and b.brand:
-                brand = float(a.brand == b.brand or a.brand in b.brand or b.brand in a.brand)
-            elif a.brand or b.brand:
-                known, other = (a.brand, b.title) if a.brand else (b.brand, a.title)
+        for sa, sb in zip(a, b):
+            x, y = sides[sa], sides[sb]
+            found = [c in y.squashed for c in x.title_codes] + [c in x.squashed for c in y.title_codes]
+            conflict = bool(x.title_codes and y.title_codes and not (x.title_codes & y.title_codes) and not any(found))
+            if x.brand and y.brand:
+                brand = float(x.brand == y.brand or x.brand in y.brand or y.brand in x.brand)
+            elif x.brand or y.brand:
+                known, other = (x.brand, y.title) if x.brand else (y.brand, x.title)
                 brand = 0.5 + 0.5 * float(known.split()[0] in other)
             else:
                 brand = -1.0
-            price = min(a.price, b.price) / max(a.price, b.price) if a.price and b.price else -1.0
-            rows.append((_jaccard(a.codes, b.codes), _containment(a.codes, b.codes),
-                         float(np.mean(found)) if found else -1.0, float(conflict),
-                         _jaccard(a.numbers, b.numbers), _containment(a.numbers, b.numbers), price, brand,
-                         min(a.tokens, b.tokens) / max(a.tokens, b.tokens)))
+            price = min(x.price, y.price) / max(x.price, y.price) if x.price and y.price else -1.0
+            rows.append((_jaccard(x.codes, y.codes), _containment(x.codes, y.codes),
+                         float(sum(found) / len(found)) if found else -1.0, float(conflict),
+                         _jaccard(x.numbers, y.numbers), _containment(x.numbers, y.numbers), price, brand,
+                         min(x.tokens, y.tokens) / max(x.tokens, y.tokens)))
         lexical = np.array(rows, dtype=np.float64).reshape(len(candidates), 9)
         lexical_names = ("code_jaccard", "code_containment", "code_in_other", "code_conflict", "num_jaccard",
                          "num_containment", "price_ratio", "brand_agree", "len_ratio")
         for k, name in enumerate(lexical_names):
             cols[name] = lexical[:, k]
-        cols["same_source"] = np.array([float(sa == sb) if sa and sb else -1.0
-                                        for (_, sa), (_, sb) in zip(split_a, split_b)])
+        sources = [(split[sa][1], split[sb][1]) for sa, sb in zip(a, b)]
+        cols["same_source"] = np.array([float(x == y) if x and y else -1.0 for x, y in sources])
         if "memory_source_taken" in names:
             assert memory is not None
-            cols["memory_source_taken"] = memory.source_taken(candidates, [(sa, sb) for (_, sa), (_, sb) in zip(split_a, split_b)])
+            cols["memory_source_taken"] = memory.source_taken(candidates, sources)
         if any(n in DENSE_MEMORY_FEATURES + LEXICAL_MEMORY_FEATURES for n in names):
             assert memory is not None
             lexical = any(n in LEXICAL_MEMORY_FEATURES for n in names)
@@ -411,7 +421,8 @@ class PairFeaturizer:
             for name, column in zip(DENSE_MEMORY_FEATURES + (LEXICAL_MEMORY_FEATURES if lexical else ()), columns):
                 cols[name] = column
         if any(n.startswith("title_diff") for n in names):
-            diffs = self._title_differences(titles_a, titles_b)
+            words = [set(_WORD.findall(t)) for t in titles]
+            diffs = self._title_differences([words[k] for k in a], [words[k] for k in b])
             for k, name in enumerate(("title_diff_max", "title_diff_min", "title_diff_mass")):
                 cols[name] = diffs[:, k]
         return np.column_stack([cols[n] for n in names]).astype(np.float32)
