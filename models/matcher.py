@@ -322,28 +322,29 @@ class PairFeaturizer:
         ma, mb = rows
         return np.asarray(ma.multiply(mb).sum(axis=1)).ravel()
 
-    def _title_differences(self, words_a: Sequence[set[str]], words_b: Sequence[set[str]]) -> np.ndarray:
-        """``[n, 3]``: per pair (each side's set of title words), the larger and the smaller of the
-        two sides' rarest unshared title word (its idf over the training titles; 0 when a side has
-        none unshared), and the idf mass of the unshared words over that of all the pair's words.
-        Words the training titles never had count as the rarest there are."""
+    def _title_weights(self, titles: Sequence[str]) -> list[dict[str, float]]:
+        """Each title's words with their idf over the training titles; words the training titles
+        never had weigh as the rarest there are."""
         vec = self._vectorizers["word_title"]
         idf, vocabulary = vec.idf_, vec.vocabulary_
         unseen = float(idf.max()) if len(idf) else 1.0
+        return [{w: unseen if (k := vocabulary.get(w)) is None else float(idf[k]) for w in _WORD.findall(t)}
+                for t in titles]
 
-        def weight(word: str) -> float:
-            k = vocabulary.get(word)
-            return unseen if k is None else float(idf[k])
-
+    @staticmethod
+    def _title_differences(words_a: Sequence[dict[str, float]], words_b: Sequence[dict[str, float]]) -> np.ndarray:
+        """``[n, 3]``: per pair (each side's title words with their weights, :meth:`_title_weights`),
+        the larger and the smaller of the two sides' rarest unshared title word (0 when a side has
+        none unshared), and the weight of the unshared words over that of all the pair's words."""
         out = np.zeros((len(words_a), 3))
         for r, (wa, wb) in enumerate(zip(words_a, words_b)):
-            only_a = max((weight(w) for w in wa - wb), default=0.0)
-            only_b = max((weight(w) for w in wb - wa), default=0.0)
+            only_a = [wa[w] for w in wa.keys() - wb.keys()]
+            only_b = [wb[w] for w in wb.keys() - wa.keys()]
+            top_a, top_b = max(only_a, default=0.0), max(only_b, default=0.0)
             # fsum: exact whatever the sets' order (string hashing changes it from run to run, and a
             # last-bit difference can move a value across one of the classifier's bin edges).
-            total = math.fsum(weight(w) for w in wa | wb)
-            out[r] = (max(only_a, only_b), min(only_a, only_b),
-                      math.fsum(weight(w) for w in wa ^ wb) / total if total else -1.0)
+            total = math.fsum({**wa, **wb}.values())
+            out[r] = (max(top_a, top_b), min(top_a, top_b), math.fsum(only_a + only_b) / total if total else -1.0)
         return out
 
     def features(self, candidates: Sequence[PairCandidate], names: Sequence[str] | None = None,
@@ -421,7 +422,7 @@ class PairFeaturizer:
             for name, column in zip(DENSE_MEMORY_FEATURES + (LEXICAL_MEMORY_FEATURES if lexical else ()), columns):
                 cols[name] = column
         if any(n.startswith("title_diff") for n in names):
-            words = [set(_WORD.findall(t)) for t in titles]
+            words = self._title_weights(titles)
             diffs = self._title_differences([words[k] for k in a], [words[k] for k in b])
             for k, name in enumerate(("title_diff_max", "title_diff_min", "title_diff_mass")):
                 cols[name] = diffs[:, k]
