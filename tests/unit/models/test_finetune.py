@@ -334,6 +334,29 @@ def test_the_source_is_a_feature_and_no_text_feature_sees_it() -> None:
     assert np.allclose(f[:, text_columns], 1.0, atol=1e-6)
 
 
+def test_a_pair_scores_the_same_in_a_batch_that_repeats_its_texts_as_alone() -> None:
+    # The featurizer works once per distinct text of a batch: a query text meets its k
+    # neighbours, a neighbour several queries. Each pair's row must be what it is alone.
+    texts = ["Acme DW-100 dishwasher white | brand acme | price 199 || abt.com",
+             "acme dw100 dish washer, white || buy.com",
+             "Acme DW-100B dishwasher black | price 205 || buy.com",
+             "Zeta lamp 40W | description warm light for desks || abt.com",
+             "zeta desk lamp 40 w || buy.com"]
+    featurizer = PairFeaturizer().fit(texts)
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(len(texts), 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    memory = ProductMemory(["k0", "k1", "k2"], vectors[:3], ["P", "P", "Q"], texts[:3])
+    pairs = [(a, b) for a in range(len(texts)) for b in range(len(texts)) if a != b] + [(0, 1), (1, 0), (4, 4)]
+    batch = [PairCandidate(texts[a], texts[b], float(vectors[a] @ vectors[b]), r % 10, 0.3,
+                           id_a=f"k{a}" if a < 3 else f"n{a}", id_b=f"k{b}" if b < 3 else f"n{b}",
+                           vector_a=vectors[a], vector_b=vectors[b]) for r, (a, b) in enumerate(pairs)]
+    together = featurizer.features(batch, FEATURES, memory)
+    alone = np.vstack([featurizer.features([c], FEATURES, memory) for c in batch])
+    assert together.shape == (len(batch), len(FEATURES))
+    assert together.tobytes() == alone.tobytes()
+
+
 def test_title_differences_weigh_the_rarest_word_one_side_lacks() -> None:
     featurizer = PairFeaturizer().fit(["acme dishwasher white", "acme dishwasher black", "acme dishwasher steel",
                                        "acme fridge white", "zeta lamp"])
