@@ -1,0 +1,109 @@
+"""The image backbone's forward pass beside a busy Python thread: eager against traced and frozen.
+
+The worker runs its model beside agents that are Python threads. An eager forward is hundreds of
+short torch calls, each giving the GIL up and waiting to get it back; a ``torch.jit.trace`` of
+the backbone, frozen (``torch.jit.freeze``: weights inlined, batch norms folded into the
+convolutions), runs as one call. Each round times both, alone and beside one thread spinning in
+pure Python, alternated; the JSON has the median seconds per batch of each, their slowdowns, and
+the largest absolute difference between the two forms' pooled features (their quality is not
+measured here: ``samestyle bench encoder`` does that for a runtime).
+
+    .venv/bin/samestyle bench gil --json    # EfficientNet-Lite0, bf16, batch 32 at 192 px
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+from bench.common import bench_parser, machine_info, median, ratio, rounded
+from samestyle.models.backbones import BUNDLED_EFFICIENTNET_LITE0, build_image_backbone
+from samestyle.models.encoder import EncoderConfig
+from samestyle.models.runtime import RUNTIMES
+
+
+@contextmanager
+def busy_python_thread() -> Iterator[None]:
+    """One thread running pure Python (it holds the GIL whenever the interpreter lets it) for the block."""
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(50))
+
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def seconds_per_call(f: Callable[[], object], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - start)
+    return float(median(times))  # type: ignore[arg-type]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = bench_parser("gil", __doc__.splitlines()[0])
+    parser.add_argument("--backbone", default=BUNDLED_EFFICIENTNET_LITE0, help="image backbone spec (tests: tiny)")
+    parser.add_argument("--runtime", default="bf16", choices=sorted(RUNTIMES), help="how the backbone computes")
+    parser.add_argument("--image-size", type=int, default=192)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=4, help="timed batches of each form per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--torch-threads", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
+    runtime = RUNTIMES[args.runtime]
+    config = EncoderConfig(name="bench-gil", text_backbone="unused", image_backbone=args.backbone, image_size=args.image_size)
+    eager = runtime.image_model(build_image_backbone(args.backbone, config))
+    pixels = runtime.pixels(torch.randn(args.batch_size, 3, args.image_size, args.image_size))
+    with torch.no_grad():
+        with warnings.catch_warnings():
+            # torch 2.13 announces TorchScript's deprecation on every trace; the trace is what is measured.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            frozen = torch.jit.freeze(torch.jit.trace(eager, pixels[:2]))
+        max_diff = float((frozen(pixels).float() - eager(pixels).float()).abs().max())
+        forms = {"eager": lambda: eager(pixels), "traced_frozen": lambda: frozen(pixels)}
+        for f in forms.values():  # warm-up: oneDNN primitives, the frozen graph's optimisation
+            f()
+        rounds = []
+        for _ in range(args.rounds):
+            row = {}
+            for name, f in forms.items():
+                row[f"{name}_alone_s"] = rounded(seconds_per_call(f, args.repeat))
+                with busy_python_thread():
+                    row[f"{name}_beside_busy_thread_s"] = rounded(seconds_per_call(f, args.repeat))
+            rounds.append(row)
+    result: dict[str, object] = {"backbone": args.backbone, "runtime": args.runtime, "image_size": args.image_size,
+                                 "batch_size": args.batch_size, "torch_threads": args.torch_threads,
+                                 "unit": "seconds per batch (median of rounds)"}
+    for key in rounds[0]:
+        result[key] = rounded(median([r[key] for r in rounds]))
+    for name in forms:
+        result[f"{name}_slowdown_beside_busy_thread"] = rounded(
+            ratio(result[f"{name}_beside_busy_thread_s"], result[f"{name}_alone_s"]))  # type: ignore[arg-type]
+    result["traced_frozen_speedup_alone"] = rounded(ratio(result["eager_alone_s"], result["traced_frozen_alone_s"]))  # type: ignore[arg-type]
+    result["max_abs_feature_difference"] = rounded(max_diff)
+    result["rounds"] = rounds
+    result["machine"] = machine_info()
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
