@@ -1,12 +1,14 @@
-"""The image backbone's forward pass beside a busy Python thread: eager against traced and frozen.
+"""The image backbone's forward pass beside a busy Python thread: eager against traced, and traced and frozen.
 
 The worker runs its model beside agents that are Python threads. An eager forward is hundreds of
 short torch calls, each giving the GIL up and waiting to get it back; a ``torch.jit.trace`` of
-the backbone, frozen (``torch.jit.freeze``: weights inlined, batch norms folded into the
-convolutions), runs as one call. Each round times both, alone and beside one thread spinning in
-pure Python, alternated; the JSON has the median seconds per batch of each, their slowdowns, and
-the largest absolute difference between the two forms' pooled features (their quality is not
-measured here: ``samestyle bench encoder`` does that for a runtime).
+the backbone (the ``traced`` runtimes' form) runs as one call, and frozen as well
+(``torch.jit.freeze``: weights inlined, batch norms folded into the convolutions) it computes in
+fewer kernels. Each round times the three, alone and beside one thread spinning in pure Python,
+alternated; the JSON has the median seconds per batch of each, their slowdowns, and the largest
+absolute difference of each traced form's pooled features to eager's (quality is not measured
+here: ``samestyle bench encoder`` does that for a runtime). A spinning thread is the worst case
+for the GIL, not the worker's load: bench/results/pipeline_traced_ab_2026-12-03/ is the stream.
 
     .venv/bin/samestyle bench gil --json    # EfficientNet-Lite0, bf16, batch 32 at 192 px
 """
@@ -70,15 +72,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.torch_threads)
     runtime = RUNTIMES[args.runtime]
     config = EncoderConfig(name="bench-gil", text_backbone="unused", image_backbone=args.backbone, image_size=args.image_size)
-    eager = runtime.image_model(build_image_backbone(args.backbone, config))
+    eager = runtime.image_model(build_image_backbone(args.backbone, config), args.image_size)
     pixels = runtime.pixels(torch.randn(args.batch_size, 3, args.image_size, args.image_size))
     with torch.no_grad():
         with warnings.catch_warnings():
             # torch 2.13 announces TorchScript's deprecation on every trace; the trace is what is measured.
             warnings.simplefilter("ignore", DeprecationWarning)
+            traced = torch.jit.trace(eager, pixels[:2])
             frozen = torch.jit.freeze(torch.jit.trace(eager, pixels[:2]))
-        max_diff = float((frozen(pixels).float() - eager(pixels).float()).abs().max())
-        forms = {"eager": lambda: eager(pixels), "traced_frozen": lambda: frozen(pixels)}
+        reference = eager(pixels).float()
+        traced_diff = float((traced(pixels).float() - reference).abs().max())
+        max_diff = float((frozen(pixels).float() - reference).abs().max())
+        forms = {"eager": lambda: eager(pixels), "traced": lambda: traced(pixels),
+                 "traced_frozen": lambda: frozen(pixels)}
         for f in forms.values():  # warm-up: oneDNN primitives, the frozen graph's optimisation
             f()
         rounds = []
@@ -97,8 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in forms:
         result[f"{name}_slowdown_beside_busy_thread"] = rounded(
             ratio(result[f"{name}_beside_busy_thread_s"], result[f"{name}_alone_s"]))  # type: ignore[arg-type]
-    result["traced_frozen_speedup_alone"] = rounded(ratio(result["eager_alone_s"], result["traced_frozen_alone_s"]))  # type: ignore[arg-type]
-    result["max_abs_feature_difference"] = rounded(max_diff)
+    for name in ("traced", "traced_frozen"):
+        result[f"{name}_speedup_alone"] = rounded(ratio(result["eager_alone_s"], result[f"{name}_alone_s"]))  # type: ignore[arg-type]
+    result["max_abs_feature_difference"] = rounded(max_diff)  # frozen against eager
+    result["traced_max_abs_feature_difference"] = rounded(traced_diff)
     result["rounds"] = rounds
     result["machine"] = machine_info()
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))

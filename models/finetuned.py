@@ -155,7 +155,7 @@ class FinetunedEncoder(Encoder):
         runtime.check_device(self.device)
         with self._lock:
             self.towers.text.model = runtime.text_model(self.towers.text.model)
-            self.towers.image = runtime.image_model(self.towers.image)
+            self.towers.image = runtime.image_model(self.towers.image, self.config.image_size)
             self.runtime = runtime
 
     def match_text(self, listing: ListingInput) -> str:

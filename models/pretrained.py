@@ -116,7 +116,7 @@ class ConcatEncoder(Encoder):
         runtime.check_device(self.device)
         with self._lock:
             self.text_backbone.model = runtime.text_model(self.text_backbone.model)
-            self.image_backbone = runtime.image_model(self.image_backbone)
+            self.image_backbone = runtime.image_model(self.image_backbone, self.config.image_size)
             self.runtime = runtime
 
     def __repr__(self) -> str:

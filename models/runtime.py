@@ -16,7 +16,11 @@ cores, one torch thread) ``bf16`` ran the Abt-Buy text model 3.2x and the Grocer
 float32 0.86, recall -0.003) and gained nothing on images; channels-last alone 1.0-1.2x;
 ``torch.compile`` 1.1-1.2x after a minute of compiling (bench/results/encoder_compile.json). A
 CPU without native bf16 emulates it slowly, so ``auto`` is eager there, and on CUDA too until a
-GPU run measures the others.
+GPU run measures the others. ``traced`` and ``bf16-traced`` run the same kernels as ``eager`` and
+``bf16`` as one TorchScript call that gives the GIL up (:mod:`samestyle.models.traced`): the
+same vectors to the last bit (bench/results/encoder_traced.json), 1.05-1.1x on text alone, and
+no gain in the stream beyond the noise (the pipeline ratio alternated against ``bf16``:
+bench/results/pipeline_traced_ab_2026-12-03/), so ``auto`` stays untraced.
 
 This module imports torch only when a runtime is applied, so settings can name runtimes cheaply.
 """
@@ -49,22 +53,27 @@ class Runtime:
     ``"bfloat16"``); ``channels_last`` stores the image backbone's activations NHWC (what oneDNN's
     convolutions prefer); ``int8_linear`` swaps the text backbone's ``nn.Linear`` layers for
     dynamically quantised int8 ones (CPU only); ``compile`` wraps both backbones in
-    ``torch.compile`` (the first batches of each shape compile, which takes minutes on CPU)."""
+    ``torch.compile`` (the first batches of each shape compile, which takes minutes on CPU);
+    ``traced`` runs both backbones as TorchScript traces (:mod:`samestyle.models.traced`: the
+    same kernels as the eager module, in one call that gives the GIL up for the whole pass)."""
 
     name: str
     dtype: str = "float32"
     channels_last: bool = False
     int8_linear: bool = False
     compile: bool = False
+    traced: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"runtime {self.name!r}: dtype must be 'float32' or 'bfloat16', not {self.dtype!r}")
+        if self.traced and self.compile:
+            raise ConfigError(f"runtime {self.name!r}: a backbone is either traced or compiled, not both")
 
     @property
     def is_eager(self) -> bool:
         """Whether this runtime leaves the backbones exactly as they are (float32, as trained)."""
-        return not (self.dtype != "float32" or self.channels_last or self.int8_linear or self.compile)
+        return not (self.dtype != "float32" or self.channels_last or self.int8_linear or self.compile or self.traced)
 
     def torch_dtype(self) -> torch.dtype:
         import torch
@@ -91,16 +100,25 @@ class Runtime:
                 model = quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
         elif self.dtype != "float32":
             model = model.to(self.torch_dtype())
+        if self.traced:
+            from samestyle.models.traced import TracedTextModel
+
+            return TracedTextModel(model)
         return self._compiled(model)
 
-    def image_model(self, model: nn.Module) -> nn.Module:
-        """The image backbone converted for this runtime (``model`` itself may change)."""
+    def image_model(self, model: nn.Module, image_size: int) -> nn.Module:
+        """The image backbone, which takes ``[B, 3, image_size, image_size]`` pixels, converted for
+        this runtime (``model`` itself may change)."""
         import torch
 
         if self.dtype != "float32":
             model = model.to(self.torch_dtype())
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if self.traced:
+            from samestyle.models.traced import trace_image_model
+
+            return trace_image_model(model, image_size, self.torch_dtype(), self.channels_last)
         return self._compiled(model)
 
     def pixels(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -128,6 +146,8 @@ RUNTIMES: Mapping[str, Runtime] = {
     "bf16": Runtime("bf16", dtype="bfloat16", channels_last=True),
     "int8": Runtime("int8", int8_linear=True, channels_last=True),
     "compile": Runtime("compile", compile=True),
+    "traced": Runtime("traced", traced=True),
+    "bf16-traced": Runtime("bf16-traced", dtype="bfloat16", channels_last=True, traced=True),
 }
 #: Every name ``SAMESTYLE_ENCODER_RUNTIME`` accepts.
 RUNTIME_NAMES: tuple[str, ...] = (AUTO, *RUNTIMES)

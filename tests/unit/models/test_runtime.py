@@ -151,3 +151,32 @@ def test_every_runtime_keeps_recall_at_10(kind: str, finetuned_dir: Path, retrie
 def test_auto_is_the_measured_default(finetuned_dir: Path) -> None:
     encoder = create_encoder(str(finetuned_dir), "cpu", allow_random_weights=True, runtime=AUTO)
     assert encoder.runtime.name == default_runtime("cpu")
+
+
+@pytest.mark.parametrize("kind", ["concat", "finetuned"])
+@pytest.mark.parametrize("traced, untraced", [("traced", "eager"), ("bf16-traced", "bf16")])
+def test_a_traced_runtime_computes_what_its_untraced_one_does(kind: str, traced: str, untraced: str,
+                                                               finetuned_dir: Path, retrieval_sample: tuple) -> None:
+    # The trace is taken on two synthetic inputs; here it meets other batch sizes, texts of other
+    # lengths (padded batches and a lone text), listings without a photo and without a title.
+    gallery, queries, _ = retrieval_sample
+    spec = "tiny" if kind == "concat" else str(finetuned_dir)
+    listings = gallery[:40] + [ListingInput("photo-only", "", image=_image(1, 2)),
+                               ListingInput("text-only", "a much longer title " * 6 + "usb-c cable 2m")]
+    batches = [listings[:1], listings[1:8], queries[:32], listings[8:], listings[-1:]]
+    a = create_encoder(spec, "cpu", allow_random_weights=True, runtime=traced)
+    b = create_encoder(spec, "cpu", allow_random_weights=True, runtime=untraced)
+    for batch in batches:
+        x, y = a.encode(batch), b.encode(batch)
+        for view in ("image", "text", "image_text"):
+            np.testing.assert_allclose(getattr(x, view), getattr(y, view), atol=1e-6, err_msg=f"{view}, {len(batch)}")
+        np.testing.assert_array_equal(x.has_image, y.has_image)
+        np.testing.assert_array_equal(x.has_text, y.has_text)
+
+
+def test_a_runtime_is_traced_or_compiled_not_both() -> None:
+    from samestyle.models.runtime import Runtime
+
+    with pytest.raises(ConfigError, match="traced or compiled"):
+        Runtime("both", traced=True, compile=True)
+    assert not RUNTIMES["traced"].is_eager
