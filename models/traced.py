@@ -1,10 +1,10 @@
 """Backbones run as TorchScript traces: one call into C++ per forward pass, the GIL given up for it.
 
 An eager forward pass is hundreds of short torch calls, and each one gives the GIL up and waits to
-get it back. Beside one thread spinning in pure Python, EfficientNet-Lite0 in bf16 took 2.39 s a
-batch against 0.63 s alone (``samestyle bench gil``; bench/results/gil_lite0_bf16_traced.json),
-MiniLM 1.8 s against 0.21 s (a scratch script). A ``torch.jit.trace`` of the same module runs its
-whole graph in one call that releases the GIL: 0.63 and 0.19 s beside the busy thread. It is not
+get it back. Beside one thread spinning in pure Python, EfficientNet-Lite0 in bf16 took 2.41 s a
+batch against 0.76 s alone, MiniLM 1.64 s against 0.21 s (``samestyle bench gil``;
+bench/results/gil_lite0_bf16_traced.json). A ``torch.jit.trace`` of the same module runs its
+whole graph in one call that releases the GIL: 0.67 and 0.20 s beside the busy thread. It is not
 frozen: freezing folds the batch norms into bf16 convolution weights and moves the features,
 while the plain trace computes what the eager module computes, kernel for kernel. In the worker
 it measured no gain beyond the noise (the agents are not threads that spin:
