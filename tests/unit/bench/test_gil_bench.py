@@ -9,7 +9,8 @@ from tests.unit.bench.benchutil import run_json
 
 
 def test_the_bench_times_eager_and_traced_alone_and_beside_a_busy_thread(capsys: pytest.CaptureFixture[str]) -> None:
-    result = run_json(capsys, gil_bench.main, ["--json", "--backbone", "tiny", "--runtime", "eager", "--image-size", "32", "--text-backbone", "tiny", "--text-tokens", "12",
+    result = run_json(capsys, gil_bench.main, ["--json", "--backbone", "tiny", "--runtime", "eager", "--image-size", "32",
+                                               "--text-backbone", "tiny", "--text-tokens", "12",
                                                "--batch-size", "4", "--repeat", "2", "--rounds", "2"])
     for form in ("eager", "traced", "traced_frozen"):
         assert result[f"{form}_alone_s"] > 0 and result[f"{form}_beside_busy_thread_s"] > 0
